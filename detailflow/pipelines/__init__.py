@@ -1,0 +1,1 @@
+"""Pipeline stages: ingest, train-tokenizer, extract-codes, train-ar, evaluate, promote."""
