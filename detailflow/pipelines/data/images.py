@@ -1,0 +1,121 @@
+"""Image decode and augmentation shared by ingest, the streaming reader and the benchmark.
+
+Usage:
+    from detailflow.pipelines.data.images import decode_rgb, random_resized_crop, center_crop, row_rng
+    img = decode_rgb(jpeg_bytes)                          # PIL RGB (CMYK/L/P/PNG-in-.JPEG converted)
+    rng = row_rng(seed, epoch, key)                       # per-image generator: scheduling-independent
+    arr_CHW = random_resized_crop(img, 256, rng)          # ADM crop + flip, uint8 3 x 256 x 256
+    arr_CHW = center_crop(img, 256)                       # eval: uint8 3 x 256 x 256
+
+The ADM recipe (spec §1.11): short side -> uniform integer in [res, 1.25 res]; box-halving while the
+image is at least twice that size, then bicubic; random res x res crop; horizontal flip with p = 0.5.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+
+import numpy as np
+from PIL import Image
+
+# a single decoded image never legitimately needs more; refuse decompression bombs explicitly
+MAX_PIXELS = 16384 * 16384
+
+
+class DecodeError(ValueError):
+    """The bytes are not a decodable image (empty, truncated, not an image)."""
+
+
+def inspect_image(data: bytes) -> tuple[int, int, str, str]:
+    """Fully decode once (catching truncation) and return (width, height, mode, format)."""
+    if not data:
+        raise DecodeError("zero-byte file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as img:
+                if img.width * img.height > MAX_PIXELS:
+                    raise DecodeError(f"image too large: {img.width}x{img.height}")
+                img.load()  # forces the full decode: truncated files raise here
+                return img.width, img.height, img.mode, str(img.format)
+    except DecodeError:
+        raise
+    except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
+        raise DecodeError(f"{type(e).__name__}: {e}") from e
+
+
+def decode_rgb(data: bytes, draft_size: int | None = None) -> Image.Image:
+    """Decode to an RGB PIL image. draft_size lets the JPEG decoder scale by 1/2..1/8 (DCT scaling)
+    while keeping the short side >= draft_size, which is much cheaper for large photos."""
+    if not data:
+        raise DecodeError("zero-byte file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img = Image.open(io.BytesIO(data))
+            if draft_size and img.format == "JPEG":
+                w, h = img.size
+                scale = draft_size / min(w, h)
+                if scale < 0.5:
+                    img.draft("RGB", (max(1, int(w * scale + 0.999)), max(1, int(h * scale + 0.999))))
+            img.load()
+            if img.mode == "P" or img.mode == "LA" or img.mode == "PA":
+                img = img.convert("RGBA")
+            if img.mode != "RGB":
+                img = img.convert("RGB")  # CMYK, L, I;16, RGBA (alpha dropped), YCbCr ...
+            return img
+    except Exception as e:
+        raise DecodeError(f"{type(e).__name__}: {e}") from e
+
+
+def row_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
+    """A generator that depends only on (seed, epoch, key), never on which worker sees the row."""
+    digest = hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest()
+    return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch) & 0xFFFFFFFF,
+                                  int.from_bytes(digest, "little")])
+
+
+def _resize_short_side(img: Image.Image, short: int) -> Image.Image:
+    # box-halving first (cheap, alias-free) while the image is at least twice the target
+    while min(img.size) >= 2 * short:
+        img = img.reduce(2)
+    w, h = img.size
+    scale = short / min(w, h)
+    new = (max(short, round(w * scale)), max(short, round(h * scale)))
+    if new != img.size:
+        img = img.resize(new, resample=Image.Resampling.BICUBIC)
+    return img
+
+
+def _to_chw(img: Image.Image) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
+
+
+def random_resized_crop(img: Image.Image, res: int, rng: np.random.Generator, flip: bool = True,
+                        max_scale: float = 1.25) -> np.ndarray:
+    """ADM random-resize crop (+ optional horizontal flip) -> uint8 3 x res x res."""
+    short = int(rng.integers(res, int(res * max_scale) + 1))  # uniform integer in [res, 1.25 res]
+    img = _resize_short_side(img, short)
+    w, h = img.size
+    x0 = int(rng.integers(0, w - res + 1))
+    y0 = int(rng.integers(0, h - res + 1))
+    do_flip = bool(rng.random() < 0.5)  # always drawn so the stream of draws does not depend on `flip`
+    arr = _to_chw(img.crop((x0, y0, x0 + res, y0 + res)))
+    if flip and do_flip:
+        arr = np.ascontiguousarray(arr[:, :, ::-1])
+    return arr
+
+
+def center_crop(img: Image.Image, res: int) -> np.ndarray:
+    """Evaluation crop: short side -> res, centre res x res -> uint8 3 x res x res."""
+    img = _resize_short_side(img, res)
+    w, h = img.size
+    x0, y0 = (w - res) // 2, (h - res) // 2
+    return _to_chw(img.crop((x0, y0, x0 + res, y0 + res)))
+
+
+def to_signed_float(arr_BCHW: np.ndarray) -> np.ndarray:
+    """uint8 [0, 255] -> float32 [-1, 1]."""
+    return arr_BCHW.astype(np.float32) / 127.5 - 1.0
