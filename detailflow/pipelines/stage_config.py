@@ -1,0 +1,90 @@
+"""Stage configs: typed dataclasses loaded from configs/*.yaml with CLI `key=value` overrides.
+
+Usage:
+    cfg = load_stage_config(TokenizerStageConfig, "configs/tokenizer-tiny.yaml", ["steps=50", "lr=1e-4"])
+    resolved = dataclasses.asdict(cfg)
+    name = run_name("tokenizer", cfg.name, cfg.date, resolved)   # tokenizer-tiny-2026-11-28-1a2b3c4d
+
+The run name is deterministic (same config + same date -> same name), which is what makes a
+resubmitted job find its own checkpoints and MLflow run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import types
+import typing
+from pathlib import Path
+
+import yaml
+
+# Fields that change where/how a run executes, not what it computes: excluded from the run hash,
+# so e.g. re-running with more workers or in-process still resumes the same run.
+EXECUTION_FIELDS = frozenset({"num_workers", "in_process", "cpus_per_worker", "use_gpu", "max_failures",
+                              "num_to_keep", "date", "fail_at_step", "fail_marker"})
+
+
+def _coerce(text: str, annotation) -> object:
+    """Parse a CLI override string into the field's annotated type."""
+    origin = typing.get_origin(annotation)
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if origin in (typing.Union, types.UnionType):
+        if text.lower() in ("none", "null", ""):
+            return None
+        return _coerce(text, args[0])
+    if annotation is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"not a boolean: {text!r}")
+    if annotation in (int, float, str):
+        return annotation(text)
+    return yaml.safe_load(text)  # lists / dicts
+
+
+def load_stage_config(cls, path: str | Path | None = None, overrides: list[str] | tuple = ()):
+    """Build `cls` from a YAML file then `key=value` overrides; unknown keys are an error."""
+    hints = typing.get_type_hints(cls)
+    values: dict = {}
+    if path is not None:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of stage-config fields")
+        values.update(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not key=value")
+        key, text = item.split("=", 1)
+        if key not in hints:
+            raise ValueError(f"unknown field {key!r} for {cls.__name__}; known: {', '.join(sorted(hints))}")
+        values[key] = _coerce(text, hints[key])
+    unknown = set(values) - set(hints)
+    if unknown:
+        raise ValueError(f"unknown field(s) {sorted(unknown)} in {path}; known: {', '.join(sorted(hints))}")
+    for key, value in list(values.items()):  # YAML reads 1e-4 as a string
+        if hints[key] is float and isinstance(value, str | int):
+            values[key] = float(value)
+    return cls(**values)
+
+
+def today() -> str:
+    return dt.date.today().isoformat()
+
+
+def config_hash(resolved: dict) -> str:
+    """8 hex chars over the fields that define the computation."""
+    core = {k: v for k, v in resolved.items() if k not in EXECUTION_FIELDS}
+    return hashlib.sha256(json.dumps(core, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def run_name(stage: str, config_name: str, date: str | None, resolved: dict) -> str:
+    """`<stage>-<config>-<date>-<hash>`, e.g. tokenizer-smoke-2026-11-28-1a2b3c4d."""
+    return f"{stage}-{config_name}-{date or today()}-{config_hash(resolved)}"
+
+
+def as_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)

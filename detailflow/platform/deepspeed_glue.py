@@ -1,0 +1,188 @@
+"""DeepSpeed glue: device/backend choice, the ds_config builder, engine creation and LR schedules.
+
+Usage (inside a Ray Train worker or in-process):
+    from detailflow.platform import deepspeed_glue as dsg
+    dev = dsg.select_device()                         # cuda+nccl+bf16 or cpu+gloo+fp32
+    ds_cfg = dsg.build_ds_config(micro_batch=8, zero_stage=2, precision=dev.precision)
+    opt = dsg.make_optimizer(model.parameters(), lr=3e-4, betas=(0.9, 0.95))
+    engine = dsg.init_engine(model, opt, ds_cfg, backend=dev.backend)
+    lr = dsg.tokenizer_lr(step, total_steps=1000, base_lr=3e-4, warmup_steps=50)
+    dsg.set_lr(engine.optimizer, lr)
+
+The client torch optimiser is deliberate: a DeepSpeed-named optimiser would JIT-compile
+fused_adam / cpu_adam on CPU (measured-here pitfall 2); with a torch one only the shm comm op builds.
+deepspeed is imported lazily so the Ray driver never needs it (platform-notes §1b).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+ZERO_STAGES = (0, 1, 2, 3)
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    device: str  # "cuda" or "cpu"
+    backend: str  # torch.distributed backend: "nccl" on GPU, "gloo" on CPU
+    precision: str  # "bf16" on GPU, "fp32" on CPU
+
+
+def select_device(prefer: str = "auto") -> DeviceSpec:
+    """The device triple for this process; prefer = "auto" | "cuda" | "cpu"."""
+    if prefer not in ("auto", "cuda", "cpu"):
+        raise ValueError(f"device must be auto, cuda or cpu, got {prefer!r}")
+    if prefer == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda requested but torch.cuda.is_available() is False")
+    if prefer != "cpu" and torch.cuda.is_available():
+        return DeviceSpec("cuda", "nccl", "bf16")
+    # Without CUDA DeepSpeed auto-selects its CPU accelerator; setting it explicitly silences a warning.
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    return DeviceSpec("cpu", "gloo", "fp32")
+
+
+def worker_device(spec: DeviceSpec) -> torch.device:
+    """The torch device of this worker (its local GPU under Ray Train / torchrun)."""
+    if spec.device == "cuda":
+        index = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    return torch.device("cpu")
+
+
+def build_ds_config(
+    *,
+    micro_batch: int,
+    zero_stage: int = 2,
+    grad_accum: int = 1,
+    grad_clip: float = 1.0,
+    precision: str = "fp32",
+) -> dict[str, Any]:
+    """A DeepSpeed config dict for a client torch optimiser (no DS optimiser/scheduler sections)."""
+    if zero_stage not in ZERO_STAGES:
+        raise ValueError(f"zero_stage must be one of {ZERO_STAGES}, got {zero_stage}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r} (fp16 is not supported)")
+    if micro_batch < 1 or grad_accum < 1:
+        raise ValueError(f"micro_batch ({micro_batch}) and grad_accum ({grad_accum}) must be >= 1")
+    zero: dict[str, Any] = {"stage": zero_stage}
+    if zero_stage >= 2:
+        zero.update(overlap_comm=False, contiguous_gradients=True)
+    cfg: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": zero,
+        # Only matters with optimiser offload, where a client torch optimiser is otherwise refused.
+        "zero_force_ds_cpu_optimizer": False,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,  # we log ourselves (MLflow on rank 0)
+        "wall_clock_breakdown": False,
+    }
+    if precision == "bf16":
+        cfg["bf16"] = {"enabled": True}
+    return cfg
+
+
+def make_optimizer(params, *, lr: float, betas=(0.9, 0.95), weight_decay: float = 0.0,
+                   kind: str = "adam") -> torch.optim.Optimizer:
+    """A client torch Adam/AdamW; `params` may be an iterable of tensors or of param-group dicts."""
+    if kind == "adam":
+        return torch.optim.Adam(params, lr=lr, betas=betas, weight_decay=weight_decay)
+    if kind == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
+    raise ValueError(f"optimizer kind must be adam or adamw, got {kind!r}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_process_group(backend: str) -> None:
+    """Start a 1-process group when none exists (in-process runs); Ray Train workers already have one."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    env = {"MASTER_ADDR": "127.0.0.1", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+           "LOCAL_WORLD_SIZE": "1"}
+    for key, value in env.items():
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    dist.init_process_group(backend=backend, rank=0, world_size=1)
+
+
+def init_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict,
+                backend: str = "gloo"):
+    """deepspeed.initialize over an existing (or fresh 1-process) group; returns the engine."""
+    ensure_process_group(backend)
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    return engine
+
+
+def engine_dtype(engine) -> torch.dtype:
+    """The dtype float inputs must have for this engine (bf16 engines hold bf16 parameters)."""
+    return torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
+
+
+def innermost_optimizer(optimizer) -> torch.optim.Optimizer:
+    """The client torch optimiser under DeepSpeed's ZeRO / mixed-precision wrappers."""
+    while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def optimizer_state_bytes(engine) -> int:
+    """Bytes of optimiser-state tensors (Adam moments, step) held by THIS rank."""
+    opt = innermost_optimizer(engine.optimizer)
+    total = 0
+    for state in opt.state.values():
+        for value in state.values():
+            if torch.is_tensor(value):
+                total += value.numel() * value.element_size()
+    return total
+
+
+def set_lr(optimizer, lr: float) -> None:
+    """Set lr on every param group; a group's optional "lr_scale" multiplies it."""
+    for group in innermost_optimizer(optimizer).param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+# ---- LR schedules (pure functions of the step) -------------------------------------------------
+
+def warmup_cosine(step: int, *, total_steps: int, base_lr: float, warmup_steps: int,
+                  warmup_start_lr: float, final_lr: float) -> float:
+    """Linear warm-up warmup_start_lr -> base_lr over warmup_steps, then cosine to final_lr at total_steps."""
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+    if step < warmup_steps:
+        return warmup_start_lr + (base_lr - warmup_start_lr) * step / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return final_lr + 0.5 * (base_lr - final_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def tokenizer_lr(step: int, *, total_steps: int, base_lr: float, warmup_steps: int,
+                 warmup_start_lr: float = 1e-5, min_lr_ratio: float = 0.1) -> float:
+    """Spec §1.11: per-step linear warm-up (timm's 1e-5 start, capped at lr) then cosine to 0.1·lr."""
+    return warmup_cosine(step, total_steps=total_steps, base_lr=base_lr, warmup_steps=warmup_steps,
+                         warmup_start_lr=min(warmup_start_lr, base_lr), final_lr=min_lr_ratio * base_lr)
+
+
+def ar_lr(step: int, *, total_steps: int, base_lr: float, warmup_frac: float = 0.05) -> float:
+    """Spec §2.4: linear warm-up over 5% of steps from 0.005·lr, then cosine to 0.01·lr."""
+    warmup = int(round(warmup_frac * total_steps))
+    return warmup_cosine(step, total_steps=total_steps, base_lr=base_lr, warmup_steps=warmup,
+                         warmup_start_lr=0.005 * base_lr, final_lr=0.01 * base_lr)

@@ -1,0 +1,122 @@
+"""Unit tests (no Ray, no services) for the training glue: LR schedules, ds_config, stage configs."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from detailflow.pipelines.stage_config import config_hash, load_stage_config, run_name
+from detailflow.platform import deepspeed_glue as dsg
+from detailflow.platform.tracking import flatten
+
+
+@pytest.mark.parametrize("total,warmup", [(100, 10), (1000, 50), (7, 0)])
+def test_tokenizer_lr_schedule(total, warmup):
+    base = 3e-4
+    lrs = [dsg.tokenizer_lr(s, total_steps=total, base_lr=base, warmup_steps=warmup)
+           for s in range(total + 1)]
+    assert lrs[0] == pytest.approx(1e-5 if warmup else base)
+    if warmup:  # linear: constant increments during warm-up
+        d = [lrs[i + 1] - lrs[i] for i in range(warmup)]
+        assert max(d) == pytest.approx(min(d))
+    assert lrs[warmup] == pytest.approx(base)
+    assert lrs[total] == pytest.approx(0.1 * base)  # min_lr = 0.1·lr (spec §1.11)
+    decay = lrs[warmup:]
+    assert all(a >= b - 1e-15 for a, b in zip(decay, decay[1:], strict=False))  # monotone cosine
+    mid = warmup + (total - warmup) // 2
+    if (total - warmup) % 2 == 0:  # cosine midpoint is the mean of lr and min_lr
+        assert lrs[mid] == pytest.approx(0.55 * base)
+
+
+@pytest.mark.parametrize("total", [200, 2000])
+def test_ar_lr_schedule(total):
+    base = 1e-3
+    warm = int(round(0.05 * total))
+    lr = lambda s: dsg.ar_lr(s, total_steps=total, base_lr=base)
+    assert lr(0) == pytest.approx(0.005 * base)  # spec §2.4
+    assert lr(warm) == pytest.approx(base)
+    assert lr(warm // 2) == pytest.approx(0.005 * base + (base - 0.005 * base) * (warm // 2) / warm)
+    assert lr(total) == pytest.approx(0.01 * base)
+    assert lr(10 * total) == pytest.approx(0.01 * base)  # clamped after the end
+    q = warm + (total - warm) // 4
+    expected = 0.01 * base + 0.5 * (0.99 * base) * (1 + math.cos(math.pi * (q - warm) / (total - warm)))
+    assert lr(q) == pytest.approx(expected)
+
+
+def test_set_lr_respects_group_scale():
+    p1, p2 = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    opt = dsg.make_optimizer([{"params": [p1]}, {"params": [p2], "lr_scale": 0.5}], lr=1.0, kind="adamw")
+    dsg.set_lr(opt, 0.2)
+    assert [g["lr"] for g in opt.param_groups] == [0.2, 0.1]
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_build_ds_config(stage, precision):
+    cfg = dsg.build_ds_config(micro_batch=4, zero_stage=stage, grad_accum=3, grad_clip=0.5,
+                              precision=precision)
+    assert cfg["train_micro_batch_size_per_gpu"] == 4
+    assert cfg["gradient_accumulation_steps"] == 3
+    assert cfg["gradient_clipping"] == 0.5
+    assert cfg["zero_optimization"]["stage"] == stage
+    assert cfg["zero_force_ds_cpu_optimizer"] is False
+    assert "optimizer" not in cfg and "scheduler" not in cfg  # client torch optimiser, no JIT builds
+    assert ("bf16" in cfg) == (precision == "bf16")
+    assert "fp16" not in cfg
+
+
+@pytest.mark.parametrize("kwargs", [dict(zero_stage=4), dict(precision="fp16"), dict(micro_batch=0)])
+def test_build_ds_config_rejects_bad_input(kwargs):
+    base = dict(micro_batch=2)
+    with pytest.raises(ValueError):
+        dsg.build_ds_config(**{**base, **kwargs})
+
+
+def test_select_device_cpu():
+    spec = dsg.select_device("cpu")
+    assert (spec.device, spec.backend, spec.precision) == ("cpu", "gloo", "fp32")
+    if not torch.cuda.is_available():
+        assert dsg.select_device("auto") == spec
+        with pytest.raises(RuntimeError):
+            dsg.select_device("cuda")
+
+
+@dataclass
+class _Cfg:
+    name: str = "x"  # config name
+    steps: int = 10  # steps
+    lr: float = 1e-3  # lr
+    flag: bool = False  # flag
+    date: str | None = None  # date
+    num_workers: int = 2  # workers
+
+
+def test_stage_config_yaml_and_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("name: tiny\nsteps: 5\nlr: 1e-4\n")
+    cfg = load_stage_config(_Cfg, f, ["steps=7", "flag=true", "date=2026-01-02"])
+    assert (cfg.name, cfg.steps, cfg.lr, cfg.flag, cfg.date) == ("tiny", 7, 1e-4, True, "2026-01-02")
+    with pytest.raises(ValueError, match="unknown field"):
+        load_stage_config(_Cfg, f, ["nope=1"])
+    with pytest.raises(ValueError, match="key=value"):
+        load_stage_config(_Cfg, f, ["steps"])
+    f.write_text("bogus: 1\n")
+    with pytest.raises(ValueError, match="bogus"):
+        load_stage_config(_Cfg, f)
+
+
+def test_run_name_deterministic_and_execution_independent():
+    a = {"name": "tiny", "steps": 5, "num_workers": 2, "date": "2026-01-02"}
+    b = {**a, "num_workers": 0}
+    c = {**a, "steps": 6}
+    assert run_name("tokenizer", "tiny", "2026-01-02", a) == run_name("tokenizer", "tiny", "2026-01-02", b)
+    assert config_hash(a) != config_hash(c)
+    assert run_name("ar", "tiny", "2026-01-02", a).startswith("ar-tiny-2026-01-02-")
+
+
+def test_flatten_nested_params():
+    flat = flatten({"a": {"b": 1, "c": [1, 2]}, "d": "x"})
+    assert flat == {"a.b": "1", "a.c": "[1, 2]", "d": "x"}
