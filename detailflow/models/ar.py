@@ -204,9 +204,11 @@ class DetailFlowGPT(nn.Module):
         """Teacher forcing: input = the first N-g codes (longer inputs are cut); logits B x N x V."""
         n, g = self.cfg.num_tokens, self.cfg.group_size
         if input_ids_BL.dim() != 2 or input_ids_BL.shape[1] < n - g:
-            raise ValueError(f"input_ids must be B x L with L >= N-g = {n - g}, got {tuple(input_ids_BL.shape)}")
+            raise ValueError(f"input_ids must be B x L with L >= N-g = {n - g}, "
+                             f"got {tuple(input_ids_BL.shape)}")
         if class_ids_B.shape != input_ids_BL.shape[:1]:
-            raise ValueError(f"class_ids {tuple(class_ids_B.shape)} does not match batch {input_ids_BL.shape[0]}")
+            raise ValueError(f"class_ids {tuple(class_ids_B.shape)} does not match "
+                             f"batch {input_ids_BL.shape[0]}")
         x = self.embed_range(input_ids_BL[:, :n - g], self.drop_classes(class_ids_B), 0, n)
         return self.run(x)
 

@@ -52,7 +52,8 @@ class EMA:
             raise KeyError(f"EMA state does not match: missing {sorted(missing)}, unexpected {sorted(extra)}")
         for name, t in shadow.items():
             if t.shape != self.shadow[name].shape:
-                raise ValueError(f"EMA {name}: saved {tuple(t.shape)} vs model {tuple(self.shadow[name].shape)}")
+                want = tuple(self.shadow[name].shape)
+                raise ValueError(f"EMA {name}: saved {tuple(t.shape)} vs model {want}")
             self.shadow[name].copy_(t)
         self.decay = float(state["decay"])
         self.num_updates = int(state["num_updates"])

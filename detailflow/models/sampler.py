@@ -18,7 +18,8 @@ Modes:
 - group_parallel=False: a cost baseline for ordinary next-token decoding with a cache: N passes of one
   position each, position q's logits give t_q. A position then sees only the earlier positions of its
   own block (their neighbours are not computed yet), so this is NOT the trained model's distribution;
-  it measures what decoding N tokens one at a time costs with the same network.
+  it measures what decoding N tokens one at a time costs with the same network. It is defined with the
+  cache only (recomputing the prefix would let earlier block positions see later ones: another model).
 
 Every pass draws one uniform per new token from `generator` and samples by inverse CDF, so the KV and
 no-KV paths consume identical random numbers and give identical tokens for the same seed.
@@ -83,9 +84,10 @@ def step_logits(model: DetailFlowGPT, codes_BN: torch.Tensor, class_ids_B: torch
 
 
 @torch.no_grad()
-def sample(model: DetailFlowGPT, class_ids_B: torch.Tensor, *, cfg_scale: float = 1.0, temperature: float = 1.0,
-           top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None,
-           use_kv_cache: bool = True, group_parallel: bool = True, return_prefixes: bool = False):
+def sample(model: DetailFlowGPT, class_ids_B: torch.Tensor, *, cfg_scale: float = 1.0,
+           temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+           generator: torch.Generator | None = None, use_kv_cache: bool = True, group_parallel: bool = True,
+           return_prefixes: bool = False):
     """Sample B code sequences (B x N long) for the given class ids; see the module docstring.
 
     cfg_scale == 1 runs the conditional model alone; > 1 doubles the batch with the null class.
@@ -95,6 +97,8 @@ def sample(model: DetailFlowGPT, class_ids_B: torch.Tensor, *, cfg_scale: float 
         raise ValueError(f"cfg_scale must be >= 1 (1 = no guidance), got {cfg_scale}")
     if class_ids_B.dim() != 1:
         raise ValueError(f"class_ids must be 1-D, got shape {tuple(class_ids_B.shape)}")
+    if not (group_parallel or use_kv_cache):
+        raise ValueError("group_parallel=False (token-by-token baseline) needs use_kv_cache=True")
     cfg = model.cfg
     if ((class_ids_B < 0) | (class_ids_B > cfg.num_classes)).any():
         raise ValueError(f"class ids must be in [0, {cfg.num_classes}] ({cfg.num_classes} = null class)")
