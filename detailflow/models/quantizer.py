@@ -55,7 +55,7 @@ class VectorQuantizer(nn.Module):
         commit_loss = (z - e.detach()).pow(2).mean(dim=-1)
         q = z + (e - z).detach()
         noisy = self.noisy_indices(sim_BNK, noise_topk, generator) if noise_topk > 0 else None
-        if self.training:
+        if self.training and torch.is_grad_enabled():  # only training assignments count as usage
             self._remember(idx)
         return QuantOut(q.to(z_BND.dtype), idx, codebook_loss, commit_loss, noisy)
 
