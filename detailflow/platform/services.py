@@ -212,6 +212,9 @@ class LocalServices:
                 f"local {self.settings.local_s3_endpoint} and {self.settings.local_mlflow_uri}); unset "
                 "DETAILFLOW_S3_ENDPOINT_URL/AWS_ENDPOINT_URL_S3/MLFLOW_TRACKING_URI to run local services")
         with self._lock():
+            for name in SERVICE_NAMES:  # fail before starting anything if a needed port is taken
+                if self._process(name) is None:
+                    self._check_ports(name)
             self._start("seaweedfs")
             Storage(self.settings).ensure_bucket()
             self._start("mlflow")
@@ -223,11 +226,7 @@ class LocalServices:
                 raise ServiceError(f"{name} is running (pid file {self._pidfile(name)}) but not healthy; "
                                    f"see `detailflow services logs {name}`")
             return
-        for spec in self.ports(name):
-            if not port_free(spec.port):
-                raise PortInUse(f"port {spec.port} ({spec.what}) on 127.0.0.1 is already in use; "
-                                f"set {spec.setting} (or {spec.setting[11:].lower()} in the config file) "
-                                "to a free port" + (" block" if name == "seaweedfs" else ""))
+        self._check_ports(name)
         cmd, env = self._command(name)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_path(name), "ab") as logf:
@@ -245,6 +244,13 @@ class LocalServices:
         except BaseException:
             self._stop(name)
             raise
+
+    def _check_ports(self, name: str) -> None:
+        for spec in self.ports(name):
+            if not port_free(spec.port):
+                raise PortInUse(f"port {spec.port} ({spec.what}) on 127.0.0.1 is already in use; "
+                                f"set {spec.setting} (or {spec.setting[11:].lower()} in the config file) "
+                                "to a free port" + (" block" if name == "seaweedfs" else ""))
 
     def down(self, grace_s: float = 20.0) -> dict[str, bool]:
         """Stop the services this state dir's `up` started; returns {name: was_running}.
