@@ -7,9 +7,9 @@ dim 1 (B x C x L for token nets, B x C x H x W for conv nets).
 Files accepted by load_feature_net(path):
   * *.safetensors written by save_feature_net: weights + {"arch", "config"} in the file metadata;
   * a torch file {"arch", "config", "state_dict"} (loaded with weights_only=True);
-  * a TorchScript archive (torch.jit.save) of any network following the interface above: the route
-    for foreign weights such as the SigLIP2 vision tower (script/trace it offline where transformers
-    is available, save it, point align_teacher_path at the file).
+  * a TorchScript archive (torch.jit.save) or a torch.export archive (*.pt2, torch.export.save) of any
+    network following the interface above: the route for foreign weights such as the SigLIP2 vision
+    tower (trace/export it offline where transformers is available, point align_teacher_path at it).
 
 Usage:
     net = ViTFeatureNet(image_size=32, patch_size=4, width=32, depth=2, heads=2, mlp=64)
@@ -111,7 +111,9 @@ def load_feature_net(path: str) -> nn.Module:
     """Load a frozen feature network from a local file (see module docstring for the formats)."""
     if not path or not os.path.isfile(path):
         raise FileNotFoundError(f"feature network file not found: {path!r} (nothing is downloaded)")
-    if path.endswith(".safetensors"):
+    if path.endswith(".pt2"):  # torch.export archive (fixed input shape unless exported with dynamic dims)
+        net = torch.export.load(path).module()
+    elif path.endswith(".safetensors"):
         with safe_open(path, framework="pt") as fh:
             meta = fh.metadata() or {}
         if "arch" not in meta:
@@ -121,12 +123,14 @@ def load_feature_net(path: str) -> nn.Module:
         net = _build(meta["arch"], json.loads(meta.get("config", "{}")), load_file(path), path)
     else:
         try:
+            net = torch.jit.load(path, map_location="cpu")
+            return freeze(net)
+        except Exception:  # not TorchScript: a plain torch weights file
+            pass
+        try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # not a plain torch file: try a TorchScript archive
-            try:
-                net = torch.jit.load(path, map_location="cpu")
-            except Exception as exc:
-                raise ValueError(f"{path}: neither a torch weights file nor a TorchScript archive") from exc
+        except Exception as exc:
+            raise ValueError(f"{path}: neither a torch weights file nor a TorchScript archive") from exc
         else:
             if not isinstance(obj, dict) or not {"arch", "config", "state_dict"} <= set(obj):
                 raise ValueError(f"{path}: torch file must hold a dict with 'arch', 'config', 'state_dict'")
@@ -135,8 +139,12 @@ def load_feature_net(path: str) -> nn.Module:
 
 
 def freeze(net: nn.Module) -> nn.Module:
-    net.eval()
-    net.requires_grad_(False)
+    try:
+        net.eval()
+    except NotImplementedError:  # torch.export modules are exported in eval mode and refuse eval()
+        pass
+    for p in net.parameters():  # (ScriptModules lack requires_grad_)
+        p.requires_grad_(False)
     return net
 
 
