@@ -159,3 +159,40 @@ def test_export_roundtrip(tmp_path):
         assert torch.equal(other.decode(tok.encode(img), 8), tok.decode(tok.encode(img), 8))
     keys = set(tok.state_dict())
     assert not any("teacher" in k or "perceptual" in k for k in keys)  # frozen nets are not saved
+
+
+@pytest.mark.parametrize("mode", ["autocast", "bf16_module"])
+def test_bf16_training_step(mode):
+    tok = _tok(gan_weight=0.2, disc_start=0, perceptual_weight=1.0, perceptual_warmup=1)
+    disc = Discriminator(tok.cfg)
+    img = torch.rand(2, 3, 32, 32) * 2 - 1
+    if mode == "bf16_module":  # what a bf16 DeepSpeed engine does to the weights
+        tok, disc = tok.to(torch.bfloat16), disc.to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast"):
+        loss, logs = tok.training_step(img, img, 16, 3, discriminator=disc)
+    loss.backward()
+    d_loss, _ = discriminator_step(disc, tok.last_target, tok.last_reconstruction, 3, tok.cfg)
+    d_loss.backward()
+    assert math.isfinite(logs["loss"]) and torch.isfinite(d_loss)
+    assert tok.decode(tok.encode(img), 8).shape == (2, 3, 24, 24)
+
+
+def test_encoder_init_path(tmp_path):
+    from safetensors.torch import save_file
+
+    src = _tok()
+    path = tmp_path / "enc.safetensors"
+    save_file({k: v.contiguous() for k, v in src.encoder.state_dict().items()}, str(path))
+    torch.manual_seed(7)
+    tok = DetailFlowTokenizer(dataclasses.replace(src.cfg, encoder_init_path=str(path)))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(tok.encoder.state_dict().values(), src.encoder.state_dict().values(), strict=True)
+    )
+    save_file({"embed.weight": torch.zeros(1)}, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(ValueError, match="mismatch"):
+        DetailFlowTokenizer(dataclasses.replace(src.cfg, encoder_init_path=str(tmp_path / "bad.safetensors")))
+    with pytest.raises(FileNotFoundError):
+        DetailFlowTokenizer(
+            dataclasses.replace(src.cfg, encoder_init_path=str(tmp_path / "none.safetensors"))
+        )

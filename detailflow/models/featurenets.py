@@ -99,7 +99,10 @@ def _build(arch: str, config: dict, state: dict, path: str) -> nn.Module:
     if arch not in ARCHS:
         raise ValueError(f"{path}: unknown feature-net arch {arch!r}; known: {sorted(ARCHS)}")
     net = ARCHS[arch](**config)
-    missing, unexpected = net.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = net.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise ValueError(f"{path}: weights do not match arch {arch!r}: {exc}") from exc
     if missing or unexpected:
         raise ValueError(
             f"{path}: weights do not match arch {arch!r}: missing={missing} unexpected={unexpected}"

@@ -64,10 +64,11 @@ class Encoder(nn.Module):
     ):
         f = self.cfg.patch_size
         gh, gw = img_BCHW.shape[-2] // f, img_BCHW.shape[-1] // f
-        patches = self.embed(patchify(img_BCHW, f)) + resize_pos_2d(self.pos_2d, gh, gw)
+        dtype = self.embed.weight.dtype  # follow the module's dtype (fully-bf16 engines feed fp32 images)
+        patches = self.embed(patchify(img_BCHW.to(dtype), f)) + resize_pos_2d(self.pos_2d, gh, gw)
         if latent_slots_BNW is None:
             latent_slots_BNW = self.latent_queries.expand(img_BCHW.shape[0], -1, -1)
-        x = torch.cat([patches, latent_slots_BNW + self.latent_pos], dim=1)
+        x = torch.cat([patches, latent_slots_BNW.to(dtype) + self.latent_pos], dim=1)
         mask = encoder_mask(gh * gw, self.cfg.num_tokens, self.cfg.causal_num, self.cfg.group_size, x.device)
         out = self.transformer(x, mask)
         latents = out[:, gh * gw :]
@@ -128,7 +129,10 @@ class DetailFlowTokenizer(nn.Module):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"encoder_init_path {path!r} not found (nothing is downloaded)")
         state = load_file(path) if path.endswith(".safetensors") else torch.load(path, weights_only=True)
-        missing, unexpected = self.encoder.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = self.encoder.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # shape mismatches
+            raise ValueError(f"{path}: encoder weights mismatch: {exc}") from exc
         if missing or unexpected:
             raise ValueError(f"{path}: encoder weights mismatch: missing={missing} unexpected={unexpected}")
 
@@ -170,7 +174,11 @@ class DetailFlowTokenizer(nn.Module):
         refined queries. prefix_BND spans N positions; entries >= e are ignored."""
         n = self.cfg.num_tokens
         before = (torch.arange(n, device=img_BCHW.device)[None, :] < e_B[:, None])[..., None]
-        slots = torch.where(before, self.refine_proj(prefix_BND.detach()), self.encoder.refined_queries)
+        slots = torch.where(
+            before,
+            self.refine_proj(prefix_BND.detach().to(self.refine_proj.weight.dtype)),
+            self.encoder.refined_queries,
+        )
         return self.encoder(img_BCHW, latent_slots_BNW=slots)
 
     @torch.no_grad()
