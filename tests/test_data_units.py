@@ -42,7 +42,7 @@ def test_decode_accepts_modes_and_converts_to_rgb(make):
 
 @pytest.mark.parametrize("data,reason", [
     (b"", "zero-byte"),
-    (b"this is not an image\n", "UnidentifiedImageError"),
+    (b"this is not an image\n", "cannot identify"),
     (_encode(_rgb(64, 64), "JPEG", quality=95)[:400], "(?i)truncated"),
     (_encode(_rgb(64, 64), "JPEG", quality=95)[:3000], "(?i)truncated"),
 ])

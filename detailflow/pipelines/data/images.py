@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import warnings
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 # a single decoded image never legitimately needs more; refuse decompression bombs explicitly
 MAX_PIXELS = 16384 * 16384
@@ -26,6 +27,13 @@ MAX_PIXELS = 16384 * 16384
 
 class DecodeError(ValueError):
     """The bytes are not a decodable image (empty, truncated, not an image)."""
+
+
+def _reason(e: Exception) -> str:
+    """A stable, readable reason (PIL messages embed object addresses, which differ per run)."""
+    if isinstance(e, UnidentifiedImageError):
+        return "cannot identify image format (not an image file)"
+    return re.sub(r"<[^>]* at 0x[0-9a-fA-F]+>", "<bytes>", f"{type(e).__name__}: {e}")
 
 
 def inspect_image(data: bytes) -> tuple[int, int, str, str]:
@@ -43,7 +51,7 @@ def inspect_image(data: bytes) -> tuple[int, int, str, str]:
     except DecodeError:
         raise
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
-        raise DecodeError(f"{type(e).__name__}: {e}") from e
+        raise DecodeError(_reason(e)) from e
 
 
 def decode_rgb(data: bytes, draft_size: int | None = None) -> Image.Image:
@@ -67,7 +75,7 @@ def decode_rgb(data: bytes, draft_size: int | None = None) -> Image.Image:
                 img = img.convert("RGB")  # CMYK, L, I;16, RGBA (alpha dropped), YCbCr ...
             return img
     except Exception as e:
-        raise DecodeError(f"{type(e).__name__}: {e}") from e
+        raise DecodeError(_reason(e)) from e
 
 
 def row_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
