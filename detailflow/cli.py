@@ -171,6 +171,27 @@ def services_status(as_json):
         sys.exit(1)
 
 
+@services.command("init-bucket")
+@click.option("--retries", default=30, show_default=True, help="Attempts, 2 s apart, while S3 starts.")
+def services_init_bucket(retries):
+    """Create the configured bucket on the configured S3 endpoint (compose / external S3)."""
+    import time
+
+    from detailflow.platform.storage import Storage
+
+    settings = get_settings()
+    for attempt in range(1, retries + 1):
+        try:
+            Storage(settings).ensure_bucket()
+            break
+        except Exception as exc:  # connection refused while the store starts, etc.
+            if attempt == retries:
+                raise click.ClickException(f"cannot create s3://{settings.s3_bucket} at "
+                                           f"{settings.s3_endpoint_url}: {exc}") from exc
+            time.sleep(2)
+    click.echo(f"bucket s3://{settings.s3_bucket} ready at {settings.s3_endpoint_url}")
+
+
 @services.command("logs")
 @click.argument("name", type=click.Choice(["seaweedfs", "mlflow"]))
 @click.option("-n", "--lines", default=50, show_default=True, help="How many lines.")
