@@ -36,7 +36,7 @@ apply_runtime_env()
 
 from detailflow.platform.settings import Settings  # noqa: E402
 from detailflow.platform.storage import Storage  # noqa: E402
-from detailflow.platform.testing import exported_env, start_services  # noqa: E402
+from detailflow.platform.testing import exported_env, start_services, start_watchdog, stop_services  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -44,11 +44,12 @@ def services(tmp_path_factory) -> Settings:
     """Settings pointing at a real SeaweedFS + MLflow started for this session."""
     state_dir = tmp_path_factory.mktemp("detailflow-state")
     settings, svc = start_services(state_dir)
+    watchdog = start_watchdog(svc)  # kills the servers if pytest itself is killed
     try:
         with exported_env(settings.to_env()):
             yield settings
     finally:
-        svc.down(grace_s=3)  # throw-away data: no need to wait for SeaweedFS's 16 s graceful stop
+        stop_services(svc, watchdog)  # short grace: the data is thrown away
 
 
 @pytest.fixture(scope="session")

@@ -108,3 +108,26 @@ def test_port_taken_gives_clear_error(tmp_path, which):
         finally:
             svc.down(grace_s=3)
     assert not any(st["running"] for st in svc.status().values())
+
+
+def test_watchdog_stops_services_when_owner_is_killed(tmp_path):
+    """A test process killed without teardown (e.g. by `timeout`) must not leave servers behind."""
+    script = (
+        "import json, sys, time\n"
+        "from detailflow.platform.testing import start_services, start_watchdog\n"
+        "settings, svc = start_services(sys.argv[1])\n"
+        "start_watchdog(svc)\n"
+        "print(json.dumps([st['pid'] for st in svc.status().values()]), flush=True)\n"
+        "time.sleep(600)\n")
+    owner = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "state")], stdout=subprocess.PIPE,
+                             text=True)
+    try:
+        pids = json.loads(owner.stdout.readline())
+        procs = [psutil.Process(p) for p in pids]
+        procs += [c for p in procs for c in p.children(recursive=True)]
+        assert len(procs) >= 2 and all(p.is_running() for p in procs)
+    finally:
+        owner.kill()  # SIGKILL: no teardown runs in the owner
+        owner.wait()
+    gone, alive = psutil.wait_procs(procs, timeout=20)
+    assert not alive, f"orphaned service processes: {alive}"

@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,6 +43,37 @@ def make_test_settings(state_dir: str | os.PathLike, **extra_env: str) -> Settin
                "DETAILFLOW_MLFLOW_PORT": str(mlflow_port), "DETAILFLOW_S3_BUCKET": "detailflow-test",
                "DETAILFLOW_SERVICE_TIMEOUT_S": "180", **extra_env}
     return load_settings(environ=environ)
+
+
+# Runs in its own process: when its parent (the test/benchmark process) disappears without a
+# teardown (killed by `timeout`, SIGKILL, OOM), it kills the service process groups it was given.
+_WATCHDOG = """
+import os, signal, sys, time
+parent, pgids = int(sys.argv[1]), [int(g) for g in sys.argv[2:]]
+while os.getppid() == parent:
+    time.sleep(1)
+for g in pgids:
+    try:
+        os.killpg(g, signal.SIGKILL)
+    except OSError:
+        pass
+"""
+
+
+def start_watchdog(svc: LocalServices) -> subprocess.Popen:
+    """Kill ``svc``'s processes if this process dies without stopping them (no orphaned servers).
+    Stop the watchdog (``.kill()``) before a normal ``svc.down()``."""
+    pgids = [str(st["pid"]) for st in svc.status().values() if st["pid"]]
+    return subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()), *pgids],
+                            start_new_session=True, stdin=subprocess.DEVNULL)
+
+
+def stop_services(svc: LocalServices, watchdog: subprocess.Popen | None = None) -> None:
+    """Normal teardown: watchdog first, then the services (throw-away data: short grace)."""
+    if watchdog is not None:
+        watchdog.kill()
+        watchdog.wait()
+    svc.down(grace_s=3)
 
 
 def start_services(state_dir: str | os.PathLike, attempts: int = 3) -> tuple[Settings, LocalServices]:
@@ -82,6 +115,6 @@ def isolated_services(state_dir: str | os.PathLike | None = None) -> Iterator[Se
             state_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="detailflow-"))
         settings, svc = start_services(Path(state_dir))
         # Registered after the tmp dir, so it runs first: stop before the data dir disappears.
-        stack.callback(svc.down, grace_s=3)  # throw-away data: skip SeaweedFS's 16 s graceful stop
+        stack.callback(stop_services, svc, start_watchdog(svc))
         stack.enter_context(exported_env(settings.to_env()))
         yield settings
