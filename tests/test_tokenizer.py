@@ -196,3 +196,20 @@ def test_encoder_init_path(tmp_path):
         DetailFlowTokenizer(
             dataclasses.replace(src.cfg, encoder_init_path=str(tmp_path / "none.safetensors"))
         )
+
+
+@pytest.mark.gpu
+def test_cuda_training_step_and_extraction():
+    from detailflow.models.extraction import extract_triplets
+
+    tok = _tok("tiny", gan_weight=0.2, disc_start=0, perceptual_weight=1.0, perceptual_warmup=1).cuda()
+    disc = Discriminator(tok.cfg).cuda()
+    img = torch.rand(4, 3, 32, 32, device="cuda") * 2 - 1
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss, logs = tok.training_step(img, degrade_to_prefix(img, 12, tok.rmap), 12, 3, discriminator=disc)
+    loss.backward()
+    d_loss, _ = discriminator_step(disc, tok.last_target, tok.last_reconstruction, 3, tok.cfg)
+    d_loss.backward()
+    assert math.isfinite(logs["loss"]) and torch.isfinite(d_loss)
+    out = extract_triplets(tok, img, torch.Generator().manual_seed(0))  # CPU generator, CUDA model
+    assert torch.equal(out["clean"][:, 0], tok.encode(img).cpu())
