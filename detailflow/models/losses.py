@@ -9,7 +9,8 @@ Substitutions for runs without pretrained parts (documented, not the paper's net
   * perceptual net: cfg.perceptual_net_path if given, else a fixed random ConvFeatureNet; the LPIPS
     linear heads are replaced by equal layer weights (no dropout quirk);
   * discriminator backbone: cfg.disc_net_path if given (e.g. DINO scripted offline), else a fixed random
-    ViTFeatureNet built in code; no cls-token addition;
+    ViTFeatureNet built in code; no cls-token addition; inputs are bicubic-upsampled / area-downsampled
+    to the backbone size (no 50% random crop for larger inputs);
   * BatchNorm1d instead of SyncBN in the heads (stats are per process).
 """
 
