@@ -102,10 +102,16 @@ def find_latest(fs, storage_path: str, run_name: str):
 
 
 def resume_checkpoint(config: dict):
-    """Ray's latest checkpoint of this attempt (after a worker failure) or the one found at submit time."""
+    """The newest of: Ray's latest checkpoint, the newest complete one in the run's storage folder, the
+    one found at submit time. Storage is checked too because a worker that dies right after a report
+    can beat the controller's registration of that checkpoint."""
     import ray.train
 
-    return ray.train.get_checkpoint() or config.get("resume_checkpoint")
+    candidates = [ray.train.get_checkpoint(), config.get("resume_checkpoint")]
+    if config.get("_settings") is not None and config.get("_run_name"):
+        candidates.append(find_latest(_storage_fs(config), config["_storage_path"], config["_run_name"]))
+    found = [c for c in candidates if c is not None]
+    return max(found, key=lambda c: c.path.rstrip("/").rsplit("/", 1)[-1]) if found else None
 
 
 def restore(engines: dict[str, Any], checkpoint) -> dict:

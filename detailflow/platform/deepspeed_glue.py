@@ -108,17 +108,33 @@ def _free_port() -> int:
 
 
 def ensure_process_group(backend: str) -> None:
-    """Start a 1-process group when none exists (in-process runs); Ray Train workers already have one."""
+    """Start a 1-process group when none exists (in-process runs); Ray Train workers already have one.
+
+    Only LOCAL_RANK is set: with RANK/WORLD_SIZE/MASTER_* as well, Ray's local mode sees torchrun."""
     import torch.distributed as dist
 
-    if dist.is_initialized():
-        return
-    env = {"MASTER_ADDR": "127.0.0.1", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
-           "LOCAL_WORLD_SIZE": "1"}
-    for key, value in env.items():
-        os.environ.setdefault(key, value)
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    dist.init_process_group(backend=backend, rank=0, world_size=1)
+    os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's sanity check wants it
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
+                                rank=0, world_size=1)
+    _forget_deepspeed_groups()
+
+
+def _forget_deepspeed_groups() -> None:
+    """DeepSpeed caches process groups in module globals; a second in-process run (after Ray's local
+    mode destroyed the previous group) would otherwise reuse dead ones."""
+    import torch.distributed as dist
+    from deepspeed.utils import groups
+
+    try:  # still a live group of the current world: keep DeepSpeed's cache
+        if groups._WORLD_GROUP is None or dist.get_global_rank(groups._WORLD_GROUP, 0) >= 0:
+            return
+    except (ValueError, RuntimeError):
+        pass
+    for name in dir(groups):
+        if name.startswith("_") and name.isupper() and "GROUP" in name:
+            value = getattr(groups, name)
+            setattr(groups, name, {} if isinstance(value, dict) else None)
 
 
 def init_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict,

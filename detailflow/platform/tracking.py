@@ -67,7 +67,8 @@ class Tracker:
         fresh = run_id is None
         if fresh:
             run_id = client.create_run(exp_id, run_name=run_name,
-                                       tags={RUN_NAME_TAG: run_name, **(tags or {})}).info.run_id
+                                       tags={RUN_NAME_TAG: run_name,
+                                             **{k: str(v) for k, v in (tags or {}).items()}}).info.run_id
         else:
             client.update_run(run_id, status="RUNNING")
         tracker = cls(client, run_id)
