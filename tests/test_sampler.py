@@ -8,7 +8,15 @@ import torch
 
 from detailflow.models.ar import DetailFlowGPT
 from detailflow.models.configs import ARConfig
-from detailflow.models.sampler import decode_plan, draw, filter_logits, guide, sample, step_logits
+from detailflow.models.sampler import (
+    decode_plan,
+    draw,
+    draw_uniforms,
+    filter_logits,
+    guide,
+    sample,
+    step_logits,
+)
 
 GEOMETRIES = [(16, 4, 4), (32, 8, 8), (24, 4, 8)]  # (N, g, causal_num)
 
@@ -94,7 +102,7 @@ def test_cfg_against_teacher_forcing(cfg_scale):
         logits = guided_tf_logits(model, codes, cls, cfg_scale)
     gen = torch.Generator().manual_seed(5)
     for start, stop in decode_plan(16, 4, 4):
-        u = torch.rand(3, stop - start, generator=gen)
+        u = draw_uniforms(3, stop - start, 48, gen, "cpu")
         assert torch.equal(draw(logits[:, start:stop], u), codes[:, start:stop])
     greedy = sample(model, cls, cfg_scale=cfg_scale, temperature=0.0)
     with torch.no_grad():
@@ -135,14 +143,19 @@ def test_filter_and_draw_statistics():
     assert kept(filter_logits(logits, top_k=3, top_p=0.99)) == [True, True, True, False]
     n = 40000
     gen = torch.Generator().manual_seed(0)
-    x = draw(logits.expand(n, 1, 4), torch.rand(n, 1, generator=gen))
+    x = draw(logits.expand(n, 1, 4), torch.rand(n, 1, 4, generator=gen))
     counts = torch.bincount(x.flatten(), minlength=4).float()
     for k, p in enumerate([0.5, 0.3, 0.15, 0.05]):
         assert abs(counts[k] - n * p) < 5 * math.sqrt(n * p * (1 - p))
-    y = draw(logits.expand(n, 1, 4), torch.rand(n, 1, generator=gen), top_k=2)
+    y = draw(logits.expand(n, 1, 4), torch.rand(n, 1, 4, generator=gen), top_k=2)
     assert set(y.unique().tolist()) == {0, 1}
     assert abs((y == 0).float().mean() - 0.5 / 0.8) < 0.02
-    greedy = draw(logits.expand(2, 1, 4), torch.rand(2, 1), temperature=0)
+    z = draw(logits.expand(n, 1, 4), torch.rand(n, 1, 4, generator=gen), temperature=2.0)
+    tempered = torch.tensor([0.5, 0.3, 0.15, 0.05]).sqrt()
+    tempered /= tempered.sum()
+    freq = torch.bincount(z.flatten(), minlength=4).float() / n
+    assert torch.allclose(freq, tempered, atol=0.015)
+    greedy = draw(logits.expand(2, 1, 4), torch.rand(2, 1, 4), temperature=0)
     assert torch.equal(greedy, torch.zeros(2, 1).long())
 
 

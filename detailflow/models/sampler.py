@@ -21,8 +21,12 @@ Modes:
   it measures what decoding N tokens one at a time costs with the same network. It is defined with the
   cache only (recomputing the prefix would let earlier block positions see later ones: another model).
 
-Every pass draws one uniform per new token from `generator` and samples by inverse CDF, so the KV and
-no-KV paths consume identical random numbers and give identical tokens for the same seed.
+Randomness: every pass draws one B x L x V block of uniforms from `generator` (same shapes, same order
+in every mode) and picks argmax(logits / T + Gumbel(u)), an exact sample of softmax(logits / T). So the
+KV and no-KV paths consume identical random numbers and give identical tokens for the same seed, up to
+float noise: the two paths compute logits with differently shaped matmuls (~1e-6 apart). Gumbel-max only
+flips a token when the two best perturbed scores are that close; an inverse CDF over 8192 codes would
+flip whenever any of its 8192 boundaries moved past the uniform, about 100x more often.
 """
 
 from __future__ import annotations
@@ -63,16 +67,21 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
-def draw(logits_BLV: torch.Tensor, uniforms_BL: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
+def draw_uniforms(batch: int, length: int, vocab: int, generator: torch.Generator | None,
+                  device) -> torch.Tensor:
+    """The random numbers of one pass: B x L x V uniforms in [0, 1)."""
+    gen_device = generator.device if generator is not None else device
+    return torch.rand(batch, length, vocab, generator=generator, device=gen_device).to(device)
+
+
+def draw(logits_BLV: torch.Tensor, uniforms_BLV: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
          top_p: float = 1.0) -> torch.Tensor:
-    """Inverse-CDF sample of each row (temperature 0 = argmax); returns B x L long."""
+    """Gumbel-max sample of each row of softmax(filtered logits / T); temperature 0 = argmax. B x L long."""
     if temperature <= 0:
         return logits_BLV.argmax(-1)
-    probs = filter_logits(logits_BLV.float() / temperature, top_k, top_p).softmax(-1)
-    cdf = probs.cumsum(-1)
-    x = (uniforms_BL.to(cdf.device) * cdf[..., -1])[..., None]
-    idx = torch.searchsorted(cdf, x.contiguous(), right=True)[..., 0]
-    return idx.clamp_(max=logits_BLV.shape[-1] - 1)
+    scores = filter_logits(logits_BLV.float() / temperature, top_k, top_p)
+    gumbel = -torch.log(-torch.log(uniforms_BLV.to(scores.device)))  # u = 0 gives -inf: never chosen
+    return (scores + gumbel).argmax(-1)
 
 
 def step_logits(model: DetailFlowGPT, codes_BN: torch.Tensor, class_ids_B: torch.Tensor, start: int,
@@ -110,7 +119,6 @@ def sample(model: DetailFlowGPT, class_ids_B: torch.Tensor, *, cfg_scale: float 
         classes = torch.cat([classes, torch.full_like(classes, model.null_class)])
     codes = torch.zeros(classes.shape[0], cfg.num_tokens, dtype=torch.long, device=device)
     cache = model.new_cache(classes.shape[0]) if use_kv_cache else None
-    gen_device = generator.device if generator is not None else device
     prefixes = []
     was_training = model.training
     model.eval()  # dropout off and no class dropout while sampling
@@ -119,7 +127,7 @@ def sample(model: DetailFlowGPT, class_ids_B: torch.Tensor, *, cfg_scale: float 
             logits = step_logits(model, codes, classes, start, stop, cache)
             if guided:
                 logits = guide(logits, cfg_scale)
-            uniforms = torch.rand(batch, stop - start, generator=generator, device=gen_device)
+            uniforms = draw_uniforms(batch, stop - start, cfg.vocab_size, generator, device)
             new = draw(logits, uniforms, temperature, top_k, top_p)
             codes[:, start:stop] = new.repeat(2, 1) if guided else new
             if return_prefixes:
