@@ -92,7 +92,7 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default="cpu")
     p.add_argument("--preset", default="small", choices=["small", "gpt-l"])
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    p.add_argument("--batch", type=int, default=None, help="batch for (a) and images/s (cpu 8, cuda 64)")
+    p.add_argument("--batch", type=int, default=None, help="batch for (a) and images/s (cpu 16, cuda 64)")
     p.add_argument("--cfg-scale", type=float, default=1.5)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = leave as is)")
@@ -100,7 +100,7 @@ def main(argv=None) -> dict:
     device = args.device
     if args.threads and not device.startswith("cuda"):
         torch.set_num_threads(args.threads)
-    batch = args.batch or (64 if device.startswith("cuda") else 8)
+    batch = args.batch or (64 if device.startswith("cuda") else 16)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     model = build_model(args.preset, device, dtype)
     cfg = model.cfg
