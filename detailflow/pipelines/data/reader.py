@@ -184,9 +184,9 @@ def build_image_dataset(storage, name: str, split: str, cfg: ReaderConfig, epoch
     # about 4 decode batches per read block: enough blocks to keep every CPU busy on small sets,
     # few enough that per-task overhead stays small (Ray's default of 200 blocks is far too many)
     blocks = max(len(paths), min(4096, -(-manifest["num_images"] // (4 * cfg.decode_batch))))
-    ds = ray.data.read_parquet(paths, filesystem=storage.filesystem(), columns=["key", "label", "image"],
-                               shuffle=shuffle, partitioning=None, override_num_blocks=blocks,
-                               num_cpus=cfg.num_cpus)
+    ds = ray.data.read_parquet(paths, filesystem=storage.filesystem(), shuffle=shuffle, partitioning=None,
+                               override_num_blocks=blocks, num_cpus=cfg.num_cpus)
+    ds = ds.select_columns(["key", "label", "image"])
     return ds.map_batches(
         decode_crop_batch, batch_size=cfg.decode_batch, batch_format="numpy", num_cpus=cfg.num_cpus,
         fn_kwargs={"image_size": cfg.image_size, "seed": cfg.seed, "epoch": epoch, "train": cfg.train,
