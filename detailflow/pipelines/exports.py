@@ -1,0 +1,59 @@
+"""Find and load the consolidated exports (model.safetensors + config.json) that training writes.
+
+    key = export_prefix("tokenizer-tiny-2026-11-28-1a2b3c4d")        # runs/<run>/export
+    tok, cfg = load_tokenizer(storage, "tokenizer-tiny-...")           # or "s3://bucket/runs/.../export"
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from detailflow.models.export import CONFIG_NAME, WEIGHTS_NAME, load_state_checked, read_config
+
+
+def export_prefix(run_name: str) -> str:
+    return f"runs/{run_name}/export"
+
+
+def resolve_export(storage, ref: str) -> tuple[str, str]:
+    """RUN_NAME | s3://bucket/key | key -> (key prefix, version name used for codes)."""
+    if ref.startswith("s3://"):
+        bucket, _, key = ref[5:].partition("/")
+        if bucket != storage.bucket:
+            raise ValueError(f"export {ref} is not in the configured bucket {storage.bucket!r}")
+        key = key.rstrip("/")
+    elif "/" in ref:
+        key = ref.rstrip("/")
+    else:
+        key = export_prefix(ref)
+    if not storage.exists(f"{key}/{WEIGHTS_NAME}"):
+        raise FileNotFoundError(f"no exported weights at {storage.uri(key)}/{WEIGHTS_NAME}; "
+                                "train the stage first (its export is written when training finishes)")
+    parts = key.split("/")
+    version = parts[-2] if parts[-1] == "export" and len(parts) >= 2 else parts[-1]
+    return key, version
+
+
+def download_export(storage, key: str, directory) -> Path:
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in (WEIGHTS_NAME, CONFIG_NAME):
+        storage.download_file(f"{key}/{name}", out / name)
+    return out
+
+
+def load_tokenizer(storage, ref: str, device="cpu"):
+    """(DetailFlowTokenizer in eval mode, export config) from a tokenizer run name or URI."""
+    from detailflow.models.configs import TokenizerConfig
+    from detailflow.models.tokenizer import DetailFlowTokenizer
+
+    key, _ = resolve_export(storage, ref)
+    with tempfile.TemporaryDirectory(prefix="df-tok-") as d:
+        download_export(storage, key, d)
+        config = read_config(d)
+        if config.get("kind") != "tokenizer":
+            raise ValueError(f"{storage.uri(key)} holds a {config.get('kind')!r} export, not a tokenizer")
+        model = DetailFlowTokenizer(TokenizerConfig(**config["tokenizer"]))
+        load_state_checked(model, d)
+    return model.to(device).eval(), config

@@ -1,0 +1,254 @@
+"""Stage: train the 1D tokenizer with DeepSpeed ZeRO on Ray Train, streaming degraded micro-batches.
+
+Usage:
+    detailflow train tokenizer --config configs/tokenizer-tiny.yaml
+    detailflow train tokenizer --config configs/tokenizer-smoke.yaml steps=10 num_workers=0   # in-process
+    detailflow train tokenizer --config configs/tokenizer-detailflow-16.yaml                 # GPUs, bf16
+
+    from detailflow.pipelines.train_tokenizer import TokenizerStageConfig, run
+    info = run(TokenizerStageConfig(model="smoke", dataset="shapes"), settings)
+
+Each step takes ONE micro-batch row (images, targets at c(t), t) from the reader, agrees on t across
+ranks (rank 0's draw; other ranks re-degrade if theirs differs, so every rank runs the same graph),
+calls DetailFlowTokenizer.training_step through the DeepSpeed engine, and steps the LR schedule of
+spec §1.11. Rank 0 logs to MLflow; every eval_every steps a PNG of reconstructions with their
+coarse-to-fine prefix strips. The final checkpoint is consolidated (zero_to_fp32) into
+s3://<bucket>/runs/<run>/export/{model.safetensors, config.json}.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from detailflow.pipelines.loop_common import (
+    StepAdapter,
+    WorkerContext,
+    resolved_config,
+    stage_from_config,
+    to_float,
+)
+
+STAGE = "tokenizer"
+
+
+@dataclass
+class TokenizerStageConfig:
+    name: str = "tiny"  # config name: the <config> part of the run name
+    model: str = "tiny"  # model registry name (detailflow.models.configs.get_model_config)
+    model_overrides: dict = field(default_factory=dict)  # TokenizerConfig field overrides
+    dataset: str = "shapes"  # dataset under s3://<bucket>/datasets/<name>/train
+    steps: int = 1000  # optimiser steps in total
+    lr: float = 3e-4  # peak learning rate (spec §6.2 tiny; 1e-4 at batch 256 in the paper)
+    betas: list = field(default_factory=lambda: [0.9, 0.95])  # Adam betas (spec §1.11)
+    warmup_steps: int = 50  # linear warm-up steps (paper: one epoch)
+    min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
+    micro_batch: int = 32  # images per worker per step
+    grad_accum: int = 1  # gradient accumulation steps
+    grad_clip: float = 1.0  # gradient-norm clipping
+    zero_stage: int = 2  # DeepSpeed ZeRO stage 0..3
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    device: str = "auto"  # auto | cpu | cuda
+    num_workers: int = 2  # Ray Train workers (0 = in-process)
+    cpus_per_worker: float = 0.5  # fractional CPUs so Ray Data is never starved (pitfall 3)
+    checkpoint_every: int = 200  # steps between checkpoints (and always at the end)
+    eval_every: int = 200  # steps between reconstruction PNGs (and at the end)
+    log_every: int = 10  # steps between MLflow metric writes
+    eval_images: int = 6  # rows in the reconstruction PNG
+    seed: int = 42  # model init / data seed
+    max_failures: int = 2  # worker-group restarts before the run fails
+    num_to_keep: int = 2  # checkpoints kept in storage
+    date: str | None = None  # run-name date (default today: resubmitting the same day resumes)
+    experiment: str = "detailflow-tokenizer"  # MLflow experiment
+    fail_at_step: int = -1  # fault injection for tests: rank 1 exits at this step on the first attempt
+    fail_marker: str = ""  # file that makes the injected failure one-shot
+
+
+def tokenizer_config(cfg: TokenizerStageConfig):
+    tok = get_model_tokenizer(cfg.model)
+    return dataclasses.replace(tok, **cfg.model_overrides)
+
+
+def get_model_tokenizer(name: str):
+    from detailflow.models.configs import get_model_config
+
+    return get_model_config(name).tokenizer
+
+
+class DiscriminatorStep(nn.Module):
+    """engine(real, fake, step) -> discriminator loss (spec §1.10), for its own DeepSpeed engine."""
+
+    def __init__(self, disc: nn.Module, tok_cfg):
+        super().__init__()
+        self.disc = disc
+        self.tok_cfg = tok_cfg
+
+    def forward(self, real, fake, step: int):
+        from detailflow.models.losses import discriminator_step
+
+        return discriminator_step(self.disc, real, fake, step, self.tok_cfg)
+
+
+def _stream(shard, device):
+    """Micro-batches forever (a finished pass starts the next epoch of the shard)."""
+    from detailflow.pipelines.data.reader import iter_microbatches
+
+    while True:
+        empty = True
+        for mb in iter_microbatches(shard, device="cpu"):
+            empty = False
+            yield mb
+        if empty:
+            raise RuntimeError("the training dataset shard is empty (too few images for micro_batch?)")
+
+
+def _agree_on_t(ctx, img, target, t, rmap):
+    """Use rank 0's prefix length everywhere; re-degrade locally where the draw differs."""
+    from detailflow.models.degrade import degrade_to_prefix
+
+    t0 = int(ctx.broadcast(int(t)))
+    if t0 != t:
+        target = degrade_to_prefix(img.float(), t0, rmap).to(img.dtype)
+    return target, t0
+
+
+@torch.no_grad()
+def reconstruction_png(model, img_BCHW: torch.Tensor) -> tuple[bytes, float]:
+    """Rows: original, then decodes of growing prefixes (coarse to fine). Returns (png, full-N mse)."""
+    from detailflow.pipelines.visuals import grid_png, strip_prefixes
+
+    was = model.training
+    model.eval()
+    try:
+        codes = model.encode(img_BCHW)
+        ts = strip_prefixes(model.rmap.admissible)
+        recons = {t: model.decode(codes, t) for t in ts}
+    finally:
+        model.train(was)
+    full = recons[ts[-1]]
+    mse = float(((full.float() - img_BCHW.float()) ** 2).mean())
+    rows = [[img_BCHW[i]] + [recons[t][i] for t in ts] for i in range(img_BCHW.shape[0])]
+    return grid_png(rows, cell=max(48, img_BCHW.shape[-1])), mse
+
+
+def train_loop(config: dict) -> None:
+    """One worker's loop; runs unchanged in-process, on CPU workers and on GPUs."""
+    import ray.train
+
+    from detailflow.models.tokenizer import DetailFlowTokenizer
+    from detailflow.platform import deepspeed_glue as dsg
+
+    cfg = stage_from_config(TokenizerStageConfig, config)
+    ctx = WorkerContext.from_ray(config, cfg)
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    tok_cfg = tokenizer_config(cfg)
+    model = DetailFlowTokenizer(tok_cfg)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = dsg.make_optimizer(trainable, lr=cfg.lr, betas=tuple(cfg.betas), kind="adam")
+    engine = ctx.engine(StepAdapter(model, "training_step"), opt, cfg)
+    engines = {"ds": engine}
+    disc_engine = None
+    if tok_cfg.gan_weight > 0:
+        from detailflow.models.losses import Discriminator
+
+        disc = Discriminator(tok_cfg)
+        dopt = dsg.make_optimizer(disc.trainable_parameters(), lr=cfg.lr, betas=tuple(cfg.betas), kind="adam")
+        disc_engine = ctx.engine(DiscriminatorStep(disc, tok_cfg), dopt, cfg)
+        engines["disc"] = disc_engine
+    state = ctx.restore(engines, config)
+    resolved = resolved_config(config)
+    tracker = ctx.tracker(cfg.experiment, resolved, state)
+    start = int(state.get("step", 0))
+    if start:
+        tracker.log_metrics({"resumed_from_step": start}, step=start)
+    dtype = dsg.engine_dtype(engine)
+    stream = _stream(ray.train.get_dataset_shard("train"), ctx.device)
+    eval_img = None
+    seen = 0
+    tic = time.perf_counter()
+    for step in range(start, cfg.steps):
+        ctx.maybe_fail(cfg, step)
+        images, targets, t = next(stream)
+        img = to_float(images, ctx.device, dtype)
+        target = to_float(targets, ctx.device, dtype)
+        target, t = _agree_on_t(ctx, img, target, t, model.rmap)
+        if eval_img is None:
+            eval_img = img[: cfg.eval_images].clone()
+        lr = dsg.tokenizer_lr(step, total_steps=cfg.steps, base_lr=cfg.lr, warmup_steps=cfg.warmup_steps,
+                              min_lr_ratio=cfg.min_lr_ratio)
+        for e in engines.values():
+            dsg.set_lr(e.optimizer, lr)
+        disc_module = disc_engine.module.disc if disc_engine is not None else None
+        loss, logs = engine(img, target, t, step, discriminator=disc_module)
+        engine.backward(loss)
+        engine.step()
+        if disc_engine is not None:
+            d_loss = disc_engine(model.last_target, model.last_reconstruction, step)
+            d_loss, d_logs = d_loss
+            disc_engine.backward(d_loss)
+            disc_engine.step()
+            logs.update(d_logs)
+        seen += img.shape[0] * ctx.world
+        if WorkerContext.due(step, cfg.log_every, cfg.steps):
+            dt = time.perf_counter() - tic
+            logs.update(lr=lr, grad_norm=float(engine.get_global_grad_norm() or 0.0),
+                        images_per_s=seen / max(dt, 1e-9))
+            tracker.log_metrics(logs, step=step)
+            seen, tic = 0, time.perf_counter()
+        if WorkerContext.due(step, cfg.eval_every, cfg.steps):
+            png, mse = reconstruction_png(engine.module.model, eval_img)  # all ranks (ZeRO-3 gathers)
+            tracker.log_png(png, f"reconstructions/step_{step + 1:06d}.png")
+            tracker.log_metrics({"eval_full_mse": mse}, step=step)
+        if WorkerContext.due(step, cfg.checkpoint_every, cfg.steps):
+            ctx.checkpoint(engines, {"loss": float(loss.item())}, step=step + 1, tracker=tracker,
+                           resolved=resolved, data_position={"images_seen_total": (step + 1) * cfg.micro_batch
+                                                             * ctx.world})
+    tracker.finish()
+
+
+def export_config(cfg: TokenizerStageConfig, run_name: str) -> dict:
+    return {"kind": "tokenizer", "model": cfg.model, "run_name": run_name,
+            "tokenizer": dataclasses.asdict(tokenizer_config(cfg))}
+
+
+def run(cfg: TokenizerStageConfig, settings) -> dict:
+    """Driver: build the streaming dataset, fit, export. Returns {run_name, checkpoint, export_uri}."""
+    from detailflow.models.resolution import ResolutionMap
+    from detailflow.models.tokenizer import DetailFlowTokenizer
+    from detailflow.pipelines.data.reader import ReaderConfig, build_degraded_dataset, read_manifest_checked
+    from detailflow.pipelines.exports import export_prefix
+    from detailflow.pipelines.stage_config import run_name as make_run_name
+    from detailflow.platform import checkpoints, raytrain
+    from detailflow.platform.storage import Storage
+
+    storage = Storage(settings)
+    resolved = dataclasses.asdict(cfg)
+    name = make_run_name(STAGE, cfg.name, cfg.date, resolved)
+    tok_cfg = tokenizer_config(cfg)
+    rmap = ResolutionMap.from_config(tok_cfg)
+    num_images = read_manifest_checked(storage, cfg.dataset, "train")["num_images"]
+    workers = max(1, cfg.num_workers)
+    latest = raytrain.latest_checkpoint(settings, name)
+    done = checkpoints.read_client_state(latest)["step"] if latest else 0
+    # Resume re-enters the stream at the epoch the checkpoint was in (approximate data position).
+    per_epoch = max(1, num_images // (cfg.micro_batch * workers))
+    epoch = done // per_epoch
+    epochs = math.ceil(max(1, cfg.steps - done) / per_epoch) + 1
+    reader = ReaderConfig(image_size=tok_cfg.image_size, micro_batch=cfg.micro_batch,
+                          degrade_prob=tok_cfg.degrade_prob, seed=cfg.seed, train=True, epoch=epoch,
+                          num_epochs=epochs)
+    ds = build_degraded_dataset(storage, cfg.dataset, "train", reader, rmap)
+    use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and settings.resolved_device().startswith("cuda"))
+    result = raytrain.launch(train_loop, resolved, settings, run_name=name, num_workers=cfg.num_workers,
+                             use_gpu=use_gpu, cpus_per_worker=cfg.cpus_per_worker,
+                             max_failures=cfg.max_failures, num_to_keep=cfg.num_to_keep,
+                             datasets={"train": ds})
+    ckpt = result.checkpoint or raytrain.latest_checkpoint(settings, name)
+    uri = checkpoints.export_consolidated(ckpt, lambda: DetailFlowTokenizer(tok_cfg), export_config(cfg, name),
+                                          storage, export_prefix(name))
+    return {"run_name": name, "checkpoint": ckpt.path, "export_uri": uri}
