@@ -249,6 +249,6 @@ def run(cfg: TokenizerStageConfig, settings) -> dict:
                              max_failures=cfg.max_failures, num_to_keep=cfg.num_to_keep,
                              datasets={"train": ds})
     ckpt = result.checkpoint or raytrain.latest_checkpoint(settings, name)
-    uri = checkpoints.export_consolidated(ckpt, lambda: DetailFlowTokenizer(tok_cfg), export_config(cfg, name),
-                                          storage, export_prefix(name))
+    uri = checkpoints.export_consolidated(ckpt, lambda: DetailFlowTokenizer(tok_cfg),
+                                          export_config(cfg, name), storage, export_prefix(name))
     return {"run_name": name, "checkpoint": ckpt.path, "export_uri": uri}
