@@ -31,7 +31,7 @@ from pathlib import Path
 import psutil
 
 from detailflow.platform.settings import Settings
-from detailflow.platform.storage import Storage, storage_env
+from detailflow.platform.storage import Storage, s3_client, storage_env
 
 SERVICE_NAMES = ("seaweedfs", "mlflow")
 
@@ -78,6 +78,7 @@ class LocalServices:
         self.root = Path(settings.state_dir)
         self.run_dir = self.root / "run"
         self.log_dir = self.root / "logs"
+        self._health_client = None
 
     # ---- layout ------------------------------------------------------------------------------
     def ports(self, name: str) -> list[PortSpec]:
@@ -176,16 +177,10 @@ class LocalServices:
             return False
 
     def _s3_healthy(self) -> bool:
-        import boto3
-        from botocore.config import Config
-
-        s = self.settings
-        client = boto3.client("s3", endpoint_url=s.s3_endpoint_url, aws_access_key_id=s.aws_access_key_id,
-                              aws_secret_access_key=s.aws_secret_access_key, region_name=s.s3_region,
-                              config=Config(connect_timeout=2, read_timeout=5, retries={"max_attempts": 1},
-                                            s3={"addressing_style": "path"}))
+        if self._health_client is None:  # one attempt, short timeouts: this is a poll
+            self._health_client = s3_client(self.settings, max_attempts=1, connect_timeout=2, read_timeout=5)
         try:
-            client.list_buckets()
+            self._health_client.list_buckets()  # signed: wrong keys count as unhealthy
             return True
         except Exception:
             return False

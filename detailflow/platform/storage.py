@@ -64,6 +64,27 @@ def storage_env(settings: Settings) -> dict[str, str]:
     }
 
 
+def s3_client(settings: Settings, max_attempts: int | None = None, connect_timeout: float = 5,
+              read_timeout: float = 60):
+    """boto3 S3 client for the settings' endpoint: path-style, standard-mode retries."""
+    import boto3
+    from botocore.config import Config
+
+    cfg = Config(
+        region_name=settings.s3_region,
+        retries={"max_attempts": max_attempts or settings.s3_max_attempts, "mode": "standard"},
+        s3={"addressing_style": "path"},
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
+        # SeaweedFS and older S3 clones reject the newer default CRC trailers on some calls.
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+    )
+    return boto3.client("s3", endpoint_url=settings.s3_endpoint_url, config=cfg,
+                        aws_access_key_id=settings.aws_access_key_id,
+                        aws_secret_access_key=settings.aws_secret_access_key)
+
+
 def _is_transient(exc: BaseException) -> bool:
     from botocore.exceptions import ClientError, HTTPClientError
     from botocore.exceptions import ConnectionError as BotoConnError
@@ -111,23 +132,7 @@ class Storage:
     @property
     def client(self):
         if self._client is None:
-            import boto3
-            from botocore.config import Config
-
-            s = self.settings
-            cfg = Config(
-                region_name=s.s3_region,
-                retries={"max_attempts": s.s3_max_attempts, "mode": "standard"},
-                s3={"addressing_style": "path"},
-                connect_timeout=5,
-                read_timeout=60,
-                # SeaweedFS and older S3 clones reject the newer default CRC trailers on some calls.
-                request_checksum_calculation="when_required",
-                response_checksum_validation="when_required",
-            )
-            self._client = boto3.client(
-                "s3", endpoint_url=s.s3_endpoint_url, aws_access_key_id=s.aws_access_key_id,
-                aws_secret_access_key=s.aws_secret_access_key, config=cfg)
+            self._client = s3_client(self.settings)
         return self._client
 
     def filesystem(self):
