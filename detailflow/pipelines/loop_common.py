@@ -103,11 +103,13 @@ class WorkerContext:
         return step + 1 == total or (every > 0 and (step + 1) % every == 0)
 
     def checkpoint(self, engines: dict, metrics: dict, *, step: int, tracker: Tracker,
-                   resolved: dict, data_position: dict | None = None) -> None:
+                   resolved: dict, data_position: dict | None = None,
+                   extra_files: dict[str, bytes] | None = None) -> None:
         run_id = self.broadcast(tracker.run_id)
         client_state = {"step": step, "mlflow_run_id": run_id, "data_position": data_position or {},
                         "config": resolved, "run_name": self.run_name}
         checkpoints.save_and_report(engines, {**metrics, "step": step}, client_state=client_state,
+                                    extra_files=extra_files,
                                     config={"_in_process": self.world == 1 and _in_process(),
                                             "_settings": self.settings, "_run_name": self.run_name,
                                             "_storage_path": f"{self.settings.s3_bucket}/runs"})

@@ -40,8 +40,11 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def save_and_report(engines: dict[str, Any], metrics: dict, *, client_state: dict, config: dict) -> None:
+def save_and_report(engines: dict[str, Any], metrics: dict, *, client_state: dict, config: dict,
+                    extra_files: dict[str, bytes] | None = None) -> None:
     """All ranks: save every engine under its tag, then report the folder to Ray Train.
+
+    extra_files (name -> bytes, e.g. EMA weights) are written by rank 0 next to client_state.json.
 
     In-process runs (config["_in_process"]) have no Ray storage sync: the folder is copied to the
     run's storage path here, so resume works the same way."""
@@ -52,7 +55,10 @@ def save_and_report(engines: dict[str, Any], metrics: dict, *, client_state: dic
         for tag, engine in engines.items():
             engine.save_checkpoint(tmpdir, tag=tag, client_state=client_state)
         if _rank() == 0:
-            with open(os.path.join(tmpdir, CLIENT_STATE_FILE), "w") as f:
+            for name, data in (extra_files or {}).items():
+                with open(os.path.join(tmpdir, name), "wb") as f:
+                    f.write(data)
+            with open(os.path.join(tmpdir, CLIENT_STATE_FILE), "w") as f:  # last: marks completeness
                 json.dump(client_state, f, default=str)
         _barrier()
         checkpoint = ray.train.Checkpoint.from_directory(tmpdir)

@@ -1,0 +1,243 @@
+"""Stage: train the group-parallel AR model on extracted codes with DeepSpeed ZeRO on Ray Train.
+
+Usage:
+    detailflow extract-codes --tokenizer <tokenizer run> --dataset shapes
+    detailflow train ar --config configs/ar-tiny.yaml tokenizer=<tokenizer run>
+    detailflow train ar --config configs/ar-smoke.yaml tokenizer=<run> num_workers=0        # in-process
+
+    from detailflow.pipelines.train_ar import ARStageConfig, run
+    info = run(ARStageConfig(model="smoke", tokenizer="tokenizer-smoke-..."), settings)
+
+Data: the code shards s3://<bucket>/codes/<tokenizer run>/train (one row per image view); per sample
+the pair is (input, target) with probability correction_prob (0.3, spec §2.3), else (clean, clean).
+Optimiser AdamW with weight decay on >= 2-D params only, LR schedule of spec §2.4, EMA of the
+weights. Every eval_every steps rank 0 samples class-conditional images with the EMA weights and
+decodes them with the tokenizer export into a PNG (one row per sample, its prefixes coarse to fine).
+At the end rank 0 writes the EMA weights to s3://<bucket>/runs/<run>/export.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from detailflow.pipelines.loop_common import StepAdapter, WorkerContext, resolved_config, stage_from_config
+
+STAGE = "ar"
+EMA_FILE = "ema.safetensors"
+
+
+@dataclass
+class ARStageConfig:
+    name: str = "tiny"  # config name: the <config> part of the run name
+    model: str = "tiny"  # model registry name (its .ar part; vocab must match the tokenizer's K)
+    model_overrides: dict = field(default_factory=dict)  # ARConfig field overrides
+    tokenizer: str = ""  # tokenizer run name or s3:// export URI; codes version = that run name
+    codes_version: str = ""  # codes/<version>/train to read (default: derived from `tokenizer`)
+    steps: int = 2000  # optimiser steps in total
+    lr: float = 1e-3  # peak learning rate (spec §6.3 tiny; 1e-4 in the paper)
+    betas: list = field(default_factory=lambda: [0.9, 0.95])  # AdamW betas
+    weight_decay: float = 0.05  # on >= 2-D params only (spec §2.4)
+    warmup_frac: float = 0.05  # linear warm-up share of all steps (from 0.005·lr)
+    correction_prob: float = 0.3  # per-sample probability of the (input, target) self-correction pair
+    ema_decay: float = 0.999  # EMA of the weights (0.9999 in the paper)
+    micro_batch: int = 32  # sequences per worker per step
+    grad_accum: int = 1  # gradient accumulation steps
+    grad_clip: float = 1.0  # gradient-norm clipping
+    zero_stage: int = 2  # DeepSpeed ZeRO stage 0..3
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    device: str = "auto"  # auto | cpu | cuda
+    num_workers: int = 2  # Ray Train workers (0 = in-process)
+    cpus_per_worker: float = 0.5  # fractional CPUs so Ray Data is never starved
+    checkpoint_every: int = 500  # steps between checkpoints (and always at the end)
+    eval_every: int = 500  # steps between sample PNGs (and at the end)
+    log_every: int = 20  # steps between MLflow metric writes
+    sample_classes: int = 10  # classes in the sample PNG (one row each)
+    cfg_scale: float = 1.5  # classifier-free guidance of the PNG samples
+    seed: int = 42  # init / selection seed
+    max_failures: int = 2  # worker-group restarts before the run fails
+    num_to_keep: int = 2  # checkpoints kept in storage
+    date: str | None = None  # run-name date (default today)
+    experiment: str = "detailflow-ar"  # MLflow experiment
+    fail_at_step: int = -1  # fault injection for tests
+    fail_marker: str = ""  # file that makes the injected failure one-shot
+
+
+def ar_config(cfg: ARStageConfig):
+    from detailflow.models.configs import get_model_config
+
+    return dataclasses.replace(get_model_config(cfg.model).ar, **cfg.model_overrides)
+
+
+def _stream(shard, cfg: ARStageConfig):
+    """Code batches forever; each pass re-draws the (input, target) selection with a new epoch."""
+    from detailflow.pipelines.data.codes import iter_code_batches
+
+    epoch = 0
+    while True:
+        empty = True
+        for batch in iter_code_batches(shard, cfg.micro_batch, cfg.correction_prob, cfg.seed, epoch=epoch):
+            empty = False
+            yield batch
+        if empty:
+            raise RuntimeError("the code shard is empty (fewer rows than micro_batch?)")
+        epoch += 1
+
+
+def _ema_bytes(ema) -> bytes:
+    from safetensors.torch import save
+
+    return save({k: v.contiguous() for k, v in ema.state_dict().items()})
+
+
+def _restore_ema(ema, checkpoint) -> None:
+    import os
+
+    from safetensors.torch import load_file
+
+    with checkpoint.as_directory() as d:
+        path = os.path.join(d, EMA_FILE)
+        if os.path.exists(path):
+            ema.load_state_dict(load_file(path))
+
+
+def sample_png(model_cfg, ema, tokenizer, cfg: ARStageConfig, device) -> bytes:
+    """Rows = classes; columns = decodes of the prefixes after each group, coarse to fine."""
+    from detailflow.models.ar import DetailFlowGPT
+    from detailflow.models.sampler import sample
+    from detailflow.pipelines.visuals import grid_png, strip_prefixes
+
+    net = DetailFlowGPT(model_cfg).to(device)
+    ema.copy_to(net)
+    net.eval()
+    classes = torch.arange(min(cfg.sample_classes, model_cfg.num_classes), device=device)
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    with torch.no_grad():
+        codes = sample(net, classes, cfg_scale=cfg.cfg_scale, generator=gen)
+        ts = strip_prefixes(tokenizer.rmap.admissible)
+        decoded = {t: tokenizer.decode(codes[:, :t].to("cpu"), t) for t in ts}
+    rows = [[decoded[t][i] for t in ts] for i in range(len(classes))]
+    return grid_png(rows, cell=max(48, tokenizer.cfg.image_size))
+
+
+def train_loop(config: dict) -> None:
+    """One worker's loop; runs unchanged in-process, on CPU workers and on GPUs."""
+    import deepspeed
+    import ray.train
+
+    from detailflow.models.ar import DetailFlowGPT
+    from detailflow.models.ema import EMA
+    from detailflow.platform import checkpoints
+    from detailflow.platform import deepspeed_glue as dsg
+
+    cfg = stage_from_config(ARStageConfig, config)
+    ctx = WorkerContext.from_ray(config, cfg)
+    torch.manual_seed(cfg.seed)
+    model_cfg = ar_config(cfg)
+    model = DetailFlowGPT(model_cfg)
+    ema = EMA(model, decay=cfg.ema_decay)  # full copy before ZeRO-3 could partition the params
+    opt = dsg.make_optimizer(model.param_groups(cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
+                             weight_decay=cfg.weight_decay, kind="adamw")
+    engine = ctx.engine(StepAdapter(model, "loss"), opt, cfg)
+    engines = {"ds": engine}
+    resume = checkpoints.resume_checkpoint(config)
+    state = checkpoints.restore(engines, resume)
+    if resume is not None:
+        _restore_ema(ema, resume)
+    resolved = resolved_config(config)
+    tracker = ctx.tracker(cfg.experiment, resolved, state)
+    start = int(state.get("step", 0))
+    if start:
+        tracker.log_metrics({"resumed_from_step": start}, step=start)
+    tokenizer = None
+    if ctx.rank == 0:
+        from detailflow.pipelines.exports import load_tokenizer
+        from detailflow.platform.storage import Storage
+
+        tokenizer, _ = load_tokenizer(Storage(ctx.settings), config["_tokenizer_ref"])
+    stream = _stream(ray.train.get_dataset_shard("train"), cfg)
+    params = list(engine.module.parameters())
+    seen, tic = 0, time.perf_counter()
+    for step in range(start, cfg.steps):
+        ctx.maybe_fail(cfg, step)
+        batch = next(stream)
+        lr = dsg.ar_lr(step, total_steps=cfg.steps, base_lr=cfg.lr, warmup_frac=cfg.warmup_frac)
+        dsg.set_lr(engine.optimizer, lr)
+        loss = engine(batch["input"].to(ctx.device), batch["target"].to(ctx.device),
+                      batch["label"].to(ctx.device))
+        engine.backward(loss)
+        engine.step()
+        with deepspeed.zero.GatheredParameters(params, enabled=cfg.zero_stage == 3):
+            ema.update(engine.module.model)
+        seen += batch["input"].numel() * ctx.world
+        if WorkerContext.due(step, cfg.log_every, cfg.steps):
+            dt = time.perf_counter() - tic
+            tracker.log_metrics({"loss": float(loss.item()), "lr": lr,
+                                 "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                                 "corrected_fraction": float(batch["corrected"].float().mean()),
+                                 "tokens_per_s": seen / max(dt, 1e-9)}, step=step)
+            seen, tic = 0, time.perf_counter()
+        if WorkerContext.due(step, cfg.eval_every, cfg.steps) and tokenizer is not None:
+            tracker.log_png(sample_png(model_cfg, ema, tokenizer, cfg, ctx.device),
+                            f"samples/step_{step + 1:06d}.png")
+        if WorkerContext.due(step, cfg.checkpoint_every, cfg.steps):
+            ctx.checkpoint(engines, {"loss": float(loss.item())}, step=step + 1, tracker=tracker,
+                           resolved=resolved, extra_files={EMA_FILE: _ema_bytes(ema)})
+    if ctx.rank == 0:
+        _export_ema(model_cfg, ema, cfg, ctx, config)
+    tracker.finish()
+
+
+def _export_ema(model_cfg, ema, cfg: ARStageConfig, ctx, config: dict) -> None:
+    from detailflow.models.ar import DetailFlowGPT
+    from detailflow.models.export import save_pretrained
+    from detailflow.pipelines.exports import export_prefix
+    from detailflow.platform.storage import Storage
+
+    net = DetailFlowGPT(model_cfg)
+    ema.copy_to(net)
+    storage = Storage(ctx.settings)
+    with tempfile.TemporaryDirectory(prefix="df-ar-export-") as d:
+        save_pretrained(net, {"kind": "ar", "model": cfg.model, "run_name": ctx.run_name, "weights": "ema",
+                              "tokenizer": config["_tokenizer_ref"], "ar": dataclasses.asdict(model_cfg)}, d)
+        for name in ("model.safetensors", "config.json"):
+            with open(f"{d}/{name}", "rb") as f:
+                storage.put_bytes(f"{export_prefix(ctx.run_name)}/{name}", f.read())
+
+
+def run(cfg: ARStageConfig, settings) -> dict:
+    """Driver: read the code shards, check them against the model, fit. Returns {run_name, export_uri}."""
+    from detailflow.pipelines.data.codes import codes_prefix, read_codes_dataset
+    from detailflow.pipelines.exports import export_prefix, resolve_export
+    from detailflow.pipelines.stage_config import run_name as make_run_name
+    from detailflow.platform import raytrain
+    from detailflow.platform.storage import Storage
+
+    if not cfg.tokenizer:
+        raise ValueError("set tokenizer=<tokenizer run name or s3:// export URI> (its codes are the data)")
+    storage = Storage(settings)
+    tok_key, version = resolve_export(storage, cfg.tokenizer)
+    version = cfg.codes_version or version
+    manifest = storage.read_manifest(codes_prefix(version, "train"))
+    if manifest is None:
+        raise FileNotFoundError(f"no codes at {storage.uri(codes_prefix(version, 'train'))}; run "
+                                f"`detailflow extract-codes --tokenizer {cfg.tokenizer} --dataset <name>`")
+    model_cfg = ar_config(cfg)
+    if manifest.get("num_tokens") != model_cfg.num_tokens:
+        raise ValueError(f"codes have {manifest.get('num_tokens')} tokens but model {cfg.model!r} expects "
+                         f"{model_cfg.num_tokens}")
+    if manifest.get("codebook_size") not in (None, model_cfg.vocab_size):
+        raise ValueError(f"codes use a codebook of {manifest['codebook_size']} but the AR vocab is "
+                         f"{model_cfg.vocab_size}")
+    resolved = dataclasses.asdict(cfg)
+    name = make_run_name(STAGE, cfg.name, cfg.date, resolved)
+    ds = read_codes_dataset(storage, version, "train", num_cpus=min(0.5, cfg.cpus_per_worker))
+    use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and settings.resolved_device().startswith("cuda"))
+    raytrain.launch(train_loop, {**resolved, "_tokenizer_ref": storage.uri(tok_key)}, settings, run_name=name,
+                    num_workers=cfg.num_workers, use_gpu=use_gpu, cpus_per_worker=cfg.cpus_per_worker,
+                    max_failures=cfg.max_failures, num_to_keep=cfg.num_to_keep, datasets={"train": ds})
+    return {"run_name": name, "export_uri": storage.uri(export_prefix(name)), "codes_version": version}
