@@ -27,6 +27,7 @@ from detailflow.platform.runtime import apply_runtime_env
 PLUGIN_GROUPS: dict[str, tuple[str, str, str]] = {
     "data": ("detailflow.pipelines.data.cli", "data", "Datasets: synthesise, import, ingest to S3, show."),
     "train": ("detailflow.pipelines.train_cli", "train", "Train the tokenizer / AR model, extract codes."),
+    "extract-codes": ("detailflow.pipelines.train_cli", "extract_codes", "Extract AR code triplets."),
     "eval": ("detailflow.pipelines.eval_cli", "eval", "Evaluate tokenizers and generators."),
     "registry": ("detailflow.platform.registry_cli", "registry", "MLflow registry: list, promote, aliases."),
     "serve": ("detailflow.platform.serving.cli", "serve", "Ray Serve generation endpoint."),

@@ -1,0 +1,118 @@
+"""CLI: `detailflow train tokenizer|ar` and `detailflow extract-codes`.
+
+    detailflow train tokenizer --config configs/tokenizer-tiny.yaml [key=value ...]
+    detailflow train ar --config configs/ar-tiny.yaml tokenizer=<tokenizer run> [key=value ...]
+    detailflow train show --config configs/tokenizer-tiny.yaml          # resolved config + run name
+    detailflow extract-codes --tokenizer <tokenizer run | s3://.../export> --dataset shapes
+
+Overrides are stage-config fields (see the dataclasses in train_tokenizer.py / train_ar.py), e.g.
+`steps=50 num_workers=0 zero_stage=3`. Resubmitting the same config on the same day resumes the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import click
+
+
+def _settings():
+    from detailflow.cli import get_settings
+
+    return get_settings(click.get_current_context())
+
+
+def _ensure_ray(settings) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if settings.ray_address == "local":
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False)
+    else:
+        ray.init(address=settings.ray_address)
+
+
+def _load(kind: str, config_file, overrides):
+    from detailflow.pipelines.stage_config import load_stage_config
+
+    if kind == "tokenizer":
+        from detailflow.pipelines.train_tokenizer import TokenizerStageConfig as cls
+    else:
+        from detailflow.pipelines.train_ar import ARStageConfig as cls
+    try:
+        return load_stage_config(cls, config_file, list(overrides))
+    except (ValueError, TypeError) as exc:
+        raise click.UsageError(str(exc)) from exc
+
+
+@click.group(name="train")
+def train():
+    """Train the tokenizer or the AR model (Ray Train + DeepSpeed)."""
+
+
+def _stage_command(kind: str):
+    @click.command(name=kind, help=f"Train the {kind} stage: --config FILE then key=value overrides.")
+    @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), default=None,
+                  help="Stage YAML (configs/*.yaml).")
+    @click.argument("overrides", nargs=-1)
+    def command(config_file, overrides):
+        cfg = _load(kind, config_file, overrides)
+        settings = _settings()
+        _ensure_ray(settings)
+        if kind == "tokenizer":
+            from detailflow.pipelines.train_tokenizer import run
+        else:
+            from detailflow.pipelines.train_ar import run
+        try:
+            info = run(cfg, settings)
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from exc
+        click.echo(json.dumps(info, default=str))
+
+    return command
+
+
+train.add_command(_stage_command("tokenizer"))
+train.add_command(_stage_command("ar"))
+
+
+@train.command(name="show")
+@click.argument("kind", type=click.Choice(["tokenizer", "ar"]))
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), default=None)
+@click.argument("overrides", nargs=-1)
+def show(kind, config_file, overrides):
+    """Print the resolved stage config and its deterministic run name."""
+    from detailflow.pipelines.stage_config import run_name
+
+    cfg = _load(kind, config_file, overrides)
+    resolved = dataclasses.asdict(cfg)
+    click.echo(json.dumps({"run_name": run_name(kind, cfg.name, cfg.date, resolved), "config": resolved},
+                          indent=2))
+
+
+@click.command(name="extract-codes")
+@click.option("--tokenizer", required=True, help="Tokenizer run name or s3:// export URI.")
+@click.option("--dataset", required=True, help="Dataset name under s3://<bucket>/datasets/.")
+@click.option("--split", default="train", show_default=True)
+@click.option("--views", default="tiny", show_default=True, type=click.Choice(["tiny", "tencrop"]))
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
+@click.option("--num-actors", default=1, show_default=True, type=click.IntRange(1))
+@click.option("--gpu", "use_gpu", is_flag=True, help="One GPU per actor.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--force", is_flag=True, help="Re-extract even if the codes are already published.")
+def extract_codes(tokenizer, dataset, split, views, batch_size, num_actors, use_gpu, seed, force):
+    """Extract clean/input/target code triplets with a frozen tokenizer (spec §2.3)."""
+    from detailflow.pipelines.extract_codes import ExtractConfig
+    from detailflow.pipelines.extract_codes import extract_codes as run
+
+    settings = _settings()
+    _ensure_ray(settings)
+    info = run(ExtractConfig(tokenizer=tokenizer, dataset=dataset, split=split, views=views,
+                             batch_size=batch_size, num_actors=num_actors, use_gpu=use_gpu, seed=seed,
+                             force=force), settings)
+    click.echo(json.dumps(info, default=str))
+
+
+train.add_command(extract_codes)
