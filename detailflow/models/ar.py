@@ -66,13 +66,16 @@ class SwiGLU(nn.Module):
 
 
 class KVCache:
-    """Preallocated per-layer keys (already rotated) and values: B x H x N x head_dim each."""
+    """Preallocated per-layer keys (already rotated) and values: B x H x N x head_dim each.
+
+    Left uninitialised: a pass only reads positions [0, stop) that earlier passes or itself wrote.
+    """
 
     def __init__(self, num_layers: int, batch: int, heads: int, max_len: int, head_dim: int,
                  dtype: torch.dtype, device):
         shape = (batch, heads, max_len, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
 
 
 class Attention(nn.Module):

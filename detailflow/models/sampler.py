@@ -79,9 +79,13 @@ def draw(logits_BLV: torch.Tensor, uniforms_BLV: torch.Tensor, temperature: floa
     """Gumbel-max sample of each row of softmax(filtered logits / T); temperature 0 = argmax. B x L long."""
     if temperature <= 0:
         return logits_BLV.argmax(-1)
-    scores = filter_logits(logits_BLV.float() / temperature, top_k, top_p)
-    gumbel = -torch.log(-torch.log(uniforms_BLV.to(scores.device)))  # u = 0 gives -inf: never chosen
-    return (scores + gumbel).argmax(-1)
+    scores = logits_BLV.float()
+    if temperature != 1.0:
+        scores = scores / temperature
+    scores = filter_logits(scores, top_k, top_p)
+    # scores + Gumbel(u) = scores - log(-log u); u = 0 gives -inf, never chosen
+    neg_log_neg_log = uniforms_BLV.to(scores.device, copy=True).log_().neg_().log_()
+    return (scores - neg_log_neg_log).argmax(-1)
 
 
 def step_logits(model: DetailFlowGPT, codes_BN: torch.Tensor, class_ids_B: torch.Tensor, start: int,
