@@ -65,11 +65,14 @@ class TokenizerConfig:
 
     def __post_init__(self) -> None:
         if self.num_tokens % self.group_size:
-            raise ValueError(f"num_tokens={self.num_tokens} must be a multiple of group_size={self.group_size}")
+            raise ValueError(f"num_tokens={self.num_tokens} must be a multiple of "
+                             f"group_size={self.group_size}")
         if self.causal_num % self.group_size:
-            raise ValueError(f"causal_num={self.causal_num} must be a multiple of group_size={self.group_size}")
+            raise ValueError(f"causal_num={self.causal_num} must be a multiple of "
+                             f"group_size={self.group_size}")
         if self.image_size % self.patch_size:
-            raise ValueError(f"image_size={self.image_size} must be a multiple of patch_size={self.patch_size}")
+            raise ValueError(f"image_size={self.image_size} must be a multiple of "
+                             f"patch_size={self.patch_size}")
 
 
 @dataclass
