@@ -174,3 +174,16 @@ def test_bad_arguments():
         sample(model, torch.tensor([7]))
     with pytest.raises(ValueError, match="1-D"):
         sample(model, torch.tensor([[0]]))
+
+
+@pytest.mark.gpu
+def test_cuda_kv_equals_recompute_and_bf16():
+    model = make_model().cuda()
+    cls = torch.tensor([0, 1, 2, 3], device="cuda")
+    gen = lambda: torch.Generator(device="cuda").manual_seed(4)
+    a = sample(model, cls, cfg_scale=1.5, generator=gen())
+    b = sample(model, cls, cfg_scale=1.5, generator=gen(), use_kv_cache=False)
+    assert a.is_cuda and torch.equal(a, b)
+    model = model.to(torch.bfloat16)
+    codes = sample(model, cls, cfg_scale=1.5, top_k=10, generator=gen())
+    assert codes.shape == (4, 16) and codes.max() < 48
