@@ -51,6 +51,10 @@ def test_forward_pass_count(n, g, c, kv):
     assert count_passes(model, use_kv_cache=kv, cfg_scale=2.0) == expected
     if kv:
         assert count_passes(model, group_parallel=False) == n
+    seen = []
+    sample(model, torch.tensor([3]), use_kv_cache=kv,
+           on_pass=lambda s, e, codes: seen.append((s, e, codes.shape)))
+    assert seen == [(s, e, (1, e)) for s, e in decode_plan(n, g, c)] and len(seen) == expected
 
 
 @pytest.mark.parametrize("n,g,c", GEOMETRIES)

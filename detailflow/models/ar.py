@@ -14,6 +14,8 @@ Sequence layout (length N, spec §2.2), c = causal_num, g = group_size:
 Attention: rows q < c are causal; every other row sees column j iff q // g >= j // g.
 Every row therefore sees a *prefix* of the columns, which lets the sampler (sampler.py) run any
 block-aligned chunk of positions against a KV cache with no mask at all.
+2D RoPE (rope.py) puts position q >= 1 at row (q-1)//g, column (q-1)%g and zeroes the class token's
+query/key (a faithful LlamaGen quirk kept so released weights would load and behave the same).
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ Usage:
     gen = torch.Generator().manual_seed(0)
     codes_BN = sample(model, class_ids_B, cfg_scale=1.5, generator=gen)          # 23 passes for N=128
     codes_BN, prefixes = sample(model, class_ids_B, return_prefixes=True)        # prefix codes per step
+    sample(model, class_ids_B, on_pass=lambda start, stop, codes_Bt: ...)       # hook after every pass
 
 Decoding plan (sequence positions, c = causal_num, g = group_size): passes [0,1), [1,2), ..,
 [c-1,c) produce t_0 .. t_{c-1} one at a time; then chunks [c, c+g), [c+g, c+2g), ... each produce a
@@ -30,6 +31,8 @@ flip whenever any of its 8192 boundaries moved past the uniform, about 100x more
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -100,11 +103,12 @@ def step_logits(model: DetailFlowGPT, codes_BN: torch.Tensor, class_ids_B: torch
 def sample(model: DetailFlowGPT, class_ids_B: torch.Tensor, *, cfg_scale: float = 1.0,
            temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
            generator: torch.Generator | None = None, use_kv_cache: bool = True, group_parallel: bool = True,
-           return_prefixes: bool = False):
+           return_prefixes: bool = False, on_pass: Callable[[int, int, torch.Tensor], None] | None = None):
     """Sample B code sequences (B x N long) for the given class ids; see the module docstring.
 
     cfg_scale == 1 runs the conditional model alone; > 1 doubles the batch with the null class.
     With return_prefixes, also returns the list of prefix codes (B x t) after every pass.
+    on_pass(start, stop, codes_Bt) is called after every forward pass (counting, streaming previews).
     """
     if cfg_scale < 1.0:
         raise ValueError(f"cfg_scale must be >= 1 (1 = no guidance), got {cfg_scale}")
@@ -136,6 +140,8 @@ def sample(model: DetailFlowGPT, class_ids_B: torch.Tensor, *, cfg_scale: float 
             codes[:, start:stop] = new.repeat(2, 1) if guided else new
             if return_prefixes:
                 prefixes.append(codes[:batch, :stop].clone())
+            if on_pass is not None:
+                on_pass(start, stop, codes[:batch, :stop])
     finally:
         model.train(was_training)
     out = codes[:batch]
