@@ -44,7 +44,7 @@ class IngestConfig:
     shuffle_seed: int = 0  # seeded permutation of the sorted file list, so shards mix classes
     labels: str | None = None  # labels file for flat split folders ('<file> <class>' per line)
     classes_from: str | None = "train"  # reuse this split's published class list (None: from the files)
-    row_group_rows: int = 256  # Parquet row-group size: the unit Ray Data can split a shard into
+    row_group_rows: int = 64  # Parquet row-group size = the reader's unit of parallel read + decode
     use_ray: bool = True  # one Ray task per shard; False runs the shards in this process
     task_cpus: float = 1.0  # CPUs reserved per shard task (fractional is fine, pitfall 3)
     max_in_flight: int = 8  # shard tasks submitted at once (bounds driver and object-store memory)
@@ -110,7 +110,7 @@ def _encode_table(rows: list[tuple], row_group_rows: int) -> bytes:
 
 
 def write_shard(storage, prefix: str, index: int, items: list[Item], class_to_index: dict[str, int],
-                digest: str, row_group_rows: int = 256) -> dict:
+                digest: str, row_group_rows: int = 64) -> dict:
     """Decode-check every item, write the shard object, then its done marker. Returns the marker."""
     rows, rejected = [], []
     counts: dict[str, int] = {}
@@ -134,7 +134,8 @@ def write_shard(storage, prefix: str, index: int, items: list[Item], class_to_in
         counts[it.class_name] = counts.get(it.class_name, 0) + 1
     name = shard_name(index)
     marker = {"index": index, "name": name, "keys_digest": digest, "rows": len(rows),
-              "rejected": rejected, "counts": counts, "sha256": None, "bytes": 0}
+              "rejected": rejected, "counts": counts, "sha256": None, "bytes": 0,
+              "row_groups": -(-len(rows) // row_group_rows), "row_group_rows": row_group_rows}
     if rows:
         data = _encode_table(rows, row_group_rows)
         marker["sha256"] = storage.put_bytes(f"{prefix}/{name}", data)
@@ -281,7 +282,8 @@ def build_manifest(cfg: IngestConfig, src: str, classes: list[str], markers: lis
             counts[c] += n
         if m["rows"]:
             shards.append({"name": m["name"], "key": f"{cfg.prefix}/{m['name']}", "sha256": m["sha256"],
-                           "rows": m["rows"], "bytes": m["bytes"]})
+                           "rows": m["rows"], "bytes": m["bytes"], "row_groups": m["row_groups"],
+                           "row_group_rows": m["row_group_rows"]})
             files[m["name"]] = {"sha256": m["sha256"], "size": m["bytes"]}
     rejected.sort(key=lambda r: r["key"])
     return {

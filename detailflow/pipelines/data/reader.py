@@ -11,20 +11,24 @@ Usage:
     # in a Ray Train worker: TorchTrainer(..., datasets={"train": ds}) and
     # iter_microbatches(ray.train.get_dataset_shard("train"), device)
 
-Stages: read_parquet (only the shards the manifest lists) -> map_batches(decode + ADM crop/flip or
-centre crop, per-row generator from (seed, epoch, key)) -> repartition into exact micro-batch blocks
--> map_batches(batch_size=micro_batch): draw t once per micro-batch with sample_prefix_len (generator
-from (seed, epoch, first key)), build targets with degrade_to_prefix, emit ONE row per micro-batch.
-Rows carry flat bytes plus shape columns (batch, size, canvas), so micro-batches of different canvas
-sizes never meet Ray's fixed-shape tensor columns; iter_microbatches hides this. A t = N row ships no
-target bytes: the target is the image itself (degrade_to_prefix is the identity there).
+The driver plans each epoch from the manifest alone (plan_microbatches): row groups in a seeded
+order, rows permuted inside each group, cut into micro-batches (train drops the final partial one).
+One Ray task per few micro-batches reads the row groups it needs from S3 once, decodes, crops (ADM
+random-resize crop + flip with a per-row generator from (seed, epoch, key), or a centre crop), draws
+t with sample_prefix_len from (seed, epoch, batch index), builds targets with degrade_to_prefix and
+emits ONE row per micro-batch. Composition, crops and t depend only on (seed, epoch), never on
+scheduling. Rows carry flat bytes plus shape columns (batch, size, canvas), so micro-batches of
+different canvas sizes never meet Ray's fixed-shape tensor columns; iter_microbatches hides this.
+A t = N row ships no target bytes: the target is the image itself (degrade_to_prefix is the identity).
 
-Images that fail to decode are skipped and counted (column `skipped`, summed by iter_microbatches'
-`stats`); the only uncounted case is a decode batch in which every image fails.
+Images that fail to decode (ingest already rejected undecodable files, so this means damage after
+ingest) are skipped and counted (column `skipped`, summed by iter_microbatches' `stats`); that
+micro-batch is then smaller than micro_batch rather than padded.
 """
 
 from __future__ import annotations
 
+import json
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -57,9 +61,9 @@ class ReaderConfig:
     max_scale: float = 1.25  # ADM short side uniform in [R, max_scale * R]
     flip: bool = True  # horizontal flip with p = 0.5 in train mode
     shuffle_files: bool = True  # train: shard order shuffled per epoch (seeded)
-    decode_batch: int = 64  # rows per decode call (larger amortises Ray overhead)
     num_cpus: float = 0.5  # CPUs per Ray Data task: fractional so trainers never starve it (pitfall 3)
     jpeg_draft: bool = True  # let libjpeg scale down large JPEGs during decode (DCT scaling)
+    batches_per_task: int = 4  # micro-batches per Ray task (each task reads its row groups once)
     preserve_order: bool = False  # deterministic row order (slower); per-row results are seeded anyway
 
     def __post_init__(self) -> None:
@@ -111,23 +115,29 @@ def decode_crop_batch(batch: dict, *, image_size: int, seed: int, epoch: int, tr
 
 
 # ---- stage 2: group + degrade --------------------------------------------------------------------
-def prefix_rng(seed: int, epoch: int, first_key: str) -> np.random.Generator:
-    return np.random.default_rng([seed, epoch, zlib.crc32(first_key.encode()), 0x7D])
+def prefix_rng(seed: int, epoch: int, draw_key: str | int) -> np.random.Generator:
+    """Generator of a micro-batch's t: from (seed, epoch, batch index) or (seed, epoch, first key)."""
+    tag = draw_key if isinstance(draw_key, int) else zlib.crc32(str(draw_key).encode())
+    return np.random.default_rng([seed, epoch, int(tag), 0x7D])
 
 
 def degrade_batch(batch: dict, *, rmap, micro_batch: int, degrade_prob: float, seed: int, epoch: int,
-                  train: bool, fixed_t: int | None, all_t: bool) -> dict:
-    """One micro-batch of decoded rows -> one output row (or one per admissible t with all_t)."""
+                  train: bool, fixed_t: int | None, all_t: bool, batch_index: int | None = None,
+                  drop_partial: bool | None = None) -> dict:
+    """One micro-batch of decoded rows -> one output row (or one per admissible t with all_t).
+
+    t is drawn from (seed, epoch, batch_index) when given, else from (seed, epoch, first key).
+    A batch smaller than micro_batch is dropped when drop_partial (default: train)."""
     import torch
 
     from detailflow.models.degrade import degrade_to_prefix, sample_prefix_len
 
-    torch.set_num_threads(1)  # Ray runs one task per (fractional) CPU; intra-op threads oversubscribe
     keys = [str(k) for k in batch["key"]]
     b = len(keys)
     empty = {"images": [], "targets": [], "t": [], "canvas": [], "batch": [], "size": [],
              "labels": [], "keys": [], "skipped": []}
-    if b == 0 or (train and b < micro_batch):
+    drop_partial = train if drop_partial is None else drop_partial
+    if b == 0 or (drop_partial and b < micro_batch):
         return {k: np.array(v, dtype=object if k in ("images", "targets", "labels", "keys") else np.int64)
                 for k, v in empty.items()}
     images = np.ascontiguousarray(batch["image"], dtype=np.uint8)
@@ -136,10 +146,11 @@ def degrade_batch(batch: dict, *, rmap, micro_batch: int, degrade_prob: float, s
     elif all_t:
         ts = list(rmap.admissible)
     elif train:
-        ts = [sample_prefix_len(rmap, degrade_prob, prefix_rng(seed, epoch, keys[0]))]
+        ts = [sample_prefix_len(rmap, degrade_prob,
+                                prefix_rng(seed, epoch, keys[0] if batch_index is None else batch_index))]
     else:
         ts = [rmap.num_tokens]
-    x = torch.from_numpy(to_signed_float(images))
+    x = torch.from_numpy(to_signed_float(images)) if min(ts) < rmap.num_tokens else None
     out = {k: [] for k in empty}
     for t in ts:
         if t == rmap.num_tokens:
@@ -172,44 +183,143 @@ def read_manifest_checked(storage, name: str, split: str) -> dict:
     return manifest
 
 
+_FS_CACHE: dict = {}
+
+
+def _filesystem(storage):
+    """One pyarrow S3FileSystem per worker process (building one costs ~0.4 s)."""
+    key = repr(storage.settings)
+    if key not in _FS_CACHE:
+        _FS_CACHE[key] = storage.filesystem()
+    return _FS_CACHE[key]
+
+
+def read_units(manifest: dict) -> list[dict]:
+    """(shard key, row group) pairs: the reader's unit of parallel work."""
+    units = []
+    for s in manifest["shards"]:
+        groups = s.get("row_groups")
+        for g in range(groups) if groups and s.get("row_group_rows") else [-1]:  # -1: whole shard
+            units.append({"path": s["key"], "row_group": g})
+    return units
+
+
+def read_unit_table(storage, path: str, row_group: int):
+    import pyarrow.parquet as pq
+
+    with _filesystem(storage).open_input_file(storage.fs_path(path)) as f:
+        pf = pq.ParquetFile(f)
+        cols = ["key", "label", "image"]
+        return pf.read(columns=cols) if row_group < 0 else pf.read_row_group(row_group, columns=cols)
+
+
+def read_decode_units(units: dict, *, storage, **decode_kwargs) -> Iterator[dict]:
+    """map_batches fn: for each unit, read its row group from S3 and decode + crop it."""
+    for path, group in zip(units["path"], units["row_group"], strict=True):
+        table = read_unit_table(storage, str(path), int(group))
+        batch = {"key": np.array(table["key"].to_pylist(), dtype=object), "label": table["label"].to_numpy(),
+                 "image": np.array(table["image"].to_pylist(), dtype=object)}
+        yield decode_crop_batch(batch, **decode_kwargs)
+
+
 def build_image_dataset(storage, name: str, split: str, cfg: ReaderConfig, epoch: int | None = None):
     """Decoded, cropped images: rows {key, label, image uint8 3 x R x R, skipped}."""
     import ray.data
 
     epoch = cfg.epoch if epoch is None else epoch
-    shuffle = ray.data.FileShuffleConfig(seed=cfg.seed * 1000003 + epoch) if (
-        cfg.train and cfg.shuffle_files) else None
-    manifest = read_manifest_checked(storage, name, split)
-    paths = [storage.fs_path(s["key"]) for s in manifest["shards"]]
-    # about 4 decode batches per read block: enough blocks to keep every CPU busy on small sets,
-    # few enough that per-task overhead stays small (Ray's default of 200 blocks is far too many)
-    blocks = max(len(paths), min(4096, -(-manifest["num_images"] // (4 * cfg.decode_batch))))
-    ds = ray.data.read_parquet(paths, filesystem=storage.filesystem(), shuffle=shuffle, partitioning=None,
-                               override_num_blocks=blocks, num_cpus=cfg.num_cpus)
-    ds = ds.select_columns(["key", "label", "image"])
+    units = read_units(read_manifest_checked(storage, name, split))
+    if cfg.train and cfg.shuffle_files:
+        order = np.random.default_rng([cfg.seed, epoch, 0x5EED]).permutation(len(units))
+        units = [units[i] for i in order]
+    # Ray's own read_parquet lists files in a task (~6 s of latency here) and merges small files into
+    # one read task; explicit units keep every CPU busy from the first second
+    ds = ray.data.from_items(units, override_num_blocks=len(units))
     return ds.map_batches(
-        decode_crop_batch, batch_size=cfg.decode_batch, batch_format="numpy", num_cpus=cfg.num_cpus,
-        fn_kwargs={"image_size": cfg.image_size, "seed": cfg.seed, "epoch": epoch, "train": cfg.train,
-                   "flip": cfg.flip, "max_scale": cfg.max_scale, "jpeg_draft": cfg.jpeg_draft})
+        read_decode_units, batch_size=1, batch_format="numpy", num_cpus=cfg.num_cpus,
+        fn_kwargs={"storage": storage, "image_size": cfg.image_size, "seed": cfg.seed, "epoch": epoch,
+                   "train": cfg.train, "flip": cfg.flip, "max_scale": cfg.max_scale,
+                   "jpeg_draft": cfg.jpeg_draft})
+
+
+def _row_groups(manifest: dict) -> list[tuple[str, int, int]]:
+    """(shard key, row group, rows) for every row group; -1 = whole shard (manifest without counts)."""
+    out = []
+    for s in manifest["shards"]:
+        groups, per, rows = s.get("row_groups"), s.get("row_group_rows"), s["rows"]
+        if not groups or not per:
+            out.append((s["key"], -1, rows))
+            continue
+        out += [(s["key"], g, min(per, rows - g * per)) for g in range(groups)]
+    return out
+
+
+def plan_microbatches(manifest: dict, cfg: ReaderConfig, epoch: int) -> list[dict]:
+    """Deterministic micro-batch plan of one epoch, cut into Ray tasks of cfg.batches_per_task.
+
+    Train: row groups in a seeded order, rows permuted inside each group, consecutive runs of
+    micro_batch rows, the final partial micro-batch dropped. Eval: manifest order, partial kept.
+    Each unit lists its micro-batches as (batch index, [(group id, row), ...])."""
+    groups = _row_groups(manifest)
+    order = np.arange(len(groups))
+    if cfg.train and cfg.shuffle_files:
+        order = np.random.default_rng([cfg.seed, epoch, 0x5EED]).permutation(len(groups))
+    seq_g, seq_r = [], []
+    for gi in order:
+        rows = np.arange(groups[gi][2])
+        if cfg.train:
+            rows = np.random.default_rng([cfg.seed, epoch, int(gi), 0xA11]).permutation(rows)
+        seq_g.append(np.full(len(rows), gi))
+        seq_r.append(rows)
+    seq_g, seq_r = np.concatenate(seq_g), np.concatenate(seq_r)
+    n_batches = len(seq_g) // cfg.micro_batch if cfg.train else -(-len(seq_g) // cfg.micro_batch)
+    units = []
+    for first in range(0, n_batches, cfg.batches_per_task):
+        batches = []
+        for bi in range(first, min(n_batches, first + cfg.batches_per_task)):
+            sl = slice(bi * cfg.micro_batch, (bi + 1) * cfg.micro_batch)
+            batches.append([bi, [[int(g), int(r)] for g, r in zip(seq_g[sl], seq_r[sl], strict=True)]])
+        used = sorted({g for _, rows in batches for g, _ in rows})
+        units.append({"epoch": epoch, "plan": json.dumps({
+            "groups": {str(g): [groups[g][0], groups[g][1]] for g in used}, "batches": batches})})
+    return units
+
+
+def microbatch_task(units: dict, *, storage, rmap, cfg: ReaderConfig) -> Iterator[dict]:
+    """map_batches fn: read each needed row group once, decode + crop, degrade, one row per batch."""
+    import torch
+
+    if torch.get_num_threads() != 1:  # Ray runs one task per CPU share: intra-op threads oversubscribe
+        torch.set_num_threads(1)
+    for epoch, plan_json in zip(units["epoch"], units["plan"], strict=True):
+        epoch, plan = int(epoch), json.loads(plan_json)
+        tables = {g: read_unit_table(storage, path, rg) for g, (path, rg) in plan["groups"].items()}
+        for batch_index, rows in plan["batches"]:
+            raw = {"key": np.array([tables[str(g)]["key"][r].as_py() for g, r in rows], dtype=object),
+                   "label": np.array([tables[str(g)]["label"][r].as_py() for g, r in rows], np.int32),
+                   "image": np.array([tables[str(g)]["image"][r].as_py() for g, r in rows], dtype=object)}
+            batch = decode_crop_batch(raw, image_size=cfg.image_size, seed=cfg.seed, epoch=epoch,
+                                      train=cfg.train, flip=cfg.flip, max_scale=cfg.max_scale,
+                                      jpeg_draft=cfg.jpeg_draft)
+            yield degrade_batch(batch, rmap=rmap, micro_batch=cfg.micro_batch, degrade_prob=cfg.degrade_prob,
+                                seed=cfg.seed, epoch=epoch, train=cfg.train, fixed_t=cfg.fixed_t,
+                                all_t=cfg.all_t, batch_index=int(batch_index), drop_partial=False)
 
 
 def build_degraded_dataset(storage, name: str, split: str, cfg: ReaderConfig, rmap):
     """One row per micro-batch (images, degraded targets, t), for cfg.num_epochs epochs in sequence."""
+    import ray.data
+
     if rmap.image_size != cfg.image_size:
         raise ValueError(f"ReaderConfig.image_size={cfg.image_size} but the resolution map is for "
                          f"{rmap.image_size} px")
-    epochs = []
-    for e in range(cfg.epoch, cfg.epoch + cfg.num_epochs):
-        ds = build_image_dataset(storage, name, split, cfg, epoch=e)
-        # exact micro-batch blocks, so map_batches below sees full batches except the very last one
-        ds = ds.repartition(target_num_rows_per_block=cfg.micro_batch, strict=True)
-        ds = ds.map_batches(
-            degrade_batch, batch_size=cfg.micro_batch, batch_format="numpy", num_cpus=cfg.num_cpus,
-            fn_kwargs={"rmap": rmap, "micro_batch": cfg.micro_batch, "degrade_prob": cfg.degrade_prob,
-                       "seed": cfg.seed, "epoch": e, "train": cfg.train, "fixed_t": cfg.fixed_t,
-                       "all_t": cfg.all_t})
-        epochs.append(ds)
-    ds = epochs[0].union(*epochs[1:]) if len(epochs) > 1 else epochs[0]
+    manifest = read_manifest_checked(storage, name, split)
+    epochs = range(cfg.epoch, cfg.epoch + cfg.num_epochs)
+    units = [u for e in epochs for u in plan_microbatches(manifest, cfg, e)]
+    if not units:
+        raise ValueError(f"{name}/{split} has fewer than micro_batch={cfg.micro_batch} images")
+    ds = ray.data.from_items(units, override_num_blocks=len(units))
+    ds = ds.map_batches(microbatch_task, batch_size=1, batch_format="numpy", num_cpus=cfg.num_cpus,
+                        fn_kwargs={"storage": storage, "rmap": rmap, "cfg": cfg})
     if cfg.preserve_order:
         ds.context.execution_options.preserve_order = True
     return ds
