@@ -34,7 +34,15 @@ stage data-ingest-train "$DF" data ingest "$OUT/shapes" --name demo-shapes --spl
 stage data-ingest-val "$DF" data ingest "$OUT/shapes" --name demo-shapes --split val --local
 stage data-show "$DF" data show demo-shapes --split train --out "$OUT/demo-shapes_train.png"
 
-# ---- next stages go here (train tokenizer, extract codes, train AR, evaluate, register, serve) --
+# ---- training: smoke-sized runs (seconds of compute each; Ray + DeepSpeed ZeRO-2 on 2 CPU workers) --
+# Run names are deterministic (config + date), so re-running the demo resumes instead of repeating.
+TOK_RUN=$("$DF" train show --config configs/tokenizer-smoke.yaml tokenizer dataset=demo-shapes \
+  | python3 -c 'import json, sys; print(json.load(sys.stdin)["run_name"])')
+stage train-tokenizer "$DF" train tokenizer --config configs/tokenizer-smoke.yaml dataset=demo-shapes
+stage extract-codes "$DF" extract-codes --tokenizer "$TOK_RUN" --dataset demo-shapes
+stage train-ar "$DF" train ar --config configs/ar-smoke.yaml tokenizer="$TOK_RUN"
+
+# ---- next stages go here (evaluate, register, serve) ---------------------------------------------
 
 printf '\n==== where to look\n'
 eval "$("$DF" config env | grep -E 'DETAILFLOW_S3_BUCKET|MLFLOW_TRACKING_URI|DETAILFLOW_S3_ENDPOINT_URL|DETAILFLOW_STATE_DIR')"
