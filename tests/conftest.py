@@ -14,7 +14,8 @@ Details:
 - Each pytest process gets its own tmp state dir and a FREE random port block in 20000-29999
   (S3 block base..base+3 and their +10000 gRPC ports, and the MLflow port), so parallel runs
   don't clash. Services start lazily on first use and stop at session end (only what this
-  session started, by pid file + process group).
+  session started, by pid file + process group). If pytest itself is killed (e.g. by `timeout`),
+  a watchdog process kills the servers, so nothing is orphaned.
 - While `services` is alive, os.environ carries its settings (DETAILFLOW_*, AWS_*,
   MLFLOW_TRACKING_URI), so subprocesses, Ray workers and ``load_settings()`` resolve the same
   endpoints. ``ray_session`` depends on ``services`` for that reason (workers inherit the env).
