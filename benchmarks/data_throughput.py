@@ -99,7 +99,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=1500, help="images to synthesise and stream")
     ap.add_argument("--src-size", type=int, default=320, help="source JPEG side (ADM resizes to [256, 320])")
-    ap.add_argument("--task-cpus", type=float, default=0.5, help="Ray Data CPUs per task")
+    ap.add_argument("--task-cpus", type=float, default=1.0, help="Ray Data CPUs per task (1 = 1 per core)")
     ap.add_argument("--node-cores", type=int, default=96, help="cores of the GPU node to extrapolate to")
     ap.add_argument("--node-gpus", type=int, default=8, help="GPUs of that node")
     args = ap.parse_args()
@@ -183,6 +183,8 @@ def main() -> None:
         print(f"single process: {n1} images in {single_s:.1f}s = {single_rate:.1f} images/s", flush=True)
 
         ratio = ray_rate / single_rate
+        print(f"load average (1 min) now {os.getloadavg()[0]:.1f} on {cores} cores: other work on the "
+              "machine skews both figures")
         per_core = ray_rate / cores
         per_gpu = per_core * args.node_cores / args.node_gpus
         print(f"ratio ray / single process = {ratio:.2f}x on {cores} cores (goal >= 1.6x)")
@@ -195,7 +197,7 @@ def main() -> None:
                           "ingest_images_per_s": round(ingest_rate, 1),
                           "ray_cold_images_per_s": round(n / cold, 1), "cores": cores, "images": n_images,
                           "per_gpu_images_per_s": round(per_gpu, 1), "node_cores": args.node_cores,
-                          "node_gpus": args.node_gpus}))
+                          "node_gpus": args.node_gpus, "load_avg_1m": round(os.getloadavg()[0], 2)}))
     finally:
         if ray.is_initialized():
             ray.shutdown()
