@@ -117,14 +117,15 @@ def test_extraction_clean_codes_equal_direct_tokenizer_call(storage, dataset, to
         assert torch.equal(stored, direct), key
 
 
-def test_ar_training_on_codes_with_self_correction(services, storage, tokenizer_run, codes_version):
-    from detailflow.pipelines.train_ar import ARStageConfig, run
+def test_ar_training_zero3_on_codes_with_self_correction(services, storage, tokenizer_run, codes_version):
     from mlflow.tracking import MlflowClient
 
+    from detailflow.pipelines.train_ar import ARStageConfig, run
     from detailflow.platform.tracking import RUN_NAME_TAG
 
     cfg = load_stage_config(ARStageConfig, "configs/ar-smoke.yaml",
-                            [f"tokenizer={tokenizer_run[1]['run_name']}", "name=stage-test"])
+                            [f"tokenizer={tokenizer_run[1]['run_name']}", "name=stage-test",
+                             "zero_stage=3"])  # ZeRO-3 here, ZeRO-2 in the tokenizer test
     assert cfg.correction_prob == 0.3
     info = run(cfg, services)
     client = MlflowClient(services.mlflow_tracking_uri)

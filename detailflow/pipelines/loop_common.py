@@ -37,8 +37,28 @@ class StepAdapter(nn.Module):
         self.model = model
         self.method = method
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args, _fn=None, **kwargs):
+        """model.<method>(...), or _fn(model, ...) for other work (eval) that must run inside the
+        engine's forward so ZeRO-3 gathers what it reads."""
+        if _fn is not None:
+            return _fn(self.model, *args, **kwargs)
         return getattr(self.model, self.method)(*args, **kwargs)
+
+
+def zero3_external(engine, submodules: tuple[str, ...] = ()) -> None:
+    """ZeRO-3 gathers a module's params only while ITS forward runs. The adapter calls a plain method
+    of the model (so the model's own direct params would never be gathered), and some submodules are
+    read by plain methods too (a codebook lookup): register those on the adapter, gathered for its
+    whole forward."""
+    if engine.zero_optimization_stage() != 3:
+        return
+    import deepspeed
+
+    params = list(engine.module.model.parameters(recurse=False))
+    for name in submodules:
+        params += list(engine.module.get_submodule(name).parameters())
+    for p in params:
+        deepspeed.zero.register_external_parameter(engine.module, p)
 
 
 def stage_from_config(cls, config: dict):

@@ -25,7 +25,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from detailflow.pipelines.loop_common import StepAdapter, WorkerContext, resolved_config, stage_from_config
+from detailflow.pipelines.loop_common import (
+    StepAdapter,
+    WorkerContext,
+    resolved_config,
+    stage_from_config,
+    zero3_external,
+)
 
 STAGE = "ar"
 EMA_FILE = "ema.safetensors"
@@ -143,6 +149,7 @@ def train_loop(config: dict) -> None:
     opt = dsg.make_optimizer(model.param_groups(cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
                              weight_decay=cfg.weight_decay, kind="adamw")
     engine = ctx.engine(StepAdapter(model, "loss"), opt, cfg)
+    zero3_external(engine)  # loss() calls self.forward directly: query_emb must be gathered too
     engines = {"ds": engine}
     resume = checkpoints.resume_checkpoint(config)
     state = checkpoints.restore(engines, resume)

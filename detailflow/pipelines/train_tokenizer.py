@@ -32,6 +32,7 @@ from detailflow.pipelines.loop_common import (
     resolved_config,
     stage_from_config,
     to_float,
+    zero3_external,
 )
 
 STAGE = "tokenizer"
@@ -151,6 +152,7 @@ def train_loop(config: dict) -> None:
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = dsg.make_optimizer(trainable, lr=cfg.lr, betas=tuple(cfg.betas), kind="adam")
     engine = ctx.engine(StepAdapter(model, "training_step"), opt, cfg)
+    zero3_external(engine, ("model.quantizer",))  # codebook lookups happen outside quantizer.forward
     engines = {"ds": engine}
     disc_engine = None
     if tok_cfg.gan_weight > 0:
@@ -201,7 +203,7 @@ def train_loop(config: dict) -> None:
             tracker.log_metrics(logs, step=step)
             seen, tic = 0, time.perf_counter()
         if WorkerContext.due(step, cfg.eval_every, cfg.steps):
-            png, mse = reconstruction_png(engine.module.model, eval_img)  # all ranks (ZeRO-3 gathers)
+            png, mse = engine(eval_img, _fn=reconstruction_png)  # all ranks: ZeRO-3 gathers collectively
             tracker.log_png(png, f"reconstructions/step_{step + 1:06d}.png")
             tracker.log_metrics({"eval_full_mse": mse}, step=step)
         if WorkerContext.due(step, cfg.checkpoint_every, cfg.steps):
