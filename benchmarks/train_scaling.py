@@ -6,7 +6,8 @@ Usage:
     .venv/bin/python benchmarks/train_scaling.py --gpu                # 1 GPU: GPT-L N=128, 256 px tokenizer
 
 CPU figures (tokenizer from the model registry, synthetic images, identical data and t sequence):
-  zero2_vs_zero0_step_time          median step time ZeRO-2 / ZeRO-0 (goal <= 1.15)
+  zero2_vs_zero0_step_time          median step time ZeRO-2 / ZeRO-0, best of --repeats fits each,
+                                    order alternated (goal <= 1.15)
   zero2_vs_zero0_optimizer_memory   bytes of optimiser-state tensors held per rank, ZeRO-2 / ZeRO-0
                                     (goal ~ 0.5 with 2 ranks: ZeRO-2 partitions Adam's moments)
   tokenizer_images_per_s            global images/s of the ZeRO-2 run
@@ -109,21 +110,28 @@ def cpu_main(args) -> dict:
     ray.init(address="local", num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=False,
              log_to_driver=False)
     try:
+        runs: dict[int, list[dict]] = {0: [], 2: []}
         with tempfile.TemporaryDirectory(prefix="df-bench-") as d:
-            res = {z: run_cpu_variant(z, args, d, os.path.join(d, "ray")) for z in (0, 2)}
+            for rep in range(args.repeats):  # alternate the order so drift on a shared box cancels
+                for z in ((0, 2) if rep % 2 == 0 else (2, 0)):
+                    runs[z].append(run_cpu_variant(z, args, d, os.path.join(d, "ray")))
     finally:
         ray.shutdown()
+    # min over repeats: the least-disturbed fit (other processes share the 2 cores)
+    res = {z: {**rs[0], "median_step_s": min(r["median_step_s"] for r in rs),
+               "per_repeat_ms": [round(r["median_step_s"] * 1000, 1) for r in rs]} for z, rs in runs.items()}
     z0, z2 = res[0], res[2]
     global_batch = 2 * args.micro_batch
     for z, r in res.items():
-        print(f"ZeRO-{z}: median step {r['median_step_s'] * 1000:.1f} ms over {args.steps} steps "
+        print(f"ZeRO-{z}: best-of-{args.repeats} median step {r['median_step_s'] * 1000:.1f} ms "
+              f"over {args.steps} steps (per repeat {r['per_repeat_ms']} ms) "
               f"(global batch {global_batch}), optimiser state per rank {r['opt_bytes_per_rank']} bytes, "
               f"{r['params']} trainable params, fit {r['fit_s']:.0f} s")
     mem = statistics.mean(z2["opt_bytes_per_rank"]) / statistics.mean(z0["opt_bytes_per_rank"])
     return {"zero2_vs_zero0_step_time": round(z2["median_step_s"] / z0["median_step_s"], 3),
             "zero2_vs_zero0_optimizer_memory": round(mem, 3),
             "tokenizer_images_per_s": round(global_batch / z2["median_step_s"], 1),
-            "model": args.model, "global_batch": global_batch, "workers": 2,
+            "model": args.model, "global_batch": global_batch, "workers": 2, "repeats": args.repeats,
             "zero0_step_ms": round(z0["median_step_s"] * 1000, 1),
             "zero2_step_ms": round(z2["median_step_s"] * 1000, 1)}
 
@@ -195,6 +203,7 @@ def main(argv=None) -> None:
     p.add_argument("--micro-batch", type=int, default=16, help="per worker (global = 2x)")
     p.add_argument("--steps", type=int, default=20, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--repeats", type=int, default=3, help="fits per variant, order alternated; best kept")
     p.add_argument("--gpu", action="store_true", help="run the one-GPU figures instead")
     p.add_argument("--ar-batch", type=int, default=64, help="GPU: GPT-L sequences per step")
     p.add_argument("--tok-batch", type=int, default=32, help="GPU: 256 px images per step")
