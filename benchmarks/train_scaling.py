@@ -1,13 +1,13 @@
 """Distributed-training benchmark: ZeRO-2 vs ZeRO-0 on 2 CPU workers at the same global batch.
 
 Usage:
-    .venv/bin/python benchmarks/train_scaling.py                      # CPU: 2 Ray Train workers (~2-4 min)
+    .venv/bin/python benchmarks/train_scaling.py                      # CPU: 2 Ray Train workers (~1-2 min)
     .venv/bin/python benchmarks/train_scaling.py --steps 30 --model tiny --micro-batch 16
     .venv/bin/python benchmarks/train_scaling.py --gpu                # 1 GPU: GPT-L N=128, 256 px tokenizer
 
 CPU figures (tokenizer from the model registry, synthetic images, identical data and t sequence):
-  zero2_vs_zero0_step_time          median step time ZeRO-2 / ZeRO-0, best of --repeats fits each,
-                                    order alternated (goal <= 1.15)
+  zero2_vs_zero0_step_time          median step time ZeRO-2 / ZeRO-0; both engines live in the same
+                                    2 workers and step in turn (goal <= 1.15)
   zero2_vs_zero0_optimizer_memory   bytes of optimiser-state tensors held per rank, ZeRO-2 / ZeRO-0
                                     (goal ~ 0.5 with 2 ranks: ZeRO-2 partitions Adam's moments)
   tokenizer_images_per_s            global images/s of the ZeRO-2 run
@@ -30,34 +30,36 @@ import time
 import torch
 
 
-def _tokenizer_steps(engine, model, cfg, device, dtype, steps: int, micro_batch: int,
-                     seed: int) -> list[float]:
-    """Timed tokenizer steps on synthetic images; the t sequence is the same in every run and rank."""
+def _batches(model, cfg, steps: int, micro_batch: int, seed: int, rank: int = 0):
+    """Synthetic (img, target, t) micro-batches; the t sequence is the same on every rank (same graph),
+    the images differ per rank."""
     import numpy as np
 
     from detailflow.models.degrade import degrade_to_prefix
 
     rng = np.random.default_rng(seed)
-    gen = torch.Generator().manual_seed(seed)
-    ts = [int(rng.choice(model.rmap.admissible)) for _ in range(steps)]
-    times = []
-    for step, t in enumerate(ts):
-        img = (torch.rand(micro_batch, 3, cfg.image_size, cfg.image_size, generator=gen) * 2 - 1).to(device)
-        target = degrade_to_prefix(img, t, model.rmap).to(dtype)
-        img = img.to(dtype)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        tic = time.perf_counter()
-        loss, _ = engine(img, target, t, step)
-        engine.backward(loss)
-        engine.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - tic)
-    return times
+    gen = torch.Generator().manual_seed(seed * 1000 + rank)
+    for _ in range(steps):
+        t = int(rng.choice(model.rmap.admissible))
+        img = torch.rand(micro_batch, 3, cfg.image_size, cfg.image_size, generator=gen) * 2 - 1
+        yield img, degrade_to_prefix(img, t, model.rmap), t
+
+
+def _timed_step(engine, img, target, t: int, step: int, device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    tic = time.perf_counter()
+    loss, _ = engine(img, target, t, step)
+    engine.backward(loss)
+    engine.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - tic
 
 
 def cpu_worker(config: dict) -> None:
+    """Both engines (ZeRO-0 and ZeRO-2, same init) live in each worker and step in turn on the same
+    micro-batch, so load from other processes hits both variants alike."""
     import ray.train
 
     from detailflow.models.configs import get_model_config
@@ -67,42 +69,35 @@ def cpu_worker(config: dict) -> None:
 
     torch.set_num_threads(1)  # 2 workers on 2 cores: no intra-op oversubscription
     rank = ray.train.get_context().get_world_rank()
-    torch.manual_seed(0)
     cfg = get_model_config(config["model"]).tokenizer
-    model = DetailFlowTokenizer(cfg)
-    opt = dsg.make_optimizer([p for p in model.parameters() if p.requires_grad], lr=1e-4, kind="adam")
-    ds_cfg = dsg.build_ds_config(micro_batch=config["micro_batch"], zero_stage=config["zero_stage"])
-    engine = dsg.init_engine(StepAdapter(model, "training_step"), opt, ds_cfg, backend="gloo")
-    times = _tokenizer_steps(engine, model, cfg, torch.device("cpu"), torch.float32,
-                             config["warmup"] + config["steps"], config["micro_batch"], seed=1)
-    out = {"rank": rank, "times": times[config["warmup"]:], "opt_bytes": dsg.optimizer_state_bytes(engine),
-           "params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
-    with open(os.path.join(config["out_dir"], f"zero{config['zero_stage']}_rank{rank}.json"), "w") as f:
+    engines, models = {}, {}
+    for z in (0, 2):
+        torch.manual_seed(0)
+        models[z] = DetailFlowTokenizer(cfg)
+        opt = dsg.make_optimizer([p for p in models[z].parameters() if p.requires_grad], lr=1e-4, kind="adam")
+        ds_cfg = dsg.build_ds_config(micro_batch=config["micro_batch"], zero_stage=z)
+        engines[z] = dsg.init_engine(StepAdapter(models[z], "training_step"), opt, ds_cfg, backend="gloo")
+    times: dict[int, list[float]] = {0: [], 2: []}
+    cpu = torch.device("cpu")
+    total = config["warmup"] + config["steps"]
+    batches = _batches(models[0], cfg, total, config["micro_batch"], seed=1, rank=rank)
+    for step, (img, target, t) in enumerate(batches):
+        order = (0, 2) if step % 2 == 0 else (2, 0)  # alternate who goes first (cache effects)
+        for z in order:
+            dt = _timed_step(engines[z], img, target, t, step, cpu)
+            if step >= config["warmup"]:
+                times[z].append(dt)
+    out = {"rank": rank, "times": times,
+           "opt_bytes": {z: dsg.optimizer_state_bytes(e) for z, e in engines.items()},
+           "params": sum(p.numel() for p in models[0].parameters() if p.requires_grad)}
+    with open(os.path.join(config["out_dir"], f"rank{rank}.json"), "w") as f:
         json.dump(out, f)
-
-
-def run_cpu_variant(zero_stage: int, args, out_dir: str, storage: str) -> dict:
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    config = {"zero_stage": zero_stage, "model": args.model, "micro_batch": args.micro_batch,
-              "steps": args.steps, "warmup": args.warmup, "out_dir": out_dir}
-    tic = time.perf_counter()
-    scaling = ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 0.5})
-    run = RunConfig(name=f"bench-zero{zero_stage}-{int(time.time())}", storage_path=storage)
-    TorchTrainer(cpu_worker, train_loop_config=config, scaling_config=scaling, run_config=run).fit()
-    ranks = []
-    for r in range(2):
-        with open(os.path.join(out_dir, f"zero{zero_stage}_rank{r}.json")) as f:
-            ranks.append(json.load(f))
-    step_times = [max(a, b) for a, b in zip(ranks[0]["times"], ranks[1]["times"], strict=True)]
-    return {"median_step_s": statistics.median(step_times),
-            "opt_bytes_per_rank": [r["opt_bytes"] for r in ranks],
-            "params": ranks[0]["params"], "fit_s": time.perf_counter() - tic}
 
 
 def cpu_main(args) -> dict:
     import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
 
     from detailflow.platform.runtime import apply_runtime_env
 
@@ -110,30 +105,36 @@ def cpu_main(args) -> dict:
     ray.init(address="local", num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=False,
              log_to_driver=False)
     try:
-        runs: dict[int, list[dict]] = {0: [], 2: []}
         with tempfile.TemporaryDirectory(prefix="df-bench-") as d:
-            for rep in range(args.repeats):  # alternate the order so drift on a shared box cancels
-                for z in ((0, 2) if rep % 2 == 0 else (2, 0)):
-                    runs[z].append(run_cpu_variant(z, args, d, os.path.join(d, "ray")))
+            config = {"model": args.model, "micro_batch": args.micro_batch, "steps": args.steps,
+                      "warmup": args.warmup, "out_dir": d}
+            tic = time.perf_counter()
+            scaling = ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5})
+            run = RunConfig(name=f"bench-{int(time.time())}", storage_path=f"{d}/ray")
+            TorchTrainer(cpu_worker, train_loop_config=config, scaling_config=scaling, run_config=run).fit()
+            fit_s = time.perf_counter() - tic
+            ranks = []
+            for r in range(2):
+                with open(os.path.join(d, f"rank{r}.json")) as f:
+                    ranks.append(json.load(f))
     finally:
         ray.shutdown()
-    # min over repeats: the least-disturbed fit (other processes share the 2 cores)
-    res = {z: {**rs[0], "median_step_s": min(r["median_step_s"] for r in rs),
-               "per_repeat_ms": [round(r["median_step_s"] * 1000, 1) for r in rs]} for z, rs in runs.items()}
-    z0, z2 = res[0], res[2]
     global_batch = 2 * args.micro_batch
-    for z, r in res.items():
-        print(f"ZeRO-{z}: best-of-{args.repeats} median step {r['median_step_s'] * 1000:.1f} ms "
-              f"over {args.steps} steps (per repeat {r['per_repeat_ms']} ms) "
-              f"(global batch {global_batch}), optimiser state per rank {r['opt_bytes_per_rank']} bytes, "
-              f"{r['params']} trainable params, fit {r['fit_s']:.0f} s")
-    mem = statistics.mean(z2["opt_bytes_per_rank"]) / statistics.mean(z0["opt_bytes_per_rank"])
-    return {"zero2_vs_zero0_step_time": round(z2["median_step_s"] / z0["median_step_s"], 3),
+    step_ms, opt_bytes = {}, {}
+    for z in ("0", "2"):
+        # a step lasts as long as its slowest rank
+        per_step = [max(a, b) for a, b in zip(ranks[0]["times"][z], ranks[1]["times"][z], strict=True)]
+        step_ms[z] = statistics.median(per_step) * 1000
+        opt_bytes[z] = [r["opt_bytes"][z] for r in ranks]
+        print(f"ZeRO-{z}: median step {step_ms[z]:.1f} ms over {args.steps} interleaved steps "
+              f"(global batch {global_batch}), optimiser state per rank {opt_bytes[z]} bytes")
+    print(f"{ranks[0]['params']} trainable params ({args.model} tokenizer); fit {fit_s:.0f} s")
+    mem = statistics.mean(opt_bytes["2"]) / statistics.mean(opt_bytes["0"])
+    return {"zero2_vs_zero0_step_time": round(step_ms["2"] / step_ms["0"], 3),
             "zero2_vs_zero0_optimizer_memory": round(mem, 3),
-            "tokenizer_images_per_s": round(global_batch / z2["median_step_s"], 1),
-            "model": args.model, "global_batch": global_batch, "workers": 2, "repeats": args.repeats,
-            "zero0_step_ms": round(z0["median_step_s"] * 1000, 1),
-            "zero2_step_ms": round(z2["median_step_s"] * 1000, 1)}
+            "tokenizer_images_per_s": round(global_batch / (step_ms["2"] / 1000), 1),
+            "model": args.model, "global_batch": global_batch, "workers": 2,
+            "zero0_step_ms": round(step_ms["0"], 1), "zero2_step_ms": round(step_ms["2"], 1)}
 
 
 def gpu_main(args) -> dict:
@@ -187,8 +188,10 @@ def gpu_main(args) -> dict:
     engine = dsg.init_engine(StepAdapter(tok.to(device), "training_step"), opt,
                              dsg.build_ds_config(micro_batch=args.tok_batch, zero_stage=2, precision="bf16"),
                              backend="nccl")
-    times = _tokenizer_steps(engine, tok, tok_cfg, device, torch.bfloat16, args.warmup + args.steps,
-                             args.tok_batch, seed=1)
+    bf16 = torch.bfloat16
+    batches = _batches(tok, tok_cfg, args.warmup + args.steps, args.tok_batch, seed=1)
+    times = [_timed_step(engine, img.to(device, bf16), target.to(device, bf16), t, i, device)
+             for i, (img, target, t) in enumerate(batches)]
     tok_step = statistics.median(times[args.warmup:])
     print(f"Tokenizer 256 px N={tok_cfg.num_tokens}: batch {args.tok_batch}, step {tok_step * 1000:.1f} ms, "
           f"{args.tok_batch / tok_step:.1f} images/s")
@@ -203,7 +206,6 @@ def main(argv=None) -> None:
     p.add_argument("--micro-batch", type=int, default=16, help="per worker (global = 2x)")
     p.add_argument("--steps", type=int, default=20, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    p.add_argument("--repeats", type=int, default=3, help="fits per variant, order alternated; best kept")
     p.add_argument("--gpu", action="store_true", help="run the one-GPU figures instead")
     p.add_argument("--ar-batch", type=int, default=64, help="GPU: GPT-L sequences per step")
     p.add_argument("--tok-batch", type=int, default=32, help="GPU: 256 px images per step")
