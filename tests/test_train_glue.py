@@ -120,3 +120,42 @@ def test_run_name_deterministic_and_execution_independent():
 def test_flatten_nested_params():
     flat = flatten({"a": {"b": 1, "c": [1, 2]}, "d": "x"})
     assert flat == {"a.b": "1", "a.c": "[1, 2]", "d": "x"}
+
+
+def test_cli_train_show_and_bad_override():
+    import json
+
+    from click.testing import CliRunner
+
+    from detailflow.cli import main
+
+    runner = CliRunner()
+    r = runner.invoke(main, ["train", "show", "tokenizer", "--config", "configs/tokenizer-smoke.yaml",
+                             "steps=3", "date=2026-01-02"])
+    assert r.exit_code == 0, r.output
+    shown = json.loads(r.output)
+    assert shown["config"]["steps"] == 3 and shown["run_name"].startswith("tokenizer-smoke-2026-01-02-")
+    r2 = runner.invoke(main, ["train", "show", "tokenizer", "--config", "configs/tokenizer-smoke.yaml",
+                              "steps=4", "date=2026-01-02"])
+    assert json.loads(r2.output)["run_name"] != shown["run_name"]  # the hash follows the config
+    bad = runner.invoke(main, ["train", "tokenizer", "--config", "configs/tokenizer-smoke.yaml", "nope=1"])
+    assert bad.exit_code == 2 and "unknown field 'nope'" in bad.output
+    assert runner.invoke(main, ["extract-codes", "--help"]).exit_code == 0
+
+
+@pytest.mark.parametrize("path", ["configs/tokenizer-tiny.yaml", "configs/tokenizer-smoke.yaml",
+                                  "configs/tokenizer-detailflow-16.yaml", "configs/ar-tiny.yaml",
+                                  "configs/ar-smoke.yaml", "configs/ar-detailflow-16.yaml"])
+def test_stage_config_files_load(path):
+    from detailflow.pipelines.train_ar import ARStageConfig, ar_config
+    from detailflow.pipelines.train_tokenizer import TokenizerStageConfig, tokenizer_config
+
+    if "tokenizer" in path:
+        cfg = load_stage_config(TokenizerStageConfig, path)
+        tok = tokenizer_config(cfg)
+        assert cfg.micro_batch >= 1 and tok.num_tokens % tok.group_size == 0
+    else:
+        cfg = load_stage_config(ARStageConfig, path)
+        assert ar_config(cfg).num_tokens >= 1 and cfg.correction_prob == 0.3
+    dsg.build_ds_config(micro_batch=cfg.micro_batch, zero_stage=cfg.zero_stage,
+                        precision="fp32" if cfg.precision == "auto" else cfg.precision)
