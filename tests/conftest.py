@@ -40,6 +40,19 @@ from detailflow.platform.storage import Storage  # noqa: E402
 from detailflow.platform.testing import exported_env, start_services, start_watchdog, stop_services  # noqa: E402
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Tiny tensors run several times faster on one thread on the shared 2-core box.
+
+    Use with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def services(tmp_path_factory) -> Settings:
     """Settings pointing at a real SeaweedFS + MLflow started for this session."""

@@ -7,14 +7,7 @@ from detailflow.models.configs import get_model_config
 from detailflow.models.extraction import extract_triplets, make_views
 from detailflow.models.tokenizer import DetailFlowTokenizer
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny tensors run several times faster on one thread on the shared 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

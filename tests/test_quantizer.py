@@ -6,14 +6,7 @@ import torch.nn.functional as F
 
 from detailflow.models.quantizer import VectorQuantizer
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny tensors run several times faster on one thread on the shared 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("k,d", [(64, 8), (256, 4)])

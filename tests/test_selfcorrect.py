@@ -15,14 +15,7 @@ from detailflow.models.selfcorrect import (
 )
 from detailflow.models.tokenizer import DetailFlowTokenizer
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny tensors run several times faster on one thread on the shared 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("t", [2, 3, 5, 8])

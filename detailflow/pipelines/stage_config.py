@@ -21,6 +21,26 @@ from pathlib import Path
 
 import yaml
 
+
+@dataclasses.dataclass
+class DistributedStageConfig:
+    """Fields every training stage shares: batch and ZeRO layout, devices, workers, fault tolerance."""
+
+    micro_batch: int = 32  # samples per worker per step
+    grad_accum: int = 1  # gradient accumulation steps
+    grad_clip: float = 1.0  # gradient-norm clipping
+    zero_stage: int = 2  # DeepSpeed ZeRO stage 0..3
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    device: str = "auto"  # auto | cpu | cuda
+    num_workers: int = 2  # Ray Train workers (0 = in-process)
+    cpus_per_worker: float = 0.5  # fractional CPUs so Ray Data is never starved (pitfall 3)
+    seed: int = 42  # model init / data / selection seed
+    max_failures: int = 2  # worker-group restarts before the run fails
+    num_to_keep: int = 2  # checkpoints kept in storage
+    date: str | None = None  # run-name date (default today: resubmitting the same day resumes)
+    fail_at_step: int = -1  # fault injection for tests: rank 1 exits at this step on the first attempt
+    fail_marker: str = ""  # file that makes the injected failure one-shot
+
 # Fields that change where/how a run executes, not what it computes: excluded from the run hash,
 # so e.g. re-running with more workers or in-process still resumes the same run.
 EXECUTION_FIELDS = frozenset({"num_workers", "in_process", "cpus_per_worker", "use_gpu", "max_failures",

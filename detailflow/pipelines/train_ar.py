@@ -32,13 +32,14 @@ from detailflow.pipelines.loop_common import (
     stage_from_config,
     zero3_external,
 )
+from detailflow.pipelines.stage_config import DistributedStageConfig
 
 STAGE = "ar"
 EMA_FILE = "ema.safetensors"
 
 
 @dataclass
-class ARStageConfig:
+class ARStageConfig(DistributedStageConfig):
     name: str = "tiny"  # config name: the <config> part of the run name
     model: str = "tiny"  # model registry name (its .ar part; vocab must match the tokenizer's K)
     model_overrides: dict = field(default_factory=dict)  # ARConfig field overrides
@@ -51,26 +52,12 @@ class ARStageConfig:
     warmup_frac: float = 0.05  # linear warm-up share of all steps (from 0.005·lr)
     correction_prob: float = 0.3  # per-sample probability of the (input, target) self-correction pair
     ema_decay: float = 0.999  # EMA of the weights (0.9999 in the paper)
-    micro_batch: int = 32  # sequences per worker per step
-    grad_accum: int = 1  # gradient accumulation steps
-    grad_clip: float = 1.0  # gradient-norm clipping
-    zero_stage: int = 2  # DeepSpeed ZeRO stage 0..3
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
-    device: str = "auto"  # auto | cpu | cuda
-    num_workers: int = 2  # Ray Train workers (0 = in-process)
-    cpus_per_worker: float = 0.5  # fractional CPUs so Ray Data is never starved
     checkpoint_every: int = 500  # steps between checkpoints (and always at the end)
     eval_every: int = 500  # steps between sample PNGs (and at the end)
     log_every: int = 20  # steps between MLflow metric writes
     sample_classes: int = 10  # classes in the sample PNG (one row each)
     cfg_scale: float = 1.5  # classifier-free guidance of the PNG samples
-    seed: int = 42  # init / selection seed
-    max_failures: int = 2  # worker-group restarts before the run fails
-    num_to_keep: int = 2  # checkpoints kept in storage
-    date: str | None = None  # run-name date (default today)
     experiment: str = "detailflow-ar"  # MLflow experiment
-    fail_at_step: int = -1  # fault injection for tests
-    fail_marker: str = ""  # file that makes the injected failure one-shot
 
 
 def ar_config(cfg: ARStageConfig):

@@ -34,12 +34,13 @@ from detailflow.pipelines.loop_common import (
     to_float,
     zero3_external,
 )
+from detailflow.pipelines.stage_config import DistributedStageConfig
 
 STAGE = "tokenizer"
 
 
 @dataclass
-class TokenizerStageConfig:
+class TokenizerStageConfig(DistributedStageConfig):
     name: str = "tiny"  # config name: the <config> part of the run name
     model: str = "tiny"  # model registry name (detailflow.models.configs.get_model_config)
     model_overrides: dict = field(default_factory=dict)  # TokenizerConfig field overrides
@@ -49,25 +50,11 @@ class TokenizerStageConfig:
     betas: list = field(default_factory=lambda: [0.9, 0.95])  # Adam betas (spec §1.11)
     warmup_steps: int = 50  # linear warm-up steps (paper: one epoch)
     min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
-    micro_batch: int = 32  # images per worker per step
-    grad_accum: int = 1  # gradient accumulation steps
-    grad_clip: float = 1.0  # gradient-norm clipping
-    zero_stage: int = 2  # DeepSpeed ZeRO stage 0..3
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
-    device: str = "auto"  # auto | cpu | cuda
-    num_workers: int = 2  # Ray Train workers (0 = in-process)
-    cpus_per_worker: float = 0.5  # fractional CPUs so Ray Data is never starved (pitfall 3)
     checkpoint_every: int = 200  # steps between checkpoints (and always at the end)
     eval_every: int = 200  # steps between reconstruction PNGs (and at the end)
     log_every: int = 10  # steps between MLflow metric writes
     eval_images: int = 6  # rows in the reconstruction PNG
-    seed: int = 42  # model init / data seed
-    max_failures: int = 2  # worker-group restarts before the run fails
-    num_to_keep: int = 2  # checkpoints kept in storage
-    date: str | None = None  # run-name date (default today: resubmitting the same day resumes)
     experiment: str = "detailflow-tokenizer"  # MLflow experiment
-    fail_at_step: int = -1  # fault injection for tests: rank 1 exits at this step on the first attempt
-    fail_marker: str = ""  # file that makes the injected failure one-shot
 
 
 def tokenizer_config(cfg: TokenizerStageConfig):
