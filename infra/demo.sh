@@ -6,13 +6,18 @@
 #
 # Each pipeline stage is one `stage NAME command...` line below; add new stages in order
 # (data -> train tokenizer -> extract codes -> train AR -> evaluate -> register -> serve).
-# Environment: DETAILFLOW (the CLI to call), DEMO_OUT (outputs, default out/demo), and every
+# Environment: DETAILFLOW (the CLI to call), DEMO_OUT (outputs, default out/demo), DEMO_MODEL,
+# DEMO_TOK_STEPS, DEMO_AR_STEPS, DEMO_PER_CLASS (sizes, below), and every
 # DETAILFLOW_*/AWS_*/MLFLOW_* setting (see README).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DF=${DETAILFLOW:-.venv/bin/detailflow}
 OUT=${DEMO_OUT:-out/demo}
+MODEL=${DEMO_MODEL:-tiny}            # tiny (minutes on 2 cores) | smoke (seconds, a plumbing check)
+TOK_STEPS=${DEMO_TOK_STEPS:-300}     # the full tiny recipe is 1,000 (configs/tokenizer-tiny.yaml)
+AR_STEPS=${DEMO_AR_STEPS:-400}       # the full tiny recipe is 2,000 (configs/ar-tiny.yaml)
+PER_CLASS=${DEMO_PER_CLASS:-64}      # training images per class (10 classes)
 mkdir -p "$OUT"
 
 stage() {
@@ -29,18 +34,20 @@ stage() {
 stage services "$DF" services up
 
 # ---- data: a tiny procedural class-conditional dataset, ingested to S3 as Parquet shards -----
-stage data-synth "$DF" data synth --out "$OUT/shapes" --size 32 --per-class 16 --val-per-class 4
+stage data-synth "$DF" data synth --out "$OUT/shapes" --size 32 --per-class "$PER_CLASS" --val-per-class 8
 stage data-ingest-train "$DF" data ingest "$OUT/shapes" --name demo-shapes --split train --local
 stage data-ingest-val "$DF" data ingest "$OUT/shapes" --name demo-shapes --split val --local
 stage data-show "$DF" data show demo-shapes --split train --out "$OUT/demo-shapes_train.png"
 
-# ---- training: smoke-sized runs (seconds of compute each; Ray + DeepSpeed ZeRO-2 on 2 CPU workers) --
+# ---- training: the tiny model (spec §6) with Ray Train + DeepSpeed ZeRO-2 on 2 CPU workers ------
 # Run names are deterministic (config + date), so re-running the demo resumes instead of repeating.
-TOK_RUN=$("$DF" train show --config configs/tokenizer-smoke.yaml tokenizer dataset=demo-shapes \
+TOK_ARGS=(--config "configs/tokenizer-$MODEL.yaml" dataset=demo-shapes steps="$TOK_STEPS" num_workers=2 zero_stage=2)
+AR_ARGS=(--config "configs/ar-$MODEL.yaml" steps="$AR_STEPS" num_workers=2 zero_stage=2)
+TOK_RUN=$("$DF" train show tokenizer "${TOK_ARGS[@]}" \
   | python3 -c 'import json, sys; print(json.load(sys.stdin)["run_name"])')
-stage train-tokenizer "$DF" train tokenizer --config configs/tokenizer-smoke.yaml dataset=demo-shapes
+stage train-tokenizer "$DF" train tokenizer "${TOK_ARGS[@]}"
 stage extract-codes "$DF" extract-codes --tokenizer "$TOK_RUN" --dataset demo-shapes
-stage train-ar "$DF" train ar --config configs/ar-smoke.yaml tokenizer="$TOK_RUN"
+stage train-ar "$DF" train ar "${AR_ARGS[@]}" tokenizer="$TOK_RUN"
 
 # ---- next stages go here (evaluate, register, serve) ---------------------------------------------
 
