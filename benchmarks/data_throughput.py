@@ -27,20 +27,6 @@ import time
 from pathlib import Path
 
 
-def _free_block():
-    import random
-
-    from detailflow.platform.services import port_free
-
-    rng = random.Random()
-    for _ in range(200):
-        base = rng.randrange(20000, 29990)
-        ports = [base + i for i in range(4)] + [base + 10000 + i for i in range(4)] + [base + 7]
-        if all(port_free(p) for p in ports):
-            return base, base + 7
-    raise RuntimeError("no free port block in 20000-29999")
-
-
 def single_process_epoch(storage, name: str, cfg, rmap) -> int:
     """The same work as the Ray reader, in one process: returns images produced."""
     import numpy as np
@@ -119,11 +105,12 @@ def main() -> None:
     from detailflow.platform.services import LocalServices
     from detailflow.platform.settings import load_settings
     from detailflow.platform.storage import Storage
+    from detailflow.platform.testing import pick_port_block
 
     torch.set_num_threads(1)
     cores = os.cpu_count() or 1
     tmp = Path(tempfile.mkdtemp(prefix="df-bench-data-"))
-    base, mlflow_port = _free_block()
+    base, mlflow_port = pick_port_block()
     settings = load_settings(environ={"DETAILFLOW_STATE_DIR": str(tmp / "state"),
                                       "DETAILFLOW_S3_PORT_BASE": str(base),
                                       "DETAILFLOW_MLFLOW_PORT": str(mlflow_port)})
