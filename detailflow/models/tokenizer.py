@@ -25,7 +25,7 @@ from detailflow.models.masks import encoder_mask
 from detailflow.models.quantizer import QuantOut, VectorQuantizer
 from detailflow.models.resolution import ResolutionMap
 from detailflow.models.selfcorrect import assemble_channels, mixing_weights, sample_perturbation
-from detailflow.models.vit import Transformer, init_linear, patchify, resize_pos_2d, unpatchify
+from detailflow.models.vit import Transformer, init_linear, init_siglip, patchify, resize_pos_2d, unpatchify
 
 
 def _f(x) -> float:
@@ -54,7 +54,10 @@ class Encoder(nn.Module):
         self.refined_queries = nn.Parameter(torch.randn(n, w) * 0.02)  # self-correction re-encoding only
         self.latent_pos = nn.Parameter(nn.init.trunc_normal_(torch.empty(n, w), std=0.02))
         self.transformer = Transformer(w, cfg.enc_depth, cfg.enc_heads, cfg.enc_mlp)
-        init_linear(self)
+        init_siglip(self)
+        # SigLIP's position-table init (std 1/sqrt(width)): at std 0.02 the patch tokens carry almost no
+        # position next to their content, so the latents see a bag of patches and lose the layout
+        nn.init.normal_(self.pos_2d, std=w**-0.5)
 
     def forward(
         self,
@@ -88,7 +91,8 @@ class Decoder(nn.Module):
         self.latent_pos = nn.Parameter(nn.init.trunc_normal_(torch.empty(cfg.num_tokens, w), std=0.02))
         self.transformer = Transformer(w, cfg.dec_depth, cfg.dec_heads, cfg.dec_mlp)
         self.to_pixels = nn.Linear(w, f * f * 3)
-        init_linear(self)
+        init_siglip(self)
+        init_linear(self.to_pixels)  # small output head: the first reconstructions start near 0, not at +-1
 
     def forward(self, q_BTD: torch.Tensor, canvas: int) -> torch.Tensor:
         f, t = self.cfg.patch_size, q_BTD.shape[1]
@@ -111,8 +115,8 @@ class DetailFlowTokenizer(nn.Module):
         self.quantizer = VectorQuantizer(cfg.codebook_size, cfg.code_dim, cfg.usage_window)
         self.refine_proj = nn.Linear(cfg.code_dim, cfg.enc_width)  # perturbed prefix -> encoder slots
         self.decoder = Decoder(cfg)
-        init_linear(self.quant_conv)
-        init_linear(self.refine_proj)
+        init_siglip(self.quant_conv)
+        init_siglip(self.refine_proj)
         self.teacher = build_teacher(cfg)  # frozen, kept outside the state dict
         self.align_head = (
             AlignHead(cfg.code_dim, cfg.align_hidden, self.teacher.dim) if self.teacher else None

@@ -26,6 +26,21 @@ def init_linear(module: nn.Module, std: float = 0.02) -> None:
             nn.init.zeros_(m.bias)
 
 
+def init_siglip(module: nn.Module) -> None:
+    """SigLIP's random init (applied recursively): xavier-uniform Linear weights, zero biases, unit
+    LayerNorms. Width-aware on purpose: a fixed std of 0.02 suits widths near 1152, but at width 64 it
+    gives near-uniform attention and a residual stream where image content is swamped by the latent
+    queries/positions, so every latent slot quantises to one per-position code whatever the image."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 class Attention(nn.Module):
     def __init__(self, width: int, heads: int):
         super().__init__()
