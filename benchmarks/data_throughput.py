@@ -1,7 +1,7 @@
 """Data-plane throughput: Ray Data (decode + ADM crop + flip + degrade) vs a single-process PIL loop.
 
 Reproduce:
-    .venv/bin/python benchmarks/data_throughput.py                      # 1500 images, 320 px JPEGs -> 256
+    .venv/bin/python benchmarks/data_throughput.py                      # 3000 images, 320 px JPEGs -> 256
     .venv/bin/python benchmarks/data_throughput.py --images 3000 --node-cores 96 --node-gpus 8
 
 What it does: starts its own local services (SeaweedFS + MLflow, temp state dir, free ports),
@@ -11,6 +11,12 @@ one epoch of the SAME work twice on the same shards: (a) the Ray Data reader
 through iter_microbatches, and (b) one Python process calling the same functions in a plain loop
 (pyarrow read -> decode_crop_batch -> degrade_batch -> row_to_microbatch, torch on 1 thread).
 A warm-up pass runs first for both, so Ray's worker start-up is reported separately (cold pass).
+Each timed pass also sums the CPU-seconds of the whole process tree (this driver, Ray workers,
+raylet/gcs, SeaweedFS, MLflow) with psutil: CPU per image is independent of other load on the
+machine, and cores x (single CPU/img) / (Ray CPU/img) is the ratio Ray would reach with every core
+its own and perfect overlap (an upper bound; the measured ratio also pays scheduling gaps and the
+start/tail of the epoch). On a shared machine the measured ratio is capped by the cores left over:
+report it with the load average printed next to it.
 Per-GPU rate on a node: (Ray images/s / cores used here) x node cores / node GPUs.
 The last line is one JSON object with the figures.
 """
@@ -25,6 +31,56 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import psutil
+
+
+def _group(proc: psutil.Process, me: int) -> str:
+    """Which part of the stack a process of our tree belongs to."""
+    if proc.pid == me:
+        return "driver"
+    name, cmd = proc.name(), " ".join(proc.cmdline()[:4])
+    if "weed" in name:
+        return "seaweedfs"
+    if "mlflow" in cmd or "uvicorn" in cmd:
+        return "mlflow"
+    if name.startswith("ray::") or "default_worker" in cmd:
+        return "ray_workers"
+    return "ray_system"  # raylet, gcs_server, log monitor, ...
+
+
+def tree_cpu() -> dict[int, tuple[str, float]]:
+    """pid -> (group, user + system CPU-seconds) for this process and all its descendants."""
+    me = psutil.Process()
+    out = {}
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            t = proc.cpu_times()
+            out[proc.pid] = (_group(proc, me.pid), t.user + t.system)
+        except psutil.Error:  # exited while we looked
+            continue
+    return out
+
+
+def timed(fn, *args) -> dict:
+    """Run fn(*args) -> images; wall seconds, images/s, CPU-seconds per group, load average."""
+    c0, t0 = tree_cpu(), time.perf_counter()
+    n = fn(*args)
+    wall, c1 = time.perf_counter() - t0, tree_cpu()
+    cpu: dict[str, float] = {}
+    for pid, (group, sec) in c1.items():
+        cpu[group] = cpu.get(group, 0.0) + sec - c0.get(pid, (group, 0.0))[1]
+    total = sum(cpu.values())
+    return {"images": n, "wall_s": wall, "rate": n / wall,
+            "cpu_s": {k: round(v, 2) for k, v in sorted(cpu.items())}, "cpu_total_s": total,
+            "cpu_ms_per_image": 1000 * total / max(n, 1), "cores_used": total / wall,
+            "load_1m": os.getloadavg()[0]}
+
+
+def describe(label: str, m: dict) -> str:
+    return (f"{label}: {m['images']} images in {m['wall_s']:.1f}s = {m['rate']:.1f} images/s; "
+            f"CPU {m['cpu_total_s']:.1f}s = {m['cores_used']:.2f} cores, "
+            f"{m['cpu_ms_per_image']:.2f} ms/image {m['cpu_s']}; load avg {m['load_1m']:.1f}")
 
 
 def single_process_epoch(storage, name: str, cfg, rmap) -> int:
@@ -83,9 +139,11 @@ def ray_epoch(storage, name: str, cfg, rmap) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--images", type=int, default=1500, help="images to synthesise and stream")
+    ap.add_argument("--images", type=int, default=3000,
+                    help="images to synthesise and stream (3000: ~10 s epochs, start-up and tail < 15%%)")
     ap.add_argument("--src-size", type=int, default=320, help="source JPEG side (ADM resizes to [256, 320])")
     ap.add_argument("--task-cpus", type=float, default=1.0, help="Ray Data CPUs per task (1 = 1 per core)")
+    ap.add_argument("--batches-per-task", type=int, default=4, help="micro-batches per Ray task")
     ap.add_argument("--node-cores", type=int, default=96, help="cores of the GPU node to extrapolate to")
     ap.add_argument("--node-gpus", type=int, default=8, help="GPUs of that node")
     args = ap.parse_args()
@@ -148,30 +206,36 @@ def main() -> None:
               f"= {ingest_rate:.1f} images/s (includes Ray task start-up)", flush=True)
 
         rmap = ResolutionMap.from_config(get_model_config("detailflow-16").tokenizer)
-        cfg = ReaderConfig(image_size=256, micro_batch=32, degrade_prob=0.2, seed=0, num_cpus=args.task_cpus)
+        cfg = ReaderConfig(image_size=256, micro_batch=32, degrade_prob=0.2, seed=0, num_cpus=args.task_cpus,
+                           batches_per_task=args.batches_per_task)
         expect = (n_images // cfg.micro_batch) * cfg.micro_batch
 
-        t0 = time.perf_counter()
-        n = ray_epoch(storage, "bench", cfg, rmap)
-        cold = time.perf_counter() - t0
-        print(f"ray data, cold pass: {n} images in {cold:.1f}s = {n / cold:.1f} images/s", flush=True)
-        t0 = time.perf_counter()
-        n = ray_epoch(storage, "bench", cfg, rmap)
-        ray_s = time.perf_counter() - t0
+        cold = timed(ray_epoch, storage, "bench", cfg, rmap)
+        print(describe("ray data, cold pass", cold), flush=True)
+        warm = timed(ray_epoch, storage, "bench", cfg, rmap)
+        n, ray_rate = warm["images"], warm["rate"]
         assert expect - 64 * len(manifest["shards"]) <= n <= expect, (n, expect)  # partial batch dropped
-        ray_rate = n / ray_s
-        print(f"ray data, warm pass: {n} images in {ray_s:.1f}s = {ray_rate:.1f} images/s", flush=True)
+        print(describe("ray data, warm pass", warm), flush=True)
 
         single_process_epoch(storage, "bench", cfg, rmap)  # warm page cache / imports, same as Ray's
-        t0 = time.perf_counter()
-        n1 = single_process_epoch(storage, "bench", cfg, rmap)
-        single_s = time.perf_counter() - t0
-        single_rate = n1 / single_s
-        print(f"single process: {n1} images in {single_s:.1f}s = {single_rate:.1f} images/s", flush=True)
+        single = timed(single_process_epoch, storage, "bench", cfg, rmap)
+        # the loop uses no Ray: idle Ray processes' CPU in this pass is not its cost (stricter bound)
+        single["cpu_total_s"] = sum(v for k, v in single["cpu_s"].items() if not k.startswith("ray_"))
+        single["cpu_ms_per_image"] = 1000 * single["cpu_total_s"] / max(single["images"], 1)
+        single["cores_used"] = single["cpu_total_s"] / single["wall_s"]
+        single_rate = single["rate"]
+        print(describe("single process", single), flush=True)
 
         ratio = ray_rate / single_rate
+        overhead = warm["cpu_ms_per_image"] / single["cpu_ms_per_image"]
+        bound = cores / overhead
+        not_workers = {k: v for k, v in warm["cpu_s"].items() if k != "ray_workers"}
         print(f"load average (1 min) now {os.getloadavg()[0]:.1f} on {cores} cores: other work on the "
-              "machine skews both figures")
+              "machine caps the cores Ray can get, not the single process's one core")
+        print(f"CPU per image: ray {warm['cpu_ms_per_image']:.2f} ms vs single "
+              f"{single['cpu_ms_per_image']:.2f} ms = {overhead:.2f}x (Ray's CPU outside its workers: "
+              f"{not_workers}); with {cores} idle cores and perfect overlap Ray would reach at most "
+              f"{bound:.2f}x")
         per_core = ray_rate / cores
         per_gpu = per_core * args.node_cores / args.node_gpus
         print(f"ratio ray / single process = {ratio:.2f}x on {cores} cores (goal >= 1.6x)")
@@ -180,9 +244,18 @@ def main() -> None:
               f"{args.node_gpus} GPUs = {per_gpu:.0f} img/s per GPU")
         print("reproduce: .venv/bin/python benchmarks/data_throughput.py " + " ".join(sys.argv[1:]))
         print(json.dumps({"ray_vs_single_process": round(ratio, 3), "ray_images_per_s": round(ray_rate, 1),
+                          "ray_cores_used": round(warm["cores_used"], 2),
+                          "ray_cpu_ms_per_image": round(warm["cpu_ms_per_image"], 3),
+                          "single_cpu_ms_per_image": round(single["cpu_ms_per_image"], 3),
+                          "ray_cpu_s": warm["cpu_s"], "single_cpu_s": single["cpu_s"],
+                          "ray_cpu_overhead": round(overhead, 3),
+                          "ray_ratio_bound_idle_cores": round(bound, 3),
+                          "load_avg_1m_ray": round(warm["load_1m"], 2),
+                          "load_avg_1m_single": round(single["load_1m"], 2),
+                          "batches_per_task": cfg.batches_per_task, "task_cpus": cfg.num_cpus,
                           "single_images_per_s": round(single_rate, 1),
                           "ingest_images_per_s": round(ingest_rate, 1),
-                          "ray_cold_images_per_s": round(n / cold, 1), "cores": cores, "images": n_images,
+                          "ray_cold_images_per_s": round(cold["rate"], 1), "cores": cores, "images": n_images,
                           "per_gpu_images_per_s": round(per_gpu, 1), "node_cores": args.node_cores,
                           "node_gpus": args.node_gpus, "load_avg_1m": round(os.getloadavg()[0], 2)}))
     finally:
