@@ -10,7 +10,9 @@ one epoch of the SAME work twice on the same shards: (a) the Ray Data reader
 (build_degraded_dataset, micro-batch 32, p = 0.2, DetailFlow-16 resolution map at 256 px) consumed
 through iter_microbatches, and (b) one Python process calling the same functions in a plain loop
 (pyarrow read -> decode_crop_batch -> degrade_batch -> row_to_microbatch, torch on 1 thread).
-A warm-up pass runs first for both, so Ray's worker start-up is reported separately (cold pass).
+(c) as a control, one plain process per core each running (b) over the whole set at once: the
+speed-up the cores give right now without Ray (the ceiling of (a) / (b) on a shared machine).
+A warm-up pass runs first for all, so Ray's worker start-up is reported separately (cold pass).
 Each timed pass also sums the CPU-seconds of the whole process tree (this driver, Ray workers,
 raylet/gcs, SeaweedFS, MLflow) with psutil: CPU per image is independent of other load on the
 machine, and cores x (single CPU/img) / (Ray CPU/img) is the ratio Ray would reach with every core
@@ -44,6 +46,8 @@ def _group(proc: psutil.Process, me: int) -> str:
         return "seaweedfs"
     if "mlflow" in cmd or "uvicorn" in cmd:
         return "mlflow"
+    if "multiprocessing" in cmd:
+        return "plain_processes"
     if name.startswith("ray::") or "default_worker" in cmd:
         return "ray_workers"
     return "ray_system"  # raylet, gcs_server, log monitor, ...
@@ -126,6 +130,16 @@ def single_process_epoch(storage, name: str, cfg, rmap) -> int:
         while len(pending["key"]) >= cfg.micro_batch:
             flush(cfg.micro_batch)
     return produced
+
+
+def _single_epoch_args(args: tuple) -> int:
+    return single_process_epoch(*args)
+
+
+def plain_processes_epoch(pool, n: int, storage, name: str, cfg, rmap) -> int:
+    """n plain processes each run the single loop over the whole set at once: what n cores give
+    without Ray right now (the ceiling for Ray's ratio on this machine, given its other load)."""
+    return sum(pool.map(_single_epoch_args, [(storage, name, cfg, rmap)] * n))
 
 
 def ray_epoch(storage, name: str, cfg, rmap) -> int:
@@ -226,7 +240,18 @@ def main() -> None:
         single_rate = single["rate"]
         print(describe("single process", single), flush=True)
 
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(cores) as pool:
+            plain_processes_epoch(pool, cores, storage, "bench", cfg, rmap)  # imports, page cache
+            plain = timed(plain_processes_epoch, pool, cores, storage, "bench", cfg, rmap)
+        print(describe(f"{cores} plain processes, no Ray (each the whole set)", plain), flush=True)
+
         ratio = ray_rate / single_rate
+        plain_ratio = plain["rate"] / single_rate
+        print(f"ceiling now: {cores} plain processes / single = {plain_ratio:.2f}x; "
+              f"ray reaches {ray_rate / plain['rate']:.0%} of it, using "
+              f"{warm['cpu_ms_per_image'] / plain['cpu_ms_per_image']:.2f}x their CPU per image")
         overhead = warm["cpu_ms_per_image"] / single["cpu_ms_per_image"]
         bound = cores / overhead
         not_workers = {k: v for k, v in warm["cpu_s"].items() if k != "ray_workers"}
@@ -249,6 +274,10 @@ def main() -> None:
                           "single_cpu_ms_per_image": round(single["cpu_ms_per_image"], 3),
                           "ray_cpu_s": warm["cpu_s"], "single_cpu_s": single["cpu_s"],
                           "ray_cpu_overhead": round(overhead, 3),
+                          "plain_processes_vs_single": round(plain_ratio, 3),
+                          "ray_vs_plain_processes": round(ray_rate / plain["rate"], 3),
+                          "plain_cpu_ms_per_image": round(plain["cpu_ms_per_image"], 3),
+                          "load_avg_1m_plain": round(plain["load_1m"], 2),
                           "ray_ratio_bound_idle_cores": round(bound, 3),
                           "load_avg_1m_ray": round(warm["load_1m"], 2),
                           "load_avg_1m_single": round(single["load_1m"], 2),
