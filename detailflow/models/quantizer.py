@@ -21,12 +21,14 @@ class QuantOut:
 
 
 class VectorQuantizer(nn.Module):
-    def __init__(self, codebook_size: int, code_dim: int, usage_window: int = 65536):
+    def __init__(self, codebook_size: int, code_dim: int, usage_window: int = 65536, init_norm: float = 1.0):
         super().__init__()
         self.codebook_size = codebook_size
         self.code_dim = code_dim
         weight = torch.empty(codebook_size, code_dim).uniform_(-1.0 / codebook_size, 1.0 / codebook_size)
-        self.embedding = nn.Parameter(F.normalize(weight, dim=-1))
+        # every lookup re-normalises, so init_norm leaves the codes unchanged; it only sets how fast Adam
+        # turns them (angular step ~ lr / row norm). 1.0 is the spec's; see TokenizerConfig.codebook_init_norm
+        self.embedding = nn.Parameter(F.normalize(weight, dim=-1) * init_norm)
         # ring buffer of the last `usage_window` assigned indices (-1 = empty); not saved in checkpoints
         self.register_buffer("_recent", torch.full((usage_window,), -1, dtype=torch.long), persistent=False)
         self._cursor = 0

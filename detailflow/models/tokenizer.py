@@ -93,6 +93,9 @@ class Decoder(nn.Module):
         self.to_pixels = nn.Linear(w, f * f * 3)
         init_siglip(self)
         init_linear(self.to_pixels)  # small output head: the first reconstructions start near 0, not at +-1
+        # He-scale code projection (std sqrt(2/code_dim)): the codes must dominate the latent slots from the
+        # start, or the reconstruction gradient reaching z is too weak to resist the commitment pull
+        nn.init.trunc_normal_(self.post_quant.weight, std=(2.0 / cfg.code_dim) ** 0.5)
 
     def forward(self, q_BTD: torch.Tensor, canvas: int) -> torch.Tensor:
         f, t = self.cfg.patch_size, q_BTD.shape[1]
@@ -112,7 +115,9 @@ class DetailFlowTokenizer(nn.Module):
         self.rmap = ResolutionMap.from_config(cfg)
         self.encoder = Encoder(cfg)
         self.quant_conv = nn.Linear(cfg.enc_width, cfg.code_dim)
-        self.quantizer = VectorQuantizer(cfg.codebook_size, cfg.code_dim, cfg.usage_window)
+        self.quantizer = VectorQuantizer(
+            cfg.codebook_size, cfg.code_dim, cfg.usage_window, cfg.codebook_init_norm
+        )
         self.refine_proj = nn.Linear(cfg.code_dim, cfg.enc_width)  # perturbed prefix -> encoder slots
         self.decoder = Decoder(cfg)
         init_siglip(self.quant_conv)
