@@ -23,25 +23,14 @@ Measures (config "tiny", spec §6.2/§6.3: 32x32, N=32, g=4):
 Saves a PNG: one row per class-conditional sample, its prefixes decoded at c(t) for every admissible t,
 upscaled (nearest) to a common size. The last printed line is one JSON object with the figures.
 
-Measured 2026-11-28 on the shared 2-core box (load 11-17, 35 min wall / ~17 min cpu) with
-    --tok-steps 300 --ar-steps 500 --clf-steps 200 --train-per-class 300 --val-per-class 30
-    --samples-per-class 10
-  PSNR vs full image t=1..32: 11.9 12.0 12.0 12.0 12.5 12.7 12.8 12.8 12.8 12.8 12.9 dB (rises, Spearman
-  0.99); vs degraded target 26.4 (t=1) ... 12.9 (t=32); codebook usage 0.41, perplexity 42;
-  NLL clean sc_on 1.153 / sc_off 1.060, perturbed pairs sc_on 1.490 / sc_off 1.804;
-  class accuracy 0.20 (CFG 1.5 and 1.0), classifier on real held-out 0.83.
-  The 0.20 is the tokenizer's fault, not the AR's: after 300 steps it reconstructs only palette and a
-  centred blob (full-image PSNR 12.9 dB), so samples carry the requested palette but no recognisable
-  shape: the classifier is then right 1 time in 5 (chance among a palette's 5 shapes). Longer tokenizer
-  training alone may not fix it: 600 steps gave 12.95 dB (300: 12.85), and a 150-step probe with
-  self-correction and alignment off kept MSE at 0.27-0.29 with a constant batch perplexity of 26.5,
-  i.e. the tiny tokenizer barely learns at lr 3e-4 (open issue for the tokenizer core, see report).
-  classifier_recon_accuracy (the classifier on tokenizer round-trips of held-out real images) states
-  that ceiling in every run.
-Run 2 (load ~5, 843 s wall): --tok-steps 600 --ar-steps 400 --clf-steps 300 (other flags as above):
-  PSNR vs full 12.2 (t=1) -> 12.95 (t=32), rises, Spearman 0.93; usage 0.44, perplexity 44;
-  NLL clean sc_on 1.236 / sc_off 1.163, perturbed pairs sc_on 1.529 / sc_off 2.032;
-  classifier on real 0.97, on round-trips 0.19; class accuracy 0.22 (CFG 1.5), 0.21 (CFG 1.0).
+Status (2026-11-28, after the tokenizer init/codebook fixes 930ea01 and 2557ce0), with
+    --tok-steps 600 --ar-steps 400 --clf-steps 300 --train-per-class 300 --val-per-class 30
+    --samples-per-class 10:
+  PSNR vs full image 12.2 (t=1) -> 13.85 dB (t=32), rises (Spearman 0.99); codebook usage 0.82,
+  perplexity 159; classifier on real held-out 0.97 but on tokenizer round-trips only 0.20, so class
+  accuracy is 0.20: the tiny tokenizer still keeps palette and layout but not the shape after 600 steps
+  (1,500 steps: 15.4 dB). classifier_recon_accuracy states that ceiling in every run; the goal (>= 0.7)
+  is not met yet.
 """
 
 from __future__ import annotations
