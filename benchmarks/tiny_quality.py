@@ -48,7 +48,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 
 from detailflow.models.ar import DetailFlowGPT, select_correction_pairs
 from detailflow.models.configs import get_model_config
@@ -56,7 +55,8 @@ from detailflow.models.degrade import degrade_to_prefix, sample_prefix_len
 from detailflow.models.ema import EMA
 from detailflow.models.extraction import extract_triplets
 from detailflow.models.sampler import sample
-from detailflow.models.tokenizer import DetailFlowTokenizer
+from detailflow.models.tokenizer import DetailFlowTokenizer, to_model_range
+from detailflow.pipelines.visuals import grid_png
 from detailflow.platform.deepspeed_glue import ar_lr, set_lr, tokenizer_lr
 
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -93,10 +93,6 @@ def fmnist_split(directory: str, split: str, per_class: int, size: int) -> tuple
     return torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels[keep])
 
 
-def to_float(img_u8: torch.Tensor) -> torch.Tensor:
-    return img_u8.float() / 127.5 - 1.0
-
-
 def batches(n: int, size: int):
     for lo in range(0, n, size):
         yield slice(lo, min(n, lo + size))
@@ -114,7 +110,7 @@ def train_tokenizer(cfg, train_x, args) -> tuple[DetailFlowTokenizer, dict]:
     logs: dict = {}
     for step in range(args.tok_steps):
         set_lr(opt, tokenizer_lr(step, total_steps=args.tok_steps, base_lr=args.tok_lr, warmup_steps=50))
-        img = to_float(train_x[torch.randint(len(train_x), (args.tok_batch,), generator=idx_gen)])
+        img = to_model_range(train_x[torch.randint(len(train_x), (args.tok_batch,), generator=idx_gen)])
         t = sample_prefix_len(tok.rmap, cfg.degrade_prob, np_rng)
         loss, logs = tok.training_step(img, degrade_to_prefix(img, t, tok.rmap), t, step)
         opt.zero_grad(set_to_none=True)
@@ -147,7 +143,7 @@ def reconstruction_curves(tok, val_x, batch: int) -> dict[str, dict[int, float]]
     rmap, r = tok.rmap, tok.cfg.image_size
     sums = {k: dict.fromkeys(rmap.admissible, 0.0) for k in ("target", "full", "oracle")}
     for sl in batches(len(val_x), batch):
-        img = to_float(val_x[sl])
+        img = to_model_range(val_x[sl])
         codes = tok.encode(img)
         for t in rmap.admissible:
             recon = tok.decode(codes, t).clamp(-1, 1)
@@ -170,7 +166,8 @@ def codebook_stats(codes: torch.Tensor, k: int) -> tuple[float, float]:
 
 def extract_all(tok, x_u8, seed: int, batch: int, views: str = "tiny") -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    parts = [extract_triplets(tok, to_float(x_u8[sl]), gen, views=views) for sl in batches(len(x_u8), batch)]
+    parts = [extract_triplets(tok, to_model_range(x_u8[sl]), gen, views=views)
+             for sl in batches(len(x_u8), batch)]
     return {k: torch.cat([p[k] for p in parts]) for k in ("clean", "input", "target")}
 
 
@@ -240,7 +237,7 @@ def train_classifier(train_x, train_y, args) -> SmallCNN:
     gen = torch.Generator().manual_seed(args.seed + 1)
     for step in range(args.clf_steps):
         idx = torch.randint(len(train_y), (args.clf_batch,), generator=gen)
-        img = to_float(train_x[idx])
+        img = to_model_range(train_x[idx])
         flip = torch.rand(len(idx), generator=gen) < 0.5
         img = torch.where(flip[:, None, None, None], img.flip(-1), img)
         loss = F.cross_entropy(clf(img), train_y[idx])
@@ -262,17 +259,9 @@ def predict(clf, img_float: torch.Tensor, batch: int = 256) -> torch.Tensor:
 @torch.no_grad()
 def prefix_strip_png(tok, prefixes: list[torch.Tensor], rows: list[int], path: Path, cell: int = 64) -> None:
     """One row per sample: every pass's prefix decoded at c(t), nearest-upscaled to cell x cell."""
-    row_imgs = []
-    for r in rows:
-        cells = []
-        for pre in prefixes:
-            img = tok.decode(pre[r:r + 1], pre.shape[1]).clamp(-1, 1)
-            cells.append(F.interpolate(img, size=(cell, cell), mode="nearest")[0])
-        row_imgs.append(torch.cat(cells, dim=-1))
-    grid = torch.cat(row_imgs, dim=-2)
-    arr = ((grid.permute(1, 2, 0).numpy() + 1.0) * 127.5 + 0.5).clip(0, 255).astype(np.uint8)
+    grid = [[tok.decode(pre[r:r + 1], pre.shape[1])[0] for pre in prefixes] for r in rows]
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(arr).save(path)
+    path.write_bytes(grid_png(grid, cell=cell))
 
 
 def class_accuracy_of_samples(ar_model, tok, clf, num_classes, per_class, scale, seed):
@@ -351,7 +340,7 @@ def main(argv=None) -> dict:
     rho = spearman([float(t) for t in ts], full)
     # Non-decreasing within 0.1 dB per step AND an overall rise: a flat-but-slowly-falling curve fails.
     rises = all(b >= a - 0.1 for a, b in zip(full, full[1:], strict=False)) and full[-1] > full[0] + 0.1
-    val_codes = torch.cat([tok.encode(to_float(val_x[sl])) for sl in batches(len(val_x), 256)])
+    val_codes = torch.cat([tok.encode(to_model_range(val_x[sl])) for sl in batches(len(val_x), 256)])
     usage, ppl = codebook_stats(val_codes, cfg.tokenizer.codebook_size)
     phase("eval_tokenizer", t0)
     log("(a) held-out PSNR by prefix t   t: r(t)/c(t)  vs-target  vs-full  [degraded target vs full]")
@@ -391,7 +380,7 @@ def main(argv=None) -> dict:
 
     t0 = time.perf_counter()
     clf = train_classifier(train_x, train_y, args)
-    clf_real = float((predict(clf, to_float(val_x)) == val_y).float().mean())
+    clf_real = float((predict(clf, to_model_range(val_x)) == val_y).float().mean())
     # The ceiling the tokenizer puts on (d): the same classifier on round-trips of held-out real images.
     with torch.no_grad():
         recon = torch.cat([tok.decode(val_codes[sl]).clamp(-1, 1) for sl in batches(len(val_x), 256)])

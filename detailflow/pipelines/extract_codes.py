@@ -58,9 +58,10 @@ class TripletExtractor:
         import torch
 
         from detailflow.models.extraction import extract_triplets
+        from detailflow.models.tokenizer import to_model_range
 
         keys = [str(k) for k in batch["key"]]
-        img = torch.from_numpy(np.stack(list(batch["image"]))).float().div_(127.5).sub_(1.0)
+        img = to_model_range(torch.from_numpy(np.stack(list(batch["image"]))))
         digest = hashlib.blake2b(f"{self.seed}\0{keys[0]}".encode(), digest_size=8).digest()
         rng = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
         out = extract_triplets(self.tokenizer, img.to(self.device), rng, views=self.views)

@@ -153,7 +153,6 @@ def _in_process() -> bool:
 
 def to_float(x: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """uint8 [0,255] -> float [-1,1]; float tensors are only moved/cast."""
-    x = x.to(device, non_blocking=True)
-    if x.dtype == torch.uint8:
-        x = x.float().div_(127.5).sub_(1.0)
-    return x.to(dtype)
+    from detailflow.models.tokenizer import to_model_range
+
+    return to_model_range(x.to(device, non_blocking=True)).to(dtype)

@@ -335,7 +335,9 @@ def row_to_microbatch(row: dict, device="cpu") -> MicroBatch:
     images = images.to(device, non_blocking=True)
     raw = row["targets"][0]
     if len(raw) == 0:  # t == N: the target is the full image in [-1, 1] (same formula as the reader)
-        targets = images.float() / 127.5 - 1.0
+        from detailflow.models.tokenizer import to_model_range
+
+        targets = to_model_range(images)
     else:
         targets = torch.from_numpy(np.frombuffer(raw, np.float32).reshape(b, 3, c, c).copy()).to(device)
     labels = torch.from_numpy(np.frombuffer(row["labels"][0], np.int32).astype(np.int64)).to(device)
