@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import shlex
@@ -50,9 +51,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from detailflow.models.ar import DetailFlowGPT, select_correction_pairs
-from detailflow.models.configs import get_model_config
+from detailflow.models.configs import TokenizerConfig, get_model_config
 from detailflow.models.degrade import degrade_to_prefix, sample_prefix_len
 from detailflow.models.ema import EMA
+from detailflow.models.export import load_state_checked, read_config, save_pretrained
 from detailflow.models.extraction import extract_triplets
 from detailflow.models.sampler import sample
 from detailflow.models.tokenizer import DetailFlowTokenizer, to_model_range
@@ -229,17 +231,29 @@ class SmallCNN(nn.Module):
         return self.net(x)
 
 
-def train_classifier(train_x, train_y, args) -> SmallCNN:
-    """Adam 1e-3 on real training images with horizontal flips (shape classes are flip-invariant)."""
+def train_classifier(train_x, train_y, args, rmap=None, degrade_prob: float = 0.0) -> SmallCNN:
+    """Adam 1e-3 on real training images with horizontal flips (shape classes are flip-invariant).
+
+    With rmap and degrade_prob > 0, that share of each batch is replaced by the tokenizer's own degraded
+    targets (area-down to r(t), bicubic back to R) at a prefix t >= N/4 drawn uniformly: the classifier
+    then has to read shape and palette, not only the 2-3 px stripes that a 32-token tiny model draws last."""
     torch.manual_seed(args.seed)
     clf = SmallCNN(int(train_y.max()) + 1).train()
     opt = torch.optim.Adam(clf.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(args.seed + 1)
+    ts = [t for t in rmap.admissible if 4 * t >= rmap.num_tokens] if rmap is not None else []
+    r = train_x.shape[-1]
     for step in range(args.clf_steps):
         idx = torch.randint(len(train_y), (args.clf_batch,), generator=gen)
         img = to_model_range(train_x[idx])
         flip = torch.rand(len(idx), generator=gen) < 0.5
         img = torch.where(flip[:, None, None, None], img.flip(-1), img)
+        if ts and degrade_prob > 0:
+            t = ts[int(torch.randint(len(ts), (1,), generator=gen))]
+            blurred = F.interpolate(degrade_to_prefix(img, t, rmap), size=(r, r), mode="bicubic",
+                                    align_corners=False).clamp(-1, 1)
+            pick = torch.rand(len(idx), generator=gen) < degrade_prob
+            img = torch.where(pick[:, None, None, None], blurred, img)
         loss = F.cross_entropy(clf(img), train_y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -264,13 +278,14 @@ def prefix_strip_png(tok, prefixes: list[torch.Tensor], rows: list[int], path: P
     path.write_bytes(grid_png(grid, cell=cell))
 
 
-def class_accuracy_of_samples(ar_model, tok, clf, num_classes, per_class, scale, seed):
+def class_accuracy_of_samples(ar_model, tok, clfs: dict, num_classes, per_class, scale, seed):
+    """Share of class-conditional samples that each judge (name -> classifier) assigns to the request."""
     classes = torch.arange(num_classes).repeat_interleave(per_class)
     gen = torch.Generator().manual_seed(seed)
     codes, prefixes = sample(ar_model, classes, cfg_scale=scale, generator=gen, return_prefixes=True)
     imgs = torch.cat([tok.decode(codes[sl]).clamp(-1, 1) for sl in batches(len(codes), 256)])
-    acc = float((predict(clf, imgs) == classes).float().mean())
-    return acc, prefixes, codes
+    accs = {name: float((predict(clf, imgs) == classes).float().mean()) for name, clf in clfs.items()}
+    return accs, prefixes, codes
 
 
 # ---- main ------------------------------------------------------------------------------------------
@@ -281,9 +296,11 @@ def parse_args(argv=None):
     p.add_argument("--fmnist-dir", default=FMNIST_DIR)
     p.add_argument("--train-per-class", type=int, default=400)
     p.add_argument("--val-per-class", type=int, default=50)
-    p.add_argument("--tok-steps", type=int, default=800)
-    p.add_argument("--tok-batch", type=int, default=32)
-    p.add_argument("--tok-lr", type=float, default=3e-4)
+    p.add_argument("--tok-steps", type=int, default=3500)
+    p.add_argument("--tok-batch", type=int, default=16)
+    p.add_argument("--tok-lr", type=float, default=1e-3)
+    p.add_argument("--tokenizer-from", default=None,
+                   help="directory of a tokenizer saved by an earlier run (skips tokenizer training)")
     p.add_argument("--ar-steps", type=int, default=600)
     p.add_argument("--ar-batch", type=int, default=64)
     p.add_argument("--ar-lr", type=float, default=1e-3)
@@ -291,6 +308,8 @@ def parse_args(argv=None):
     p.add_argument("--correction-prob", type=float, default=0.3)
     p.add_argument("--clf-steps", type=int, default=300)
     p.add_argument("--clf-batch", type=int, default=64)
+    p.add_argument("--clf-degrade-prob", type=float, default=0.5,
+                   help="share of the 'blur' judge's batches replaced by degraded targets at t >= N/4")
     p.add_argument("--samples-per-class", type=int, default=20)
     p.add_argument("--cfg-scales", default="1.5,1.0", help="comma list; the first is the headline")
     p.add_argument("--seed", type=int, default=0)
@@ -330,7 +349,20 @@ def main(argv=None) -> dict:
     log(f"data: {args.dataset} train {len(train_y)} held-out {len(val_y)} images, {num_classes} classes")
 
     t0 = time.perf_counter()
-    tok, tok_logs = train_tokenizer(cfg.tokenizer, train_x, args)
+    tok_dir = Path(args.out).parent / "tokenizer"
+    if args.tokenizer_from:  # re-use a tokenizer this script saved (iterate on the AR phase alone)
+        tok_cfg = TokenizerConfig(**read_config(args.tokenizer_from)["tokenizer"])
+        if tok_cfg != cfg.tokenizer:
+            log(f"note: {args.tokenizer_from} was trained with another tokenizer config than 'tiny' now")
+        tok = DetailFlowTokenizer(tok_cfg)
+        load_state_checked(tok, args.tokenizer_from)
+        tok, tok_logs = tok.eval(), {}
+        log(f"tokenizer loaded from {args.tokenizer_from} (not trained in this run)")
+    else:
+        tok, tok_logs = train_tokenizer(cfg.tokenizer, train_x, args)
+        meta = {"tokenizer": dataclasses.asdict(cfg.tokenizer), "steps": args.tok_steps}
+        save_pretrained(tok, meta, tok_dir)
+        log(f"tokenizer saved to {tok_dir} (re-use: --tokenizer-from {tok_dir})")
     phase("train_tokenizer", t0)
 
     t0 = time.perf_counter()
@@ -379,32 +411,40 @@ def main(argv=None) -> dict:
                     f"perturbed-pairs {v['nll_perturbed']:.4f}" for n, v in runs.items()))
 
     t0 = time.perf_counter()
-    clf = train_classifier(train_x, train_y, args)
-    clf_real = float((predict(clf, to_model_range(val_x)) == val_y).float().mean())
-    # The ceiling the tokenizer puts on (d): the same classifier on round-trips of held-out real images.
+    # Two judges trained on the same real images: "blur" also sees the tokenizer's degraded targets (it
+    # reads shape and palette), "sharp" sees only the originals (it may lean on the 2-3 px stripes).
+    clfs = {"blur": train_classifier(train_x, train_y, args, tok.rmap, args.clf_degrade_prob),
+            "sharp": train_classifier(train_x, train_y, args)}
     with torch.no_grad():
         recon = torch.cat([tok.decode(val_codes[sl]).clamp(-1, 1) for sl in batches(len(val_x), 256)])
-    clf_recon = float((predict(clf, recon) == val_y).float().mean())
+    real = to_model_range(val_x)
+    clf_real = {n: float((predict(c, real) == val_y).float().mean()) for n, c in clfs.items()}
+    # The ceiling the tokenizer puts on (d): the same judges on round-trips of held-out real images.
+    clf_recon = {n: float((predict(c, recon) == val_y).float().mean()) for n, c in clfs.items()}
     phase("train_classifier", t0)
 
     t0 = time.perf_counter()
     scales = [float(s) for s in args.cfg_scales.split(",")]
-    class_acc: dict[str, dict[str, float]] = {"sc_on": {}, "sc_off": {}}
+    class_acc: dict[str, dict[str, dict[str, float]]] = {"sc_on": {}, "sc_off": {}}
     strip = None
     for name in class_acc:
         for s in scales:
-            acc, prefixes, _ = class_accuracy_of_samples(
-                runs[name]["model"], tok, clf, num_classes, args.samples_per_class, s, args.seed)
-            class_acc[name][str(s)] = round(acc, 4)
+            accs, prefixes, _ = class_accuracy_of_samples(
+                runs[name]["model"], tok, clfs, num_classes, args.samples_per_class, s, args.seed)
+            class_acc[name][str(s)] = {n: round(a, 4) for n, a in accs.items()}
             if strip is None:
                 strip = prefixes
     rows = [c * args.samples_per_class for c in range(num_classes)]  # first sample of every class
     out = Path(args.out)
     prefix_strip_png(tok, strip, rows, out)
     phase("sample_and_classify", t0)
-    log(f"(d) classifier accuracy on held-out real images {clf_real:.3f}, on their tokenizer round-trips "
-        f"{clf_recon:.3f}; share of samples classified as "
-        f"the requested class: {class_acc} (goal >= 0.7 at CFG {scales[0]})")
+    for n in clfs:
+        log(f"(d) judge {n!r}: held-out real images {clf_real[n]:.3f}, their tokenizer round-trips "
+            f"{clf_recon[n]:.3f}; samples of the requested class: "
+            + ", ".join(f"{run} CFG {s}: {class_acc[run][str(s)][n]:.3f}"
+                        for run in class_acc for s in scales))
+    headline = class_acc["sc_on"][str(scales[0])]["blur"]
+    log(f"    goal >= 0.7 at CFG {scales[0]} (sc_on, judge 'blur'): {headline:.3f}")
     log(f"samples with coarse-to-fine prefix strips (columns t = {[p.shape[1] for p in strip]}, "
         f"CFG {scales[0]}, sc_on EMA model): {out}")
 
@@ -428,11 +468,16 @@ def main(argv=None) -> dict:
         "nll_perturbed_sc_off": round(runs["sc_off"]["nll_perturbed"], 4),
         "nll_raw_sc_on": round(runs["sc_on"]["nll_clean_raw"], 4),
         "nll_raw_sc_off": round(runs["sc_off"]["nll_clean_raw"], 4),
-        "class_accuracy": class_acc["sc_on"][str(scales[0])],
+        "class_accuracy": class_acc["sc_on"][str(scales[0])]["blur"],
+        "class_accuracy_sharp_judge": class_acc["sc_on"][str(scales[0])]["sharp"],
         "class_accuracy_by_cfg": class_acc,
-        "classifier_real_accuracy": round(clf_real, 4),
-        "classifier_recon_accuracy": round(clf_recon, 4),
-        "steps": {"tokenizer": args.tok_steps, "ar": args.ar_steps, "classifier": args.clf_steps},
+        "classifier_real_accuracy": round(clf_real["blur"], 4),
+        "classifier_recon_accuracy": round(clf_recon["blur"], 4),
+        "classifier_real_accuracy_sharp_judge": round(clf_real["sharp"], 4),
+        "classifier_recon_accuracy_sharp_judge": round(clf_recon["sharp"], 4),
+        "tokenizer_from": args.tokenizer_from,
+        "steps": {"tokenizer": 0 if args.tokenizer_from else args.tok_steps, "ar": args.ar_steps,
+                  "classifier": args.clf_steps},
         "phase_seconds": secs,
         "phase_cpu_seconds": cpu,
         "threads": args.threads,

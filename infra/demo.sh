@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 DF=${DETAILFLOW:-.venv/bin/detailflow}
 OUT=${DEMO_OUT:-out/demo}
 MODEL=${DEMO_MODEL:-tiny}            # tiny (minutes on 2 cores) | smoke (seconds, a plumbing check)
-TOK_STEPS=${DEMO_TOK_STEPS:-300}     # the full tiny recipe is 1,000 (configs/tokenizer-tiny.yaml)
+TOK_STEPS=${DEMO_TOK_STEPS:-300}     # the full tiny recipe is 3,500 (configs/tokenizer-tiny.yaml)
 AR_STEPS=${DEMO_AR_STEPS:-400}       # the full tiny recipe is 2,000 (configs/ar-tiny.yaml)
 PER_CLASS=${DEMO_PER_CLASS:-64}      # training images per class (10 classes)
 mkdir -p "$OUT"

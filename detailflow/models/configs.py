@@ -147,7 +147,11 @@ def _smoke() -> ModelConfig:  # spec §6.5: seconds, for unit tests
 
 
 def _tiny() -> ModelConfig:  # spec §6.2 / §6.3: 32x32, minutes on a 2-core CPU
-    tok = TokenizerConfig(align_hidden=128, codebook_init_norm=0.01)
+    # Two measured deviations for the from-scratch, minutes-long CPU run (spec values stay the defaults):
+    # codebook_init_norm (see its field) and commit_beta 0.05 instead of 0.25. At 0.25 the commitment pull
+    # keeps early random assignments and the tokenizer draws every shape as a disc: held-out round-trips
+    # classified right 0.25 (15.5 dB) after 2,500 steps vs 0.43 (16.1 dB) at 0.05, same steps and lr
+    tok = TokenizerConfig(align_hidden=128, codebook_init_norm=0.01, commit_beta=0.05)
     ar = ARConfig()
     return ModelConfig("tiny", tok, ar)
 
