@@ -94,6 +94,11 @@ def fmnist_split(directory: str, split: str, per_class: int, size: int) -> tuple
     return torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels[keep])
 
 
+def to_full_res(img_BCcc: torch.Tensor, r: int) -> torch.Tensor:
+    """A c(t) x c(t) canvas (decoded or degraded) resized bicubically to R x R, clamped to [-1, 1]."""
+    return F.interpolate(img_BCcc, size=(r, r), mode="bicubic", align_corners=False).clamp(-1, 1)
+
+
 def batches(n: int, size: int):
     for lo in range(0, n, size):
         yield slice(lo, min(n, lo + size))
@@ -149,11 +154,9 @@ def reconstruction_curves(tok, val_x, batch: int) -> dict[str, dict[int, float]]
         for t in rmap.admissible:
             recon = tok.decode(codes, t).clamp(-1, 1)
             target = degrade_to_prefix(img, t, rmap)
-            up = F.interpolate(recon, size=(r, r), mode="bicubic", align_corners=False).clamp(-1, 1)
-            target_up = F.interpolate(target, size=(r, r), mode="bicubic", align_corners=False).clamp(-1, 1)
             sums["target"][t] += float(psnr_BN(recon, target).sum())
-            sums["full"][t] += float(psnr_BN(up, img).sum())
-            sums["oracle"][t] += float(psnr_BN(target_up, img).sum())
+            sums["full"][t] += float(psnr_BN(to_full_res(recon, r), img).sum())
+            sums["oracle"][t] += float(psnr_BN(to_full_res(target, r), img).sum())
     return {k: {t: round(v / len(val_x), 3) for t, v in d.items()} for k, d in sums.items()}
 
 
@@ -249,8 +252,7 @@ def train_classifier(train_x, train_y, args, rmap=None, degrade_prob: float = 0.
         img = torch.where(flip[:, None, None, None], img.flip(-1), img)
         if ts and degrade_prob > 0:
             t = ts[int(torch.randint(len(ts), (1,), generator=gen))]
-            blurred = F.interpolate(degrade_to_prefix(img, t, rmap), size=(r, r), mode="bicubic",
-                                    align_corners=False).clamp(-1, 1)
+            blurred = to_full_res(degrade_to_prefix(img, t, rmap), r)
             pick = torch.rand(len(idx), generator=gen) < degrade_prob
             img = torch.where(pick[:, None, None, None], blurred, img)
         loss = F.cross_entropy(clf(img), train_y[idx])
@@ -348,7 +350,6 @@ def main(argv=None) -> dict:
     log(f"data: {args.dataset} train {len(train_y)} held-out {len(val_y)} images, {num_classes} classes")
 
     t0 = time.perf_counter()
-    tok_dir = Path(args.out).parent / "tokenizer"
     if args.tokenizer_from:  # re-use a tokenizer this script saved (iterate on the AR phase alone)
         tok_cfg = TokenizerConfig(**read_config(args.tokenizer_from)["tokenizer"])
         if tok_cfg != cfg.tokenizer:
@@ -359,6 +360,7 @@ def main(argv=None) -> dict:
         log(f"tokenizer loaded from {args.tokenizer_from} (not trained in this run)")
     else:
         tok, tok_logs = train_tokenizer(cfg.tokenizer, train_x, args)
+        tok_dir = Path(args.out).parent / "tokenizer"
         meta = {"tokenizer": dataclasses.asdict(cfg.tokenizer), "steps": args.tok_steps}
         save_pretrained(tok, meta, tok_dir)
         log(f"tokenizer saved to {tok_dir} (re-use: --tokenizer-from {tok_dir})")
