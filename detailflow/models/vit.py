@@ -14,31 +14,29 @@ from einops import rearrange
 LN_EPS = 1e-6  # SigLIP blocks use eps 1e-6 (spec §1.2)
 
 
-def init_linear(module: nn.Module, std: float = 0.02) -> None:
-    """Truncated-normal weights, zero biases, unit LayerNorms (applied recursively)."""
+def _init_recursive(module: nn.Module, init_weight) -> None:
+    """init_weight on every Linear weight, zero biases, unit LayerNorms (applied recursively)."""
     for m in module.modules():
         if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=std)
+            init_weight(m.weight)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+
+
+def init_linear(module: nn.Module, std: float = 0.02) -> None:
+    """Truncated-normal Linear weights (std 0.02 by default), zero biases, unit LayerNorms."""
+    _init_recursive(module, lambda w: nn.init.trunc_normal_(w, std=std))
 
 
 def init_siglip(module: nn.Module) -> None:
-    """SigLIP's random init (applied recursively): xavier-uniform Linear weights, zero biases, unit
-    LayerNorms. Width-aware on purpose: a fixed std of 0.02 suits widths near 1152, but at width 64 it
+    """SigLIP's random init: xavier-uniform Linear weights, zero biases, unit LayerNorms.
+    Width-aware on purpose: a fixed std of 0.02 suits widths near 1152, but at width 64 it
     gives near-uniform attention and a residual stream where image content is swamped by the latent
     queries/positions, so every latent slot quantises to one per-position code whatever the image."""
-    for m in module.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.xavier_uniform_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+    _init_recursive(module, nn.init.xavier_uniform_)
 
 
 class Attention(nn.Module):
