@@ -50,14 +50,15 @@ def _all_keys(storage, manifest):
     return sorted(keys)
 
 
-def _consume_split(ds, n):
-    """Drain n streaming_split iterators concurrently (as n Ray Train workers would)."""
+def _consume_ranks(storage, cfg, rmap, n):
+    """Drain the n per-rank datasets concurrently (as n Ray Train workers would)."""
     results = [[] for _ in range(n)]
 
-    def run(i, it):
-        results[i] = list(iter_microbatches(it, with_info=True))
+    def run(i):
+        ds = build_degraded_dataset(storage, "rshapes", "train", cfg, rmap, rank=i, world=n)
+        results[i] = list(iter_microbatches(ds, with_info=True))
 
-    threads = [threading.Thread(target=run, args=(i, it)) for i, it in enumerate(ds.streaming_split(n))]
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
     for t in threads:
         t.start()
     for t in threads:
@@ -67,7 +68,7 @@ def _consume_split(ds, n):
 
 def test_every_image_once_across_two_workers(shapes, storage, rmap):
     cfg = ReaderConfig(image_size=32, micro_batch=8, train=False)
-    per_worker = _consume_split(build_degraded_dataset(storage, "rshapes", "train", cfg, rmap), 2)
+    per_worker = _consume_ranks(storage, cfg, rmap, 2)
     keys = [k for w in per_worker for mb in w for k in mb.keys]
     assert sorted(keys) == _all_keys(storage, shapes)  # each good image exactly once
     assert all(len(w) > 0 for w in per_worker)
@@ -186,3 +187,36 @@ def test_cli_synth_ingest_show(storage, ray_session, tmp_path):
     assert runner.invoke(main, ["data", "verify", "clitest"]).exit_code == 0
     r = runner.invoke(main, ["data", "show", "nosuchset"])
     assert r.exit_code == 1 and "not published" in r.output
+
+
+def test_stream_resumes_at_the_next_planned_microbatch(shapes, storage, rmap):
+    """A DegradedStream restarted at a position yields exactly the rest of the plan, in plan order,
+    with the same images and t as the uninterrupted stream."""
+    from itertools import islice
+
+    from detailflow.pipelines.data.plan import next_position
+    from detailflow.pipelines.data.reader import DegradedStream, epoch_plan
+
+    cfg = ReaderConfig(image_size=32, micro_batch=4, seed=5, num_epochs=None, window_groups=1)
+    full = list(islice(DegradedStream(storage, "rshapes", "train", cfg, rmap, rank=1, world=2,
+                                      min_chunk_units=2), 30))
+    plan = epoch_plan(shapes, cfg, world=2)
+    assert [mb.position for mb in full] == list(islice(plan.iter_positions(rank=1), 30))  # planned order
+    cut = 13
+    rest = list(islice(DegradedStream(storage, "rshapes", "train", cfg, rmap, rank=1, world=2,
+                                      start=next_position(full[cut - 1].position)), 30 - cut))
+    assert [mb.position for mb in rest] == [mb.position for mb in full[cut:]]
+    for a, b in zip(rest, full[cut:], strict=True):
+        assert a.keys == b.keys and a.t == b.t and torch.equal(a.images, b.images)
+
+
+def test_reader_refuses_a_shard_that_differs_from_its_manifest(shapes, storage, rmap):
+    from detailflow.pipelines.data.reader import ShardMismatch
+
+    bad = dict(shapes, shards=[dict(s, bytes=s["bytes"] + 1) for s in shapes["shards"]])
+    cfg = ReaderConfig(image_size=32, micro_batch=8, train=False)
+    from detailflow.pipelines.data.reader import DegradedStream
+
+    with pytest.raises(Exception, match="manifest says") as info:
+        next(iter(DegradedStream(storage, "rshapes", "train", cfg, rmap, manifest=bad)))
+    assert "ShardMismatch" in repr(info.value) or isinstance(info.value, ShardMismatch)

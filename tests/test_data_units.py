@@ -247,34 +247,3 @@ def test_code_pair_selection_probability_and_determinism():
     assert np.array_equal(sel["target"][~sel["corrected"]], clean[~sel["corrected"]])
     assert np.array_equal(sel["corrected"], codes.select_pairs(batch, 0.3, seed=1)["corrected"])
     assert not np.array_equal(sel["corrected"], codes.select_pairs(batch, 0.3, seed=1, epoch=1)["corrected"])
-
-
-# ---- micro-batch plan ----------------------------------------------------------------------------
-def _manifest(rows_per_shard, group_rows=4):
-    return {"shards": [{"key": f"s{i}", "rows": n, "row_groups": -(-n // group_rows),
-                        "row_group_rows": group_rows} for i, n in enumerate(rows_per_shard)]}
-
-
-@pytest.mark.parametrize("train", [True, False])
-def test_plan_covers_rows_once_and_is_seeded(train):
-    import json
-
-    m = _manifest([10, 7, 9])
-    cfg = reader.ReaderConfig(image_size=8, micro_batch=4, train=train, batches_per_task=2)
-
-    def flat(units):
-        out = []
-        for u in units:
-            plan = json.loads(u["plan"])
-            for bi, rows in plan["batches"]:
-                out.append((bi, [(tuple(plan["groups"][str(g)]), r) for g, r in rows]))
-        return out
-
-    a, b = flat(reader.plan_microbatches(m, cfg, 0)), flat(reader.plan_microbatches(m, cfg, 0))
-    assert a == b  # a pure function of (manifest, seed, epoch)
-    assert [bi for bi, _ in a] == list(range(len(a)))
-    rows = [x for _, rs in a for x in rs]
-    assert len(rows) == len(set(rows)) == (24 if train else 26)  # train drops the final partial batch
-    assert all(len(rs) == 4 for _, rs in a[:-1])
-    if train:
-        assert flat(reader.plan_microbatches(m, cfg, 1)) != a  # a new epoch, a new order

@@ -1,25 +1,28 @@
 """Streaming reader: Parquet shards on S3 -> decode, crop, flip -> degraded micro-batches (Ray Data).
 
 Usage:
-    from detailflow.pipelines.data.reader import ReaderConfig, build_degraded_dataset, iter_microbatches
+    from detailflow.pipelines.data.reader import DegradedStream, ReaderConfig, build_degraded_dataset
     rmap = ResolutionMap.from_config(get_model_config("tiny").tokenizer)
-    cfg = ReaderConfig(image_size=32, micro_batch=32, degrade_prob=0.2, seed=0, train=True)
-    ds = build_degraded_dataset(storage, "shapes", "train", cfg, rmap)     # one row per micro-batch
-    for img_BCHW, target_BCcc, t in iter_microbatches(ds, device="cuda"):  # or a Ray Train shard
+    cfg = ReaderConfig(image_size=32, micro_batch=32, degrade_prob=0.2, seed=0, train=True, num_epochs=None)
+    for mb in DegradedStream(storage, "shapes", "train", cfg, rmap, rank=r, world=w, start=pos):
+        mb.images, mb.targets, mb.t, mb.position        # uint8 B x 3 x R x R, float B x 3 x c x c, t
+    # one finite Ray Dataset (evaluation, benchmarks): one row per micro-batch
+    ds = build_degraded_dataset(storage, "shapes", "val", ReaderConfig(32, train=False, fixed_t=8), rmap)
+    for img_BCHW, target_BCcc, t in iter_microbatches(ds):
         ...
 
-    # in a Ray Train worker: TorchTrainer(..., datasets={"train": ds}) and
-    # iter_microbatches(ray.train.get_dataset_shard("train"), device)
-
-The driver plans each epoch from the manifest alone (plan_microbatches): row groups in a seeded
-order, rows permuted inside each group, cut into micro-batches (train drops the final partial one).
-One Ray task per few micro-batches reads the row groups it needs from S3 once, decodes, crops (ADM
-random-resize crop + flip with a per-row generator from (seed, epoch, key), or a centre crop), draws
-t with sample_prefix_len from (seed, epoch, batch index), builds targets with degrade_to_prefix and
-emits ONE row per micro-batch. Composition, crops and t depend only on (seed, epoch), never on
-scheduling. Rows carry flat bytes plus shape columns (batch, size, canvas), so micro-batches of
-different canvas sizes never meet Ray's fixed-shape tensor columns; iter_microbatches hides this.
-A t = N row ships no target bytes: the target is the image itself (degrade_to_prefix is the identity).
+Planning is lazy (plan.py): the manifest becomes O(row groups) arrays; each Ray task is one WINDOW of
+a few row groups of one epoch and derives its micro-batches from (seed, epoch, window) alone: it reads
+those row groups from S3 once (checking each shard's size against the manifest), permutes their rows
+together, decodes, crops (ADM random-resize crop + flip with a per-row generator from (seed, epoch,
+key), or a centre crop), draws t (spec §1.6: one draw per micro-batch, from the plan position; with
+shared_t from the step, equal on every rank) and degrades with degrade_to_prefix, emitting ONE row per
+micro-batch. Rank r reads its own windows (r, r + world, ...), so a rank's stream is deterministic and
+its (epoch, unit, batch) position is what a checkpoint records for exact resume. A DegradedStream
+chains chunk datasets of whole epochs, so nothing is planned for epochs not yet reached.
+Rows carry flat bytes plus shape columns (batch, size, canvas), so micro-batches of different canvas
+sizes never meet Ray's fixed-shape tensor columns; iter_microbatches hides this. A t = N row ships no
+target bytes: the target is the image itself (degrade_to_prefix is the identity).
 
 Images that fail to decode (ingest already rejected undecodable files, so this means damage after
 ingest) are skipped and counted (column `skipped`, summed by iter_microbatches' `stats`); that
@@ -28,7 +31,6 @@ micro-batch is then smaller than micro_batch rather than padded.
 
 from __future__ import annotations
 
-import json
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -45,6 +47,7 @@ from detailflow.pipelines.data.images import (
     to_signed_float,
 )
 from detailflow.pipelines.data.ingest import dataset_prefix
+from detailflow.pipelines.data.plan import EpochPlan, Position, RowGroups
 
 
 @dataclass
@@ -55,7 +58,7 @@ class ReaderConfig:
     seed: int = 0  # base seed of crops, flips, shuffles and t draws
     train: bool = True  # train: random crop + flip, drawn t, drop the final partial micro-batch
     epoch: int = 0  # first epoch number (enters every seed)
-    num_epochs: int = 1  # epochs chained into one stream, each re-seeded with its own epoch number
+    num_epochs: int | None = 1  # epochs chained into one stream, each re-seeded (None: endless stream)
     fixed_t: int | None = None  # every micro-batch uses this prefix length (evaluation)
     all_t: bool = False  # emit every micro-batch once per admissible t (evaluation curves)
     max_scale: float = 1.25  # ADM short side uniform in [R, max_scale * R]
@@ -63,7 +66,8 @@ class ReaderConfig:
     shuffle_files: bool = True  # train: shard order shuffled per epoch (seeded)
     num_cpus: float = 0.5  # CPUs per Ray Data task: fractional so trainers never starve it (pitfall 3)
     jpeg_draft: bool = True  # let libjpeg scale down large JPEGs during decode (DCT scaling)
-    batches_per_task: int = 4  # micro-batches per Ray task (each task reads its row groups once)
+    window_groups: int = 16  # row groups per window = per Ray task; a micro-batch mixes all of them
+    shared_t: bool = False  # draw t from (seed, step) so every rank trains on the same t (ZeRO-3 needs it)
     preserve_order: bool = False  # deterministic row order (slower); per-row results are seeded anyway
 
     def __post_init__(self) -> None:
@@ -80,6 +84,7 @@ class MicroBatch(NamedTuple):
     labels: object  # int64 B torch tensor
     keys: list[str]  # source keys, in row order
     skipped: int  # images dropped for decode failures before this micro-batch
+    position: Position | None = None  # (epoch, unit, batch) in the rank's stream plan
 
 
 # ---- stage 1: decode + crop ---------------------------------------------------------------------
@@ -116,17 +121,18 @@ def decode_crop_batch(batch: dict, *, image_size: int, seed: int, epoch: int, tr
 
 # ---- stage 2: group + degrade --------------------------------------------------------------------
 def prefix_rng(seed: int, epoch: int, draw_key: str | int) -> np.random.Generator:
-    """Generator of a micro-batch's t: from (seed, epoch, batch index) or (seed, epoch, first key)."""
+    """Generator of a micro-batch's t from (seed, epoch, first key) (batches outside a stream plan)."""
     tag = draw_key if isinstance(draw_key, int) else zlib.crc32(str(draw_key).encode())
     return np.random.default_rng([seed, epoch, int(tag), 0x7D])
 
 
 def degrade_batch(batch: dict, *, rmap, micro_batch: int, degrade_prob: float, seed: int, epoch: int,
-                  train: bool, fixed_t: int | None, all_t: bool, batch_index: int | None = None,
-                  drop_partial: bool | None = None) -> dict:
+                  train: bool, fixed_t: int | None, all_t: bool, drop_partial: bool | None = None,
+                  rng: np.random.Generator | None = None) -> dict:
     """One micro-batch of decoded rows -> one output row (or one per admissible t with all_t).
 
-    t is drawn from (seed, epoch, batch_index) when given, else from (seed, epoch, first key).
+    In train mode t is drawn with `rng` (the stream passes one seeded by its plan position), else
+    from (seed, epoch, first key).
     A batch smaller than micro_batch is dropped when drop_partial (default: train)."""
     import torch
 
@@ -146,8 +152,8 @@ def degrade_batch(batch: dict, *, rmap, micro_batch: int, degrade_prob: float, s
     elif all_t:
         ts = list(rmap.admissible)
     elif train:
-        ts = [sample_prefix_len(rmap, degrade_prob,
-                                prefix_rng(seed, epoch, keys[0] if batch_index is None else batch_index))]
+        rng = rng if rng is not None else prefix_rng(seed, epoch, keys[0])
+        ts = [sample_prefix_len(rmap, degrade_prob, rng)]
     else:
         ts = [rmap.num_tokens]
     x = torch.from_numpy(to_signed_float(images)) if min(ts) < rmap.num_tokens else None
@@ -195,19 +201,28 @@ def _filesystem(storage):
 
 
 def read_units(manifest: dict) -> list[dict]:
-    """(shard key, row group) pairs: the reader's unit of parallel work."""
+    """(shard key, row group, shard bytes) triples: the image reader's unit of parallel work."""
     units = []
     for s in manifest["shards"]:
         groups = s.get("row_groups")
         for g in range(groups) if groups and s.get("row_group_rows") else [-1]:  # -1: whole shard
-            units.append({"path": s["key"], "row_group": g})
+            units.append({"path": s["key"], "row_group": g, "bytes": int(s.get("bytes", 0) or 0)})
     return units
 
 
-def read_unit_table(storage, path: str, row_group: int):
+class ShardMismatch(RuntimeError):
+    """A shard on S3 is not the object its manifest describes (overwritten or truncated)."""
+
+
+def read_unit_table(storage, path: str, row_group: int, expected_bytes: int = 0):
+    """One row group (-1: the whole shard) of a shard, after checking its size against the manifest."""
     import pyarrow.parquet as pq
 
     with _filesystem(storage).open_input_file(storage.fs_path(path)) as f:
+        if expected_bytes and f.size() != expected_bytes:
+            raise ShardMismatch(f"{storage.uri(path)} is {f.size()} bytes but its manifest says "
+                                f"{expected_bytes}: the shard was replaced or truncated after publishing; "
+                                "re-read the dataset's current manifest (or re-ingest)")
         pf = pq.ParquetFile(f)
         cols = ["key", "label", "image"]
         return pf.read(columns=cols) if row_group < 0 else pf.read_row_group(row_group, columns=cols)
@@ -215,8 +230,9 @@ def read_unit_table(storage, path: str, row_group: int):
 
 def read_decode_units(units: dict, *, storage, **decode_kwargs) -> Iterator[dict]:
     """map_batches fn: for each unit, read its row group from S3 and decode + crop it."""
-    for path, group in zip(units["path"], units["row_group"], strict=True):
-        table = read_unit_table(storage, str(path), int(group))
+    sizes = units.get("bytes", [0] * len(units["path"]))
+    for path, group, size in zip(units["path"], units["row_group"], sizes, strict=True):
+        table = read_unit_table(storage, str(path), int(group), int(size))
         batch = {"key": np.array(table["key"].to_pylist(), dtype=object), "label": table["label"].to_numpy(),
                  "image": np.array(table["image"].to_pylist(), dtype=object)}
         yield decode_crop_batch(batch, **decode_kwargs)
@@ -241,88 +257,149 @@ def build_image_dataset(storage, name: str, split: str, cfg: ReaderConfig, epoch
                    "jpeg_draft": cfg.jpeg_draft})
 
 
-def _row_groups(manifest: dict) -> list[tuple[str, int, int]]:
-    """(shard key, row group, rows) for every row group; -1 = whole shard (manifest without counts)."""
-    out = []
-    for s in manifest["shards"]:
-        groups, per, rows = s.get("row_groups"), s.get("row_group_rows"), s["rows"]
-        if not groups or not per:
-            out.append((s["key"], -1, rows))
-            continue
-        out += [(s["key"], g, min(per, rows - g * per)) for g in range(groups)]
-    return out
+def epoch_plan(manifest: dict, cfg: ReaderConfig, world: int = 1) -> EpochPlan:
+    return EpochPlan(RowGroups.from_manifest(manifest), seed=cfg.seed, micro_batch=cfg.micro_batch,
+                     window_groups=cfg.window_groups, train=cfg.train, world=world,
+                     shuffle=cfg.shuffle_files)
 
 
-def plan_microbatches(manifest: dict, cfg: ReaderConfig, epoch: int) -> list[dict]:
-    """Deterministic micro-batch plan of one epoch, cut into Ray tasks of cfg.batches_per_task.
+@dataclass
+class ChunkUnits:
+    """The units (windows) of one Ray Dataset of the stream: a few small int arrays, O(units)."""
 
-    Train: row groups in a seeded order, rows permuted inside each group, consecutive runs of
-    micro_batch rows, the final partial micro-batch dropped. Eval: manifest order, partial kept.
-    Each unit lists its micro-batches as (batch index, [(group id, row), ...])."""
-    groups = _row_groups(manifest)
-    order = np.arange(len(groups))
-    if cfg.train and cfg.shuffle_files:
-        order = np.random.default_rng([cfg.seed, epoch, 0x5EED]).permutation(len(groups))
-    seq_g, seq_r = [], []
-    for gi in order:
-        rows = np.arange(groups[gi][2])
-        if cfg.train:
-            rows = np.random.default_rng([cfg.seed, epoch, int(gi), 0xA11]).permutation(rows)
-        seq_g.append(np.full(len(rows), gi))
-        seq_r.append(rows)
-    seq_g, seq_r = np.concatenate(seq_g), np.concatenate(seq_r)
-    n_batches = len(seq_g) // cfg.micro_batch if cfg.train else -(-len(seq_g) // cfg.micro_batch)
-    units = []
-    for first in range(0, n_batches, cfg.batches_per_task):
-        batches = []
-        for bi in range(first, min(n_batches, first + cfg.batches_per_task)):
-            sl = slice(bi * cfg.micro_batch, (bi + 1) * cfg.micro_batch)
-            batches.append([bi, [[int(g), int(r)] for g, r in zip(seq_g[sl], seq_r[sl], strict=True)]])
-        used = sorted({g for _, rows in batches for g, _ in rows})
-        units.append({"epoch": epoch, "plan": json.dumps({
-            "groups": {str(g): [groups[g][0], groups[g][1]] for g in used}, "batches": batches})})
-    return units
+    epoch: np.ndarray  # epoch of each unit
+    unit: np.ndarray  # index in the rank's window list of that epoch
+    window: np.ndarray  # window id in the epoch
+    skip: np.ndarray  # micro-batches to skip at the start of the unit (resume inside a window)
+    first_step: np.ndarray  # stream index of the unit's first emitted micro-batch (shared_t draws)
 
 
-def microbatch_task(units: dict, *, storage, rmap, cfg: ReaderConfig) -> Iterator[dict]:
-    """map_batches fn: read each needed row group once, decode + crop, degrade, one row per batch."""
+def window_task(ids: dict, *, storage, rmap, cfg: ReaderConfig, plan: EpochPlan, units: ChunkUnits,
+                ) -> Iterator[dict]:
+    """map_batches fn over unit ids: read a window's row groups once, emit one row per micro-batch."""
     import torch
 
     if torch.get_num_threads() != 1:  # Ray runs one task per CPU share: intra-op threads oversubscribe
         torch.set_num_threads(1)
-    for epoch, plan_json in zip(units["epoch"], units["plan"], strict=True):
-        epoch, plan = int(epoch), json.loads(plan_json)
-        tables = {g: read_unit_table(storage, path, rg) for g, (path, rg) in plan["groups"].items()}
-        for batch_index, rows in plan["batches"]:
-            raw = {"key": np.array([tables[str(g)]["key"][r].as_py() for g, r in rows], dtype=object),
-                   "label": np.array([tables[str(g)]["label"][r].as_py() for g, r in rows], np.int32),
-                   "image": np.array([tables[str(g)]["image"][r].as_py() for g, r in rows], dtype=object)}
+    g = plan.groups
+    for i in np.asarray(ids["id"]).tolist():
+        epoch, window, skip = int(units.epoch[i]), int(units.window[i]), int(units.skip[i])
+        batches = plan.window_batches(epoch, window)[skip:]
+        if not batches:
+            continue
+        members = plan.window_groups_of(epoch, window)
+        tables = []
+        for gi in members:
+            s = int(g.shard[gi])
+            t = read_unit_table(storage, g.paths[s], int(g.group[gi]), g.sizes[s])
+            tables.append((t["key"].to_pylist(), t["label"].to_numpy(), t["image"]))
+        for j, pairs in enumerate(batches):
+            raw = {"key": np.array([tables[p][0][r] for p, r in pairs], dtype=object),
+                   "label": np.array([tables[p][1][r] for p, r in pairs], np.int32),
+                   "image": np.array([tables[p][2][int(r)].as_py() for p, r in pairs], dtype=object)}
             batch = decode_crop_batch(raw, image_size=cfg.image_size, seed=cfg.seed, epoch=epoch,
                                       train=cfg.train, flip=cfg.flip, max_scale=cfg.max_scale,
                                       jpeg_draft=cfg.jpeg_draft)
-            yield degrade_batch(batch, rmap=rmap, micro_batch=cfg.micro_batch, degrade_prob=cfg.degrade_prob,
+            b = skip + j
+            draw = ([cfg.seed, int(units.first_step[i]) + j, 0x57E9] if cfg.shared_t
+                    else [cfg.seed, epoch, window, b, 0x7D])
+            out = degrade_batch(batch, rmap=rmap, micro_batch=cfg.micro_batch, degrade_prob=cfg.degrade_prob,
                                 seed=cfg.seed, epoch=epoch, train=cfg.train, fixed_t=cfg.fixed_t,
-                                all_t=cfg.all_t, batch_index=int(batch_index), drop_partial=False)
+                                all_t=cfg.all_t, drop_partial=False, rng=np.random.default_rng(draw))
+            n = len(out["t"])
+            if n == 0:  # every image of the micro-batch failed to decode
+                continue
+            out.update(epoch=np.full(n, epoch, np.int64), unit=np.full(n, int(units.unit[i]), np.int64),
+                       index=np.full(n, b, np.int64))
+            yield out
 
 
-def build_degraded_dataset(storage, name: str, split: str, cfg: ReaderConfig, rmap):
-    """One row per micro-batch (images, degraded targets, t), for cfg.num_epochs epochs in sequence."""
-    import ray.data
+class DegradedStream:
+    """One rank's degraded micro-batches from `start` on, as a sequence of Ray Datasets ("chunks").
 
-    if rmap.image_size != cfg.image_size:
-        raise ValueError(f"ReaderConfig.image_size={cfg.image_size} but the resolution map is for "
-                         f"{rmap.image_size} px")
-    manifest = read_manifest_checked(storage, name, split)
-    epochs = range(cfg.epoch, cfg.epoch + cfg.num_epochs)
-    units = [u for e in epochs for u in plan_microbatches(manifest, cfg, e)]
-    if not units:
-        raise ValueError(f"{name}/{split} has fewer than micro_batch={cfg.micro_batch} images")
-    ds = ray.data.from_items(units, override_num_blocks=len(units))
-    ds = ds.map_batches(microbatch_task, batch_size=1, batch_format="numpy", num_cpus=cfg.num_cpus,
-                        fn_kwargs={"storage": storage, "rmap": rmap, "cfg": cfg})
-    if cfg.preserve_order:
-        ds.context.execution_options.preserve_order = True
-    return ds
+    Each chunk covers whole epochs and at least `min_chunk_units` windows, so the driver (here: the
+    train worker that builds it) holds O(windows of a chunk) small ints whatever the number of
+    epochs, and a chunk's boundary (a new Ray Dataset warming up) is rare. Order is preserved, so
+    "the last position consumed" says exactly what comes next (exact resume)."""
+
+    def __init__(self, storage, name: str, split: str, cfg: ReaderConfig, rmap, *, rank: int = 0,
+                 world: int = 1, start: Position | None = None, start_step: int = 0,
+                 manifest: dict | None = None, min_chunk_units: int = 64):
+        if rmap.image_size != cfg.image_size:
+            raise ValueError(f"ReaderConfig.image_size={cfg.image_size} but the resolution map is for "
+                             f"{rmap.image_size} px")
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} outside world size {world}")
+        self.storage, self.cfg, self.rmap, self.rank = storage, cfg, rmap, rank
+        manifest = manifest if manifest is not None else read_manifest_checked(storage, name, split)
+        self.plan = epoch_plan(manifest, cfg, world)
+        self.start = start or Position(cfg.epoch, 0, 0)
+        self.start_step = start_step
+        self.min_chunk_units = max(1, min_chunk_units)
+        if cfg.train and sum(self.plan.window_batch_count(self.start.epoch, w)
+                             for w in range(self.plan.num_windows)) == 0:
+            raise ValueError(f"{name}/{split}: no window of {self.plan.window_size} row groups holds "
+                             f"micro_batch={cfg.micro_batch} images; lower micro_batch or window_groups")
+
+    @property
+    def end_epoch(self) -> int | None:
+        return None if self.cfg.num_epochs is None else self.cfg.epoch + self.cfg.num_epochs
+
+    def chunk_units(self, first_epoch: int, step: int) -> tuple[ChunkUnits, int]:
+        """The next chunk's units from first_epoch on, and the stream index after its last batch."""
+        per_epoch = len(self.plan.rank_windows(first_epoch, self.rank))
+        n_epochs = max(1, -(-self.min_chunk_units // per_epoch))
+        if self.end_epoch is not None:
+            n_epochs = min(n_epochs, self.end_epoch - first_epoch)
+        rows = []
+        for e in range(first_epoch, first_epoch + n_epochs):
+            for u, w in enumerate(self.plan.rank_windows(e, self.rank)):
+                if (e, u) < (self.start.epoch, self.start.unit):
+                    continue
+                skip = self.start.batch if (e, u) == (self.start.epoch, self.start.unit) else 0
+                rows.append((e, u, w, skip, step))
+                if self.cfg.shared_t:  # only then is the per-window count needed (O(window) each)
+                    step += max(0, self.plan.window_batch_count(e, w) - skip)
+        arr = np.asarray(rows, np.int64).reshape(-1, 5)
+        return ChunkUnits(*(arr[:, k].copy() for k in range(5))), step
+
+    def build(self, units: ChunkUnits):
+        import ray.data
+
+        n = len(units.epoch)
+        ds = ray.data.range(n, override_num_blocks=n).map_batches(
+            window_task, batch_size=1, batch_format="numpy", num_cpus=self.cfg.num_cpus,
+            fn_kwargs={"storage": self.storage, "rmap": self.rmap, "cfg": self.cfg, "plan": self.plan,
+                       "units": units})
+        ds.context.execution_options.preserve_order = True  # exact resume needs the planned order
+        return ds
+
+    def datasets(self) -> Iterator:
+        """Chunk datasets in order, until cfg.num_epochs epochs (forever when it is None)."""
+        epoch, step = self.start.epoch, self.start_step
+        while self.end_epoch is None or epoch < self.end_epoch:
+            units, step = self.chunk_units(epoch, step)
+            if not len(units.epoch):
+                epoch += 1
+                continue
+            yield self.build(units)
+            epoch = int(units.epoch[-1]) + 1
+
+    def __iter__(self) -> Iterator[MicroBatch]:
+        for ds in self.datasets():
+            yield from iter_microbatches(ds, with_info=True)
+
+
+def build_degraded_dataset(storage, name: str, split: str, cfg: ReaderConfig, rmap, *, rank: int = 0,
+                           world: int = 1, start: Position | None = None):
+    """ONE Ray Dataset with rank's micro-batches of cfg.num_epochs epochs (evaluation, tests, benchmarks).
+
+    Training iterates a DegradedStream instead (chunked, so nothing is planned for epochs not reached)."""
+    if cfg.num_epochs is None:
+        raise ValueError("build_degraded_dataset needs a finite num_epochs; iterate a DegradedStream")
+    stream = DegradedStream(storage, name, split, cfg, rmap, rank=rank, world=world, start=start,
+                            min_chunk_units=1 << 62)
+    return next(stream.datasets())
 
 
 # ---- consumer ---------------------------------------------------------------------------------------
@@ -342,7 +419,10 @@ def row_to_microbatch(row: dict, device="cpu") -> MicroBatch:
         targets = torch.from_numpy(np.frombuffer(raw, np.float32).reshape(b, 3, c, c).copy()).to(device)
     labels = torch.from_numpy(np.frombuffer(row["labels"][0], np.int32).astype(np.int64)).to(device)
     keys = str(row["keys"][0]).split("\n")
-    return MicroBatch(images, targets, t, labels, keys, int(row["skipped"][0]))
+    pos = None
+    if "epoch" in row:
+        pos = Position(int(row["epoch"][0]), int(row["unit"][0]), int(row["index"][0]))
+    return MicroBatch(images, targets, t, labels, keys, int(row["skipped"][0]), pos)
 
 
 def iter_microbatches(ds_or_shard, device="cpu", *, with_info: bool = False, stats: dict | None = None,
