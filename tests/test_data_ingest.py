@@ -1,18 +1,34 @@
-"""Ingest on the real local S3 (SeaweedFS) with Ray tasks: counts, rejects, resume, checksums, sources."""
+"""Ingest on the real local S3 (SeaweedFS) with Ray tasks: counts, rejects, resume, checksums, sources,
+read errors (retried, then fatal; never a rejection), unreadable listings, 16-bit decode."""
 
 from __future__ import annotations
 
+import errno
 import io
+import os
+import re
+import struct
 import tarfile
+import zlib
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from detailflow.pipelines.data import synth
-from detailflow.pipelines.data.images import inspect_image
-from detailflow.pipelines.data.ingest import IngestConfig, IngestInterrupted, ingest, verify_dataset
+from detailflow.pipelines.data import sources, synth
+from detailflow.pipelines.data.images import decode_rgb, inspect_image
+from detailflow.pipelines.data.ingest import (
+    IngestConfig,
+    IngestInterrupted,
+    SourceReadError,
+    ingest,
+    plan_shards,
+    task_options,
+    verify_dataset,
+)
+from detailflow.pipelines.data.sources import Item, list_source
 from detailflow.platform.storage import ChecksumMismatch
 
 pytestmark = pytest.mark.integration
@@ -90,7 +106,11 @@ def test_manifest_counts_rejects_and_rows(planted, ingested, storage):
         w, h, _, _ = inspect_image(r["image"])
         assert (r["width"], r["height"]) == (w, h) == (24, 24)
         assert C[r["label"]] == r["key"].split("/")[0]
-    assert storage.read_manifest("datasets/planted/train")["files"].keys() == {s["name"] for s in m["shards"]}
+    vprefix = f"datasets/planted/train/v-{m['version']}"
+    assert all(s["key"] == f"{vprefix}/{s['name']}" for s in m["shards"])  # shards live in the version
+    assert storage.read_manifest("datasets/planted/train")["files"].keys() == {
+        f"v-{m['version']}/{s['name']}" for s in m["shards"]}
+    assert storage.read_manifest(vprefix) == m  # the version's immutable copy equals the pointer
 
 
 def test_crash_then_resume_gives_identical_manifest(planted, ingested, storage, ray_session):
@@ -99,7 +119,8 @@ def test_crash_then_resume_gives_identical_manifest(planted, ingested, storage, 
     with pytest.raises(IngestInterrupted):
         ingest(storage, str(root), cfg)
     assert storage.read_manifest("datasets/crashy/train") is None  # never a manifest for a partial set
-    done_keys = storage.list_keys("datasets/crashy/train/_done/")
+    # same input as `ingested` -> same content-addressed version
+    done_keys = storage.list_keys(f"datasets/crashy/train/v-{ingested['version']}/_done/")
     done_before = {k: storage.head(k)["LastModified"] for k in done_keys}
     assert len(done_before) >= 2
     cfg.fail_after_shards = None
@@ -164,3 +185,109 @@ def test_val_split_reuses_train_classes_and_labels_file(planted, ingested, stora
     assert m2["classes"] == C and m2["num_images"] == 5
     with pytest.raises(ValueError, match="--labels"):
         ingest(storage, str(flat), IngestConfig(name="planted", split="val3", use_ray=False))
+
+
+# ---- read errors, unreadable listings, high-depth decode ------------------------------------------
+def _small(root: Path, seed: int = 0) -> Path:
+    synth.write_folder(root, size=16, per_class=2, val_per_class=1, seed=seed)  # 20 x ~340 B
+    return root
+
+
+def test_persistent_read_error_fails_naming_the_path_and_leaves_no_marker(storage, ray_session, tmp_path):
+    root = _small(tmp_path / "src")
+    cfg = IngestConfig(name="readerr", split="train", shard_mb=0.002, max_in_flight=1)
+    items, _ = list_source(str(root), "train")
+    shards = plan_shards(items, int(cfg.shard_mb * 1024 * 1024), cfg.shuffle_seed)
+    assert len(shards) >= 3
+    victim = Path(shards[-1][0].location)
+    data, st = victim.read_bytes(), victim.stat()
+
+    def vanish(_n):  # driver side, after shard 0 and before the last shard is even submitted
+        victim.unlink(missing_ok=True)
+
+    with pytest.raises(SourceReadError, match=re.escape(str(victim))) as info:
+        ingest(storage, str(root), cfg, progress=vanish)
+    assert type(info.value) is SourceReadError  # the plain error, not a RayTaskError with a traceback
+    assert "FileNotFoundError" in str(info.value) and "4 attempt" in str(info.value)
+    assert storage.read_manifest("datasets/readerr/train") is None
+    done = {k.rsplit("/", 1)[1] for k in storage.list_keys("datasets/readerr/train/") if "/_done/" in k}
+    last = f"part-{len(shards) - 1:05d}.parquet"
+    assert "part-00000.parquet.json" in done and f"{last}.json" not in done  # not a "rejected" shard
+
+    victim.write_bytes(data)  # the fix: the file is back (same bytes and mtime -> same version)
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+    m = ingest(storage, str(root), cfg)
+    assert m["num_images"] == len(items) and m["num_rejected"] == 0
+    assert str(victim.relative_to(root / "train")) in {r["key"] for r in _rows(storage, m)}
+
+
+def test_transient_read_error_is_retried_and_the_image_ingested(storage, tmp_path, monkeypatch):
+    root = _small(tmp_path / "src")
+    items, _ = list_source(str(root), "train")
+    target, real, calls = items[3].key, sources.read_item, []
+
+    def flaky(item, st=None):  # fault injection on the real read path: EIO twice, then the real bytes
+        if item.key == target:
+            calls.append(item.key)
+            if len(calls) <= 2:
+                raise OSError(errno.EIO, "Input/output error (injected)", item.location)
+        return real(item, st)
+
+    monkeypatch.setattr(sources, "read_item", flaky)
+    m = ingest(storage, str(root), IngestConfig(name="flaky", split="train", use_ray=False))
+    assert len(calls) == 3 and m["num_rejected"] == 0 and m["num_images"] == len(items)
+    assert target in {r["key"] for r in _rows(storage, m)}
+
+
+def test_broken_symlink_and_fifo_are_rejected_at_listing_and_ray_ingests_the_rest(storage, ray_session,
+                                                                                   tmp_path):
+    root = _small(tmp_path / "src")
+    (root / "train" / C[0] / "dangling.png").symlink_to(tmp_path / "nowhere.png")
+    os.mkfifo(root / "train" / C[1] / "pipe.png")  # reading it would block the task forever
+    m = ingest(storage, str(root), IngestConfig(name="links", split="train"))  # Ray, pinned to this node
+    assert {r["key"]: r["reason"] for r in m["rejected"]} == {
+        f"{C[0]}/dangling.png": "broken symbolic link", f"{C[1]}/pipe.png": "not a regular file"}
+    assert m["num_images"] == 20 and len(_rows(storage, m)) == 20
+
+
+def test_local_source_tasks_are_pinned_to_the_driver_node(ray_session):
+    cfg = IngestConfig(name="x")
+    opts = task_options(cfg, [Item("a/b.png", "a", 1, "file", "/tmp/b.png")])
+    strategy = opts["scheduling_strategy"]
+    assert strategy.node_id == ray_session.get_runtime_context().get_node_id() and strategy.soft is False
+    assert "scheduling_strategy" not in task_options(cfg, [Item("a/b.png", "a", 1, "s3", "bkt/a/b.png")])
+    with pytest.raises(ValueError, match="stage the source on S3"):  # the driver node cannot host them
+        task_options(IngestConfig(name="x", task_cpus=10_000), [Item("a/b.png", "a", 1, "tar", "/t.tar")])
+
+
+def _png16(arr: np.ndarray, color_type: int) -> bytes:
+    """A 16-bit PNG written by hand (PIL cannot write 16-bit RGB)."""
+    def chunk(tag: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
+
+    h, w = arr.shape[:2]
+    raw = b"".join(b"\0" + arr[y].astype(">u2").tobytes() for y in range(h))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def _pil_bytes(arr: np.ndarray, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_high_depth_images_are_scaled_to_8_bits_not_clipped():
+    ramp = np.linspace(0, 65535, 32 * 32).reshape(32, 32)  # mean 32767.5 = mid-grey
+    cases = {
+        "I;16 png": _pil_bytes(ramp.astype(np.uint16), "PNG"),
+        "I;16 tiff": _pil_bytes(ramp.astype(np.uint16), "TIFF"),
+        "I tiff (int32, 16-bit range)": _pil_bytes(ramp.astype(np.int32), "TIFF"),
+        "F tiff in [0, 1]": _pil_bytes((ramp / 65535).astype(np.float32), "TIFF"),
+        "16-bit RGB png": _png16(np.repeat(ramp[..., None], 3, axis=2).astype(np.uint16), 2),
+    }
+    for name, data in cases.items():
+        img = decode_rgb(data)
+        mean = np.asarray(img, np.float64).mean()
+        opened = Image.open(io.BytesIO(data)).mode
+        assert img.mode == "RGB" and abs(mean - 127.5) < 1.275, (name, opened, mean)  # within 1%

@@ -76,7 +76,8 @@ def import_idx_cmd(images_idx, labels_idx, out, split, size, limit):
 
 @data.command("ingest")
 @click.argument("src")
-@click.option("--name", required=True, help="Dataset name: s3://<bucket>/datasets/<name>/<split>/.")
+@click.option("--name", required=True,
+              help="Dataset name: s3://<bucket>/datasets/<name>/<split>/v-<version>/ + _manifest.json.")
 @click.option("--split", default="train", show_default=True, help="Split to ingest (folder under SRC).")
 @click.option("--shard-mb", default=256.0, show_default=True, type=click.FloatRange(min=0.001),
               help="Target shard size in MB.")
@@ -91,7 +92,7 @@ def ingest_cmd(src, name, split, shard_mb, labels, classes_from, seed, verify_ex
     """Ingest SRC (folder, tar file(s) or s3:// prefix) into Parquet shards + _manifest.json."""
     from tqdm import tqdm
 
-    from detailflow.pipelines.data.ingest import IngestConfig, ingest
+    from detailflow.pipelines.data.ingest import IngestConfig, SourceReadError, ingest
     from detailflow.platform.storage import Storage
 
     cfg = IngestConfig(name=name, split=split, shard_mb=shard_mb, labels=labels,
@@ -101,11 +102,11 @@ def ingest_cmd(src, name, split, shard_mb, labels, classes_from, seed, verify_ex
     try:
         with tqdm(desc=f"ingest {name}/{split}", unit="img") as bar:
             manifest = ingest(storage, src, cfg, progress=bar.update)
-    except ValueError as e:
+    except (ValueError, SourceReadError) as e:  # SourceReadError: a re-run resumes after the fix
         raise click.ClickException(str(e)) from e
     click.echo(f"{manifest['num_images']} images, {manifest['num_classes']} classes, "
                f"{len(manifest['shards'])} shards, {manifest['num_rejected']} rejected -> "
-               f"{storage.uri(cfg.prefix)}/_manifest.json")
+               f"{storage.uri(cfg.prefix)}/_manifest.json (version {manifest['version']})")
     for r in manifest["rejected"][:10]:
         click.echo(f"  rejected {r['key']}: {r['reason']}")
 

@@ -2,13 +2,17 @@
 
 Usage:
     from detailflow.pipelines.data.images import decode_rgb, random_resized_crop, center_crop, row_rng
-    img = decode_rgb(jpeg_bytes)                          # PIL RGB (CMYK/L/P/PNG-in-.JPEG converted)
+    img = decode_rgb(jpeg_bytes)                          # PIL RGB (CMYK/L/P/16-bit/PNG-in-.JPEG)
     rng = row_rng(seed, epoch, key)                       # per-image generator: scheduling-independent
     arr_CHW = random_resized_crop(img, 256, rng)          # ADM crop + flip, uint8 3 x 256 x 256
     arr_CHW = center_crop(img, 256)                       # eval: uint8 3 x 256 x 256
 
 The ADM recipe (spec §1.11): short side -> uniform integer in [res, 1.25 res]; box-halving while the
 image is at least twice that size, then bicubic; random res x res crop; horizontal flip with p = 0.5.
+
+High-depth single-channel modes (16-bit grey PNG/TIFF opens as "I;16", int32 as "I", float as "F")
+are scaled to 8 bits, because PIL's own convert() clips them at 255 (a mid-grey 16-bit PNG would
+decode almost white). 16-bit RGB(A) PNGs already open as 8-bit "RGB"/"RGBA" (PIL keeps the high byte).
 """
 
 from __future__ import annotations
@@ -54,6 +58,22 @@ def inspect_image(data: bytes) -> tuple[int, int, str, str]:
         raise DecodeError(_reason(e)) from e
 
 
+def _high_depth_to_l(img: Image.Image) -> Image.Image:
+    """I;16* / I / F -> 8-bit "L", scaled by the container's range rather than clipped."""
+    a = np.asarray(img, dtype=np.float64)
+    if img.mode.startswith("I;16"):
+        top = 65535.0
+    elif img.mode == "F" and a.size and a.min() >= 0 and a.max() <= 1.0:
+        top = 1.0  # float images are conventionally in [0, 1]
+    else:
+        # "I" / out-of-range "F" do not record their bit depth: take the smallest of 8/16/32 bits
+        # that holds the maximum (a 16-bit PNG opened as "I" by older PIL lands on 16)
+        peak = float(a.max()) if a.size else 0.0
+        top = 255.0 if peak <= 255 else 65535.0 if peak <= 65535 else 2.0 ** 31 - 1
+    out = np.clip(np.rint(a * (255.0 / top)), 0, 255).astype(np.uint8)
+    return Image.fromarray(out, mode="L")
+
+
 def decode_rgb(data: bytes, draft_size: int | None = None) -> Image.Image:
     """Decode to an RGB PIL image. draft_size lets the JPEG decoder scale by 1/2..1/8 (DCT scaling)
     while keeping the short side >= draft_size, which is much cheaper for large photos."""
@@ -69,10 +89,12 @@ def decode_rgb(data: bytes, draft_size: int | None = None) -> Image.Image:
                 if scale < 0.5:
                     img.draft("RGB", (max(1, int(w * scale + 0.999)), max(1, int(h * scale + 0.999))))
             img.load()
+            if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+                img = _high_depth_to_l(img)
             if img.mode == "P" or img.mode == "LA" or img.mode == "PA":
                 img = img.convert("RGBA")
             if img.mode != "RGB":
-                img = img.convert("RGB")  # CMYK, L, I;16, RGBA (alpha dropped), YCbCr ...
+                img = img.convert("RGB")  # CMYK, L, RGBA (alpha dropped), YCbCr ...
             return img
     except Exception as e:
         raise DecodeError(_reason(e)) from e

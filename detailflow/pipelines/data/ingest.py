@@ -1,4 +1,4 @@
-"""Ingest an image collection into Parquet shards on S3, publishing `_manifest.json` LAST.
+"""Ingest an image collection into an immutable, versioned set of Parquet shards on S3.
 
 Usage:
     detailflow data ingest /data/imagenet --name imagenet --split train          # train/<wnid>/*.JPEG
@@ -8,27 +8,44 @@ Usage:
     from detailflow.pipelines.data.ingest import IngestConfig, ingest
     manifest = ingest(storage, "/tmp/shapes", IngestConfig(name="shapes", split="train"))
 
-Output: s3://<bucket>/datasets/<name>/<split>/part-NNNNN.parquet with columns key (string),
-label (int32), image (binary, the original encoded bytes), width, height (int32).
+Output: s3://<bucket>/datasets/<name>/<split>/v-<version>/part-NNNNN.parquet with columns key
+(string), label (int32), image (binary, the original encoded bytes), width, height (int32).
+
+Versions: <version> is a short hash of everything that decides the shards' bytes (every shard's
+key digest, which covers key, size and mtime/ETag of each file; row_group_rows; FORMAT; the class
+list; the listing-time rejections). The same input therefore resumes into the same prefix, and a
+different input writes a new prefix and never touches files that an existing manifest points to.
+Publish order: shards + `_done/` markers, then `v-<version>/_manifest.json` (the version's
+immutable copy, never rewritten), then LAST the pointer `datasets/<name>/<split>/_manifest.json`
+(same content: `version`, full shard `key`s, `files` named relative to the split prefix). A reader
+that opened the old pointer keeps reading the old, unchanged shards while a new version is written.
+Old versions are not deleted here.
 
 Resumable: the shard plan is a pure function of the sorted file list (seeded permutation, then
 greedy fill to the target size), each shard is one atomic PUT followed by a `_done/part-NNNNN.json`
 marker carrying its sha256 and the digest of its keys, and a re-run skips shards whose marker
-matches. The manifest is written only after every shard is done, so it never lists a missing or
-partial shard. Every image is fully decoded once here; bad files are rejected with a reason.
+matches. Every image is fully decoded once here; undecodable files are rejected with a reason.
+Read errors (OSError, S3 timeouts/throttling) are retried with backoff and then FAIL the shard
+task with the path and cause: they are never recorded as rejections and leave no done marker, so a
+re-run retries them. Local-folder/tar shard tasks are pinned to the driver's node (the only node
+that can see those paths).
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
+import random
+import time
 from dataclasses import dataclass
 
 import numpy as np
 
+from detailflow.pipelines.data import sources
 from detailflow.pipelines.data.images import DecodeError, inspect_image
-from detailflow.pipelines.data.sources import Item, list_source, read_item
+from detailflow.pipelines.data.sources import Item, list_source
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +67,7 @@ class IngestConfig:
     max_in_flight: int = 8  # shard tasks submitted at once (bounds driver and object-store memory)
     verify_existing: bool = False  # re-download and hash already-done shards instead of trusting markers
     fail_after_shards: int | None = None  # testing hook: raise after this many shards this run
+    read_attempts: int = 4  # tries per source file on read errors before the ingest fails
 
     @property
     def prefix(self) -> str:
@@ -60,8 +78,18 @@ class IngestInterrupted(RuntimeError):
     """Raised by the fail_after_shards testing hook (simulates a crash before the manifest)."""
 
 
+class SourceReadError(RuntimeError):
+    """A source file could not be read even after retries: the ingest fails (never a rejection)."""
+
+
 def dataset_prefix(name: str, split: str) -> str:
+    """Where the split's pointer manifest lives."""
     return f"datasets/{name}/{split}"
+
+
+def version_prefix(name: str, split: str, version: str) -> str:
+    """Where one version's shards, done markers and immutable manifest live."""
+    return f"{dataset_prefix(name, split)}/v-{version}"
 
 
 def shard_name(index: int) -> str:
@@ -87,8 +115,15 @@ def plan_shards(items: list[Item], target_bytes: int, seed: int) -> list[list[It
 def keys_digest(items: list[Item]) -> str:
     h = hashlib.sha256()
     for it in items:
-        h.update(it.key.encode() + b"\0" + str(it.size).encode() + b"\n")
+        h.update(it.key.encode() + b"\0" + str(it.size).encode() + b"\0" + it.stamp.encode() + b"\n")
     return h.hexdigest()
+
+
+def dataset_version(digests: list[str], row_group_rows: int, classes: list[str], ignored: list[dict]) -> str:
+    """Content address of a split's shard set: equal inputs give equal versions (and resume)."""
+    blob = json.dumps({"format": FORMAT, "row_group_rows": row_group_rows, "classes": classes,
+                       "digests": digests, "ignored": ignored}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def _encode_table(rows: list[tuple], row_group_rows: int) -> bytes:
@@ -109,9 +144,33 @@ def _encode_table(rows: list[tuple], row_group_rows: int) -> bytes:
     return buf.getvalue()
 
 
+def read_with_retries(item: Item, storage, attempts: int = 4, base_delay: float = 0.25) -> bytes:
+    """The item's bytes; OSError and transient S3 errors are retried with backoff, then (like any
+    other S3 error) raised as SourceReadError naming the path and cause."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from detailflow.platform.storage import _is_transient
+
+    for attempt in range(1, attempts + 1):
+        try:
+            # looked up on the module (not imported by name) so tests can inject read faults
+            return sources.read_item(item, storage)
+        except (OSError, BotoCoreError, ClientError) as e:
+            if attempt == attempts or not (isinstance(e, OSError) or _is_transient(e)):
+                raise SourceReadError(f"cannot read {sources.describe(item)} (key {item.key}) after "
+                                      f"{attempt} attempt(s): {type(e).__name__}: {e}") from e
+            delay = base_delay * 2 ** (attempt - 1) * (0.5 + random.random())
+            log.warning("read %s failed (%s), retry %d/%d in %.2fs", sources.describe(item), e, attempt,
+                        attempts - 1, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
 def write_shard(storage, prefix: str, index: int, items: list[Item], class_to_index: dict[str, int],
-                digest: str, row_group_rows: int = 64) -> dict:
-    """Decode-check every item, write the shard object, then its done marker. Returns the marker."""
+                digest: str, row_group_rows: int = 64, read_attempts: int = 4) -> dict:
+    """Decode-check every item, write the shard object, then its done marker. Returns the marker.
+
+    A read failure raises SourceReadError before anything is written, so the shard has no marker."""
     rows, rejected = [], []
     counts: dict[str, int] = {}
     for it in items:
@@ -121,14 +180,11 @@ def write_shard(storage, prefix: str, index: int, items: list[Item], class_to_in
         if it.class_name not in class_to_index:
             rejected.append({"key": it.key, "reason": f"class {it.class_name!r} not in the class list"})
             continue
+        data = read_with_retries(it, storage, read_attempts)  # read errors fail the task, never reject
         try:
-            data = read_item(it, storage)
             w, h, _, _ = inspect_image(data)
-        except DecodeError as e:
+        except DecodeError as e:  # the bytes were read and are not an image: a permanent rejection
             rejected.append({"key": it.key, "reason": str(e)})
-            continue
-        except OSError as e:  # unreadable source file: reject, never abort the whole ingest
-            rejected.append({"key": it.key, "reason": f"read failed: {e}"})
             continue
         rows.append((it.key, class_to_index[it.class_name], data, w, h))
         counts[it.class_name] = counts.get(it.class_name, 0) + 1
@@ -197,7 +253,29 @@ def ensure_ray(settings=None) -> None:
         ray.init(address=address, log_to_driver=False)
 
 
-def _run_shards(storage, cfg: IngestConfig, todo: list[tuple[int, list[Item], str]],
+def task_options(cfg: IngestConfig, items: list[Item]) -> dict:
+    """Ray options for the shard tasks. Local paths exist only on the driver's machine, so shard
+    tasks reading them are pinned to the driver's node (hard affinity); refuse when that cannot work."""
+    import ray
+
+    opts = {"num_cpus": cfg.task_cpus, "max_retries": 2}
+    if not any(it.kind in ("file", "tar") for it in items):
+        return opts
+    stage = "stage the source on S3 (e.g. `aws s3 sync SRC s3://BUCKET/raw/NAME`) and ingest the s3:// URI"
+    if ray.util.client.ray.is_connected():
+        raise ValueError(f"a local source cannot be read through a Ray Client (ray://) connection: {stage}, "
+                         "or run with --local")
+    node_id = ray.get_runtime_context().get_node_id()
+    node = next((n for n in ray.nodes() if n["NodeID"] == node_id and n.get("Alive")), {})
+    if node.get("Resources", {}).get("CPU", 0) < cfg.task_cpus:
+        raise ValueError(f"a local source can only be read on the driver's node, which has no CPU for the "
+                         f"shard tasks: {stage}, or run with --local")
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return {**opts, "scheduling_strategy": NodeAffinitySchedulingStrategy(node_id, soft=False)}
+
+
+def _run_shards(storage, cfg: IngestConfig, prefix: str, todo: list[tuple[int, list[Item], str]],
                 class_to_index: dict[str, int], progress) -> dict[int, dict]:
     done: dict[int, dict] = {}
 
@@ -208,24 +286,32 @@ def _run_shards(storage, cfg: IngestConfig, todo: list[tuple[int, list[Item], st
         if cfg.fail_after_shards is not None and len(done) >= cfg.fail_after_shards:
             raise IngestInterrupted(f"injected failure after {len(done)} shards")
 
+    kwargs = {"row_group_rows": cfg.row_group_rows, "read_attempts": cfg.read_attempts}
     if not cfg.use_ray:
         for index, items, digest in todo:
-            finished(write_shard(storage, cfg.prefix, index, items, class_to_index, digest,
-                                 cfg.row_group_rows))
+            finished(write_shard(storage, prefix, index, items, class_to_index, digest, **kwargs))
+        return done
+    if not todo:
         return done
     import ray
 
     ensure_ray(storage.settings)
-    remote = ray.remote(num_cpus=cfg.task_cpus, max_retries=2)(write_shard)
+    remote = ray.remote(write_shard).options(**task_options(cfg, [it for _, s, _ in todo for it in s]))
     pending, queue = [], list(todo)
     try:
         while queue or pending:
             while queue and len(pending) < cfg.max_in_flight:
                 index, items, digest = queue.pop(0)
-                pending.append(remote.remote(storage, cfg.prefix, index, items, class_to_index, digest,
-                                             cfg.row_group_rows))
+                pending.append(remote.remote(storage, prefix, index, items, class_to_index, digest,
+                                             **kwargs))
             ready, pending = ray.wait(pending, num_returns=1)
-            finished(ray.get(ready[0]))
+            try:
+                marker = ray.get(ready[0])
+            except ray.exceptions.RayTaskError as err:
+                if isinstance(err.cause, SourceReadError):  # the plain message, not a remote traceback
+                    raise err.cause from None
+                raise
+            finished(marker)
     except BaseException:
         for ref in pending:
             ray.cancel(ref)
@@ -248,48 +334,58 @@ def ingest(storage, src: str, cfg: IngestConfig, progress=None) -> dict:
     class_to_index = {c: i for i, c in enumerate(classes)}
     shards = plan_shards(items, int(cfg.shard_mb * 1024 * 1024), cfg.shuffle_seed)
     digests = [keys_digest(s) for s in shards]
+    version = dataset_version(digests, cfg.row_group_rows, classes, ignored)
+    vprefix = version_prefix(cfg.name, cfg.split, version)
 
     markers: dict[int, dict] = {}
     todo = []
     for i, (shard, digest) in enumerate(zip(shards, digests, strict=True)):
-        marker = _read_marker(storage, cfg.prefix, shard_name(i))
-        if _marker_valid(storage, cfg.prefix, marker, digest, cfg.verify_existing):
+        marker = _read_marker(storage, vprefix, shard_name(i))
+        if _marker_valid(storage, vprefix, marker, digest, cfg.verify_existing):
             markers[i] = marker
         else:
             todo.append((i, shard, digest))
     if progress is not None and markers:
         progress(sum(m["rows"] + len(m["rejected"]) for m in markers.values()))
-    log.info("ingest %s/%s: %d files, %d shards (%d already done)", cfg.name, cfg.split, len(items),
-             len(shards), len(markers))
-    markers.update(_run_shards(storage, cfg, todo, class_to_index, progress))
+    log.info("ingest %s/%s v-%s: %d files, %d shards (%d already done)", cfg.name, cfg.split, version,
+             len(items), len(shards), len(markers))
+    markers.update(_run_shards(storage, cfg, vprefix, todo, class_to_index, progress))
 
-    manifest = build_manifest(cfg, src, classes, [markers[i] for i in range(len(shards))], ignored)
-    existing = storage.read_manifest(cfg.prefix)
-    if existing == manifest:
-        return existing
-    storage.publish_manifest(cfg.prefix, manifest)
+    # the version's own manifest first: immutable, so an existing one (first ingest's `source`) wins.
+    # Every shard it lists was just PUT or HEAD-checked by _marker_valid, so none is missing.
+    version_key = storage.manifest_key(vprefix)
+    if storage.exists(version_key):
+        manifest = storage.get_json(version_key)
+    else:
+        manifest = build_manifest(cfg, src, classes, [markers[i] for i in range(len(shards))], ignored,
+                                  version)
+        storage.put_json(version_key, manifest)
+    if storage.read_manifest(cfg.prefix) != manifest:  # the pointer LAST (it re-checks `files` exist)
+        storage.publish_manifest(cfg.prefix, manifest)
     return manifest
 
 
 def build_manifest(cfg: IngestConfig, src: str, classes: list[str], markers: list[dict],
-                   ignored: list[dict]) -> dict:
+                   ignored: list[dict], version: str) -> dict:
     counts = {c: 0 for c in classes}
     rejected = list(ignored)
     shards, files = [], {}
+    vprefix = version_prefix(cfg.name, cfg.split, version)
     for m in markers:
         rejected += m["rejected"]
         for c, n in m["counts"].items():
             counts[c] += n
         if m["rows"]:
-            shards.append({"name": m["name"], "key": f"{cfg.prefix}/{m['name']}", "sha256": m["sha256"],
+            shards.append({"name": m["name"], "key": f"{vprefix}/{m['name']}", "sha256": m["sha256"],
                            "rows": m["rows"], "bytes": m["bytes"], "row_groups": m["row_groups"],
                            "row_group_rows": m["row_group_rows"]})
-            files[m["name"]] = {"sha256": m["sha256"], "size": m["bytes"]}
+            files[f"v-{version}/{m['name']}"] = {"sha256": m["sha256"], "size": m["bytes"]}
     rejected.sort(key=lambda r: r["key"])
     return {
         "format": FORMAT,
         "name": cfg.name,
         "split": cfg.split,
+        "version": version,
         "source": src,
         "columns": COLUMNS,
         "num_classes": len(classes),
@@ -301,7 +397,7 @@ def build_manifest(cfg: IngestConfig, src: str, classes: list[str], markers: lis
         "shard_target_mb": cfg.shard_mb,
         "shuffle_seed": cfg.shuffle_seed,
         "shards": shards,
-        "files": files,  # Storage.publish_manifest checks each of these exists before publishing
+        "files": files,  # relative to the split prefix; publish_manifest checks each exists first
     }
 
 

@@ -2,6 +2,9 @@
 
 Usage:
     detailflow data show shapes --split train --out shapes_train.png --per-class 8
+
+Reads the split's pointer manifest (the current version; manifests from before versioning have no
+`version`) and opens shards by their full `key`, so it works for any version layout.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ def summary_lines(manifest: dict, max_classes: int = 20, max_rejected: int = 10)
     m = manifest
     mb = sum(s["bytes"] for s in m["shards"]) / 1e6
     lines = [
-        f"dataset {m['name']}/{m['split']}  ({m['format']}, source {m['source']})",
+        f"dataset {m['name']}/{m['split']}  version {m.get('version', '-')}  ({m['format']}, "
+        f"source {m['source']})",
         f"images {m['num_images']}  classes {m['num_classes']}  shards {len(m['shards'])}  "
         f"bytes {mb:.1f} MB  rejected {m['num_rejected']}",
     ]

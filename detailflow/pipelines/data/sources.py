@@ -8,12 +8,18 @@ Usage:
 
 An Item knows its key (relative path, unique), class name, byte size and where the bytes live: a
 local file, an S3 object, or a byte range inside an uncompressed tar (local or on S3; tars inside a
-tar, as in ILSVRC2012_img_train.tar, are followed one level and named by their stem).
+tar, as in ILSVRC2012_img_train.tar, are followed one level and named by their stem), plus a
+`stamp` (mtime / ETag) so an edited file changes the ingest's shard digests and hence its version.
+
+Local files that cannot be ingested are listed as rejected with a reason ("broken symbolic link",
+"permission denied", "not a regular file"), never a crash: one dangling link must not abort a
+1.28M-file listing. A FIFO is refused here because reading one would block the shard task forever.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -30,6 +36,7 @@ class Item:
     location: str  # local path, or "bucket/key"
     offset: int = 0  # byte offset inside a tar container
     ext_ok: bool = True  # False for files whose extension is not an image type (rejected at ingest)
+    stamp: str = ""  # mtime_ns (file), ETag (s3) or member mtime (tar): part of the shard digest
 
 
 def parse_s3(uri: str) -> tuple[str, str]:
@@ -60,21 +67,22 @@ def _apply_labels(items: list[Item], labels: dict[str, str] | None) -> tuple[lis
         if cls is None:
             ignored.append({"key": it.key, "reason": "no label in labels file"})
         else:
-            kept.append(Item(f"{cls}/{name}", cls, it.size, it.kind, it.location, it.offset, it.ext_ok))
+            kept.append(Item(f"{cls}/{name}", cls, it.size, it.kind, it.location, it.offset, it.ext_ok,
+                             it.stamp))
     return kept, ignored
 
 
 def _from_relpaths(entries, kind: str) -> tuple[list[Item], list[dict]]:
-    """entries: (relative posix path below the split root, size, location). Class = first directory."""
+    """entries: (relative posix path below the split root, size, location, stamp). Class = first dir."""
     items, ignored = [], []
-    for rel, size, loc in entries:
+    for rel, size, loc, stamp in entries:
         parts = PurePosixPath(rel).parts
         ext_ok = PurePosixPath(rel).suffix.lower() in IMAGE_EXTS
         if len(parts) == 1:
             # flat split folder (e.g. ImageNet val without class folders): a labels file must name classes
-            items.append(Item(rel, None, size, kind, loc, 0, ext_ok))
+            items.append(Item(rel, None, size, kind, loc, 0, ext_ok, stamp))
         elif len(parts) == 2:
-            items.append(Item(rel, parts[0], size, kind, loc, 0, ext_ok))
+            items.append(Item(rel, parts[0], size, kind, loc, 0, ext_ok, stamp))
         else:
             ignored.append({"key": rel, "reason": "nested deeper than <class>/<file>"})
     return items, ignored
@@ -96,7 +104,7 @@ def _tar_members(fileobj, container: str, kind: str, base: int = 0, stem: str | 
             cls = p.parent.name or stem
             key = f"{cls}/{p.name}" if cls else p.name
             items.append(Item(key, cls, m.size, kind, container, base + m.offset_data,
-                              p.suffix.lower() in IMAGE_EXTS))
+                              p.suffix.lower() in IMAGE_EXTS, str(m.mtime)))
     return items
 
 
@@ -113,7 +121,24 @@ def _s3_objects(storage, bucket: str, prefix: str):
     paginator = storage.client.get_paginator("list_objects_v2")
     for page in paginator.paginate(Bucket=bucket, Prefix=prefix.rstrip("/") + "/" if prefix else ""):
         for obj in page.get("Contents", []):
-            yield obj["Key"], int(obj["Size"])
+            yield obj["Key"], int(obj["Size"]), obj.get("ETag", "").strip('"')
+
+
+def _local_problem(full: Path) -> tuple[os.stat_result | None, str | None]:
+    """(stat, None) for a readable regular file, else (None, reason to list it as rejected)."""
+    try:
+        st = full.stat()  # follows links: a dangling one raises FileNotFoundError here
+    except FileNotFoundError:
+        return None, "broken symbolic link" if full.is_symlink() else "file vanished while listing"
+    except PermissionError:
+        return None, "permission denied"
+    except OSError as e:  # e.g. a symlink loop
+        return None, f"cannot stat: {e.strerror or e}"
+    if not stat.S_ISREG(st.st_mode):
+        return None, "not a regular file"
+    if not os.access(full, os.R_OK):  # always True for root; catches chmod 000 for everyone else
+        return None, "permission denied"
+    return st, None
 
 
 def list_source(src: str, split: str, storage=None,
@@ -127,7 +152,7 @@ def list_source(src: str, split: str, storage=None,
         objs = list(_s3_objects(storage, bucket, prefix))
         if not objs:
             raise FileNotFoundError(f"no objects under {src}")
-        tars = [(k, s) for k, s in objs if k.endswith(".tar")]
+        tars = [(k, s) for k, s, _ in objs if k.endswith(".tar")]
         if tars:
             items = []
             for k, _ in sorted(tars):  # one streaming pass per tar to learn the member offsets
@@ -136,10 +161,10 @@ def list_source(src: str, split: str, storage=None,
             ignored: list[dict] = []
         else:
             root = f"{prefix}/{split}" if prefix else split
-            under = [(k, s) for k, s in objs if k.startswith(root + "/")]
+            under = [o for o in objs if o[0].startswith(root + "/")]
             root = root if under else prefix
             under = under or objs
-            entries = [(k[len(root) + 1:] if root else k, s, f"{bucket}/{k}") for k, s in under]
+            entries = [(k[len(root) + 1:] if root else k, s, f"{bucket}/{k}", etag) for k, s, etag in under]
             items, ignored = _from_relpaths(entries, "s3")
     else:
         path = Path(src)
@@ -152,17 +177,22 @@ def list_source(src: str, split: str, storage=None,
             ignored = []
         else:
             root = path / split if (path / split).is_dir() else path
-            entries = []
+            entries, unreadable = [], []
             for dirpath, _, files in os.walk(root):
                 for fn in files:
                     full = Path(dirpath) / fn
                     rel = full.relative_to(root).as_posix()
                     if PurePosixPath(rel).name.startswith("."):
                         continue
-                    entries.append((rel, full.stat().st_size, str(full)))
+                    st, problem = _local_problem(full)
+                    if problem:
+                        unreadable.append({"key": rel, "reason": problem})
+                    else:
+                        entries.append((rel, st.st_size, str(full), str(st.st_mtime_ns)))
             if not entries:
-                raise FileNotFoundError(f"no files under {root}")
+                raise FileNotFoundError(f"no readable files under {root}")
             items, ignored = _from_relpaths(entries, "file")
+            ignored += unreadable
     items, more = _apply_labels(items, label_map)
     ignored += more
     unlabeled = [it for it in items if it.class_name is None]
@@ -174,6 +204,14 @@ def list_source(src: str, split: str, storage=None,
         if a.key == b.key:
             raise ValueError(f"duplicate key {a.key!r} in source {src}")
     return items, ignored
+
+
+def describe(item: Item) -> str:
+    """Where the item's bytes live, for error messages."""
+    if item.kind == "file":
+        return item.location
+    where = item.location if item.kind == "tar" else f"s3://{item.location}"
+    return f"{where} @ byte {item.offset}" if item.kind.endswith("tar") else where
 
 
 def read_item(item: Item, storage=None) -> bytes:
