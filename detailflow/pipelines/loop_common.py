@@ -126,13 +126,37 @@ class WorkerContext:
                    resolved: dict, data_position: dict | None = None,
                    extra_files: dict[str, bytes] | None = None) -> None:
         run_id = self.broadcast(tracker.run_id)
-        client_state = {"step": step, "mlflow_run_id": run_id, "data_position": data_position or {},
+        # every rank reads its own part of the data plan: the checkpoint keeps each rank's position
+        positions = self.all_gather(data_position or {})
+        client_state = {"step": step, "mlflow_run_id": run_id, "data_positions": positions,
                         "config": resolved, "run_name": self.run_name}
         checkpoints.save_and_report(engines, {**metrics, "step": step}, client_state=client_state,
-                                    extra_files=extra_files,
+                                    extra_files=extra_files, tracker=tracker,  # rank 0 logs it to MLflow
                                     config={"_in_process": self.world == 1 and _in_process(),
                                             "_settings": self.settings, "_run_name": self.run_name,
                                             "_storage_path": f"{self.settings.s3_bucket}/runs"})
+
+    def data_position(self, state: dict) -> dict | None:
+        """This rank's data position from a restored client_state (None on a fresh start, or when
+        the world size changed: the per-rank plans differ then, so the stream restarts its epoch)."""
+        positions = state.get("data_positions") or []
+        if len(positions) != self.world:
+            if positions:
+                print(f"[detailflow] world size changed {len(positions)} -> {self.world}: rank {self.rank} "
+                      "restarts the data epoch of rank 0's position", flush=True)
+                return {"epoch": int(positions[0].get("epoch", 0)), "restart_epoch": True}
+            return None
+        return positions[self.rank] or None
+
+    def all_gather(self, obj) -> list:
+        """[rank 0's obj, rank 1's obj, ...] on every rank."""
+        import torch.distributed as dist
+
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return [obj]
+        out = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
 
     def broadcast(self, obj):
         """rank 0's value on every rank (the MLflow run id lives only on rank 0)."""

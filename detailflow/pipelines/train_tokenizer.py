@@ -8,8 +8,10 @@ Usage:
     from detailflow.pipelines.train_tokenizer import TokenizerStageConfig, run
     info = run(TokenizerStageConfig(model="smoke", dataset="shapes"), settings)
 
-Each step takes ONE micro-batch row (images, targets at c(t), t) from the reader, agrees on t across
-ranks (rank 0's draw; other ranks re-degrade if theirs differs, so every rank runs the same graph),
+Each worker streams its own part of the data plan (DegradedStream, rank r of world) and each step
+takes ONE micro-batch (images, targets at c(t), t) with the t its own reader drew (spec §1.6; under
+ZeRO-3 the reader draws it from the step, equal on all ranks); a checkpoint records every rank's
+plan position, so a restarted worker group continues with the next micro-batch not yet consumed. It
 calls DetailFlowTokenizer.training_step through the DeepSpeed engine, and steps the LR schedule of
 spec §1.11. Rank 0 logs to MLflow; every eval_every steps a PNG of reconstructions with their
 coarse-to-fine prefix strips. The final checkpoint is consolidated (zero_to_fp32) into
@@ -19,7 +21,6 @@ s3://<bucket>/runs/<run>/export/{model.safetensors, config.json}.
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from dataclasses import dataclass, field
 
@@ -55,6 +56,9 @@ class TokenizerStageConfig(DistributedStageConfig):
     log_every: int = 10  # steps between MLflow metric writes
     eval_images: int = 6  # rows in the reconstruction PNG
     experiment: str = "detailflow-tokenizer"  # MLflow experiment
+    window_groups: int = 16  # reader: row groups mixed into each micro-batch (one Ray task each)
+    reader_cpus: float = 0.5  # reader: CPUs per Ray Data task (fractional: trainers never starve it)
+    consumed_log: str = ""  # test hook: each rank appends "step epoch unit batch" per step to <path>.rank<r>
 
 
 def tokenizer_config(cfg: TokenizerStageConfig):
@@ -82,27 +86,31 @@ class DiscriminatorStep(nn.Module):
         return discriminator_step(self.disc, real, fake, step, self.tok_cfg)
 
 
-def _stream(shard, device):
-    """Micro-batches forever (a finished pass starts the next epoch of the shard)."""
-    from detailflow.pipelines.data.reader import iter_microbatches
+def _stream(cfg: TokenizerStageConfig, ctx, rmap, state: dict):
+    """This rank's micro-batches forever, from the position after the one the checkpoint consumed.
 
-    while True:
-        empty = True
-        for mb in iter_microbatches(shard, device="cpu"):
-            empty = False
-            yield mb
-        if empty:
-            raise RuntimeError("the training dataset shard is empty (too few images for micro_batch?)")
+    Every rank reads its own windows of the plan and keeps the t its reader drew (spec §1.6: one draw
+    per GPU process, shared by the local batch): ZeRO-0/2 reduce gradients, not activations, so ranks
+    may run different t. ZeRO-3 gathers parameters module by module, and t = 1 skips the
+    self-correction pass (fewer gathers on that rank), so under ZeRO-3 the reader draws t from the
+    step instead (shared_t): equal on every rank, drawn once, never re-degraded."""
+    from detailflow.pipelines.data.plan import Position, next_position
+    from detailflow.pipelines.data.reader import DegradedStream, ReaderConfig
+    from detailflow.platform.storage import Storage
 
-
-def _agree_on_t(ctx, img, target, t, rmap):
-    """Use rank 0's prefix length everywhere; re-degrade locally where the draw differs."""
-    from detailflow.models.degrade import degrade_to_prefix
-
-    t0 = int(ctx.broadcast(int(t)))
-    if t0 != t:
-        target = degrade_to_prefix(img.float(), t0, rmap).to(img.dtype)
-    return target, t0
+    reader = ReaderConfig(image_size=rmap.image_size, micro_batch=cfg.micro_batch,
+                          degrade_prob=tokenizer_config(cfg).degrade_prob, seed=cfg.seed, train=True,
+                          num_epochs=None, window_groups=cfg.window_groups, num_cpus=cfg.reader_cpus,
+                          shared_t=cfg.zero_stage == 3)
+    pos = ctx.data_position(state)
+    start = None
+    if pos and pos.get("restart_epoch"):
+        start = Position(int(pos["epoch"]), 0, 0)
+    elif pos:
+        start = next_position(Position(int(pos["epoch"]), int(pos["unit"]), int(pos["batch"])))
+    stream = DegradedStream(Storage(ctx.settings), cfg.dataset, "train", reader, rmap, rank=ctx.rank,
+                            world=ctx.world, start=start, start_step=int(state.get("step", 0)))
+    yield from stream
 
 
 @torch.no_grad()
@@ -126,7 +134,6 @@ def reconstruction_png(model, img_BCHW: torch.Tensor) -> tuple[bytes, float]:
 
 def train_loop(config: dict) -> None:
     """One worker's loop; runs unchanged in-process, on CPU workers and on GPUs."""
-    import ray.train
 
     from detailflow.models.tokenizer import DetailFlowTokenizer
     from detailflow.platform import deepspeed_glue as dsg
@@ -156,16 +163,21 @@ def train_loop(config: dict) -> None:
     if start:
         tracker.log_metrics({"resumed_from_step": start}, step=start)
     dtype = dsg.engine_dtype(engine)
-    stream = _stream(ray.train.get_dataset_shard("train"), ctx.device)
+    stream = _stream(cfg, ctx, model.rmap, state)
+    last_pos = None
     eval_img = None
     seen = 0
     tic = time.perf_counter()
     for step in range(start, cfg.steps):
         ctx.maybe_fail(cfg, step)
-        images, targets, t = next(stream)
-        img = to_float(images, ctx.device, dtype)
-        target = to_float(targets, ctx.device, dtype)
-        target, t = _agree_on_t(ctx, img, target, t, model.rmap)
+        mb = next(stream)
+        last_pos = mb.position
+        if cfg.consumed_log:
+            with open(f"{cfg.consumed_log}.rank{ctx.rank}", "a") as f:
+                f.write(f"{step} {last_pos.epoch} {last_pos.unit} {last_pos.batch}\n")
+        img = to_float(mb.images, ctx.device, dtype)
+        target = to_float(mb.targets, ctx.device, dtype)
+        t = mb.t
         if eval_img is None:
             eval_img = img[: cfg.eval_images].clone()
         lr = dsg.tokenizer_lr(step, total_steps=cfg.steps, base_lr=cfg.lr, warmup_steps=cfg.warmup_steps,
@@ -195,8 +207,7 @@ def train_loop(config: dict) -> None:
             tracker.log_metrics({"eval_full_mse": mse}, step=step)
         if WorkerContext.due(step, cfg.checkpoint_every, cfg.steps):
             ctx.checkpoint(engines, {"loss": float(loss.item())}, step=step + 1, tracker=tracker,
-                           resolved=resolved, data_position={"images_seen_total": (step + 1) * cfg.micro_batch
-                                                             * ctx.world})
+                           resolved=resolved, data_position=last_pos._asdict())
     tracker.finish()
 
 
@@ -206,10 +217,12 @@ def export_config(cfg: TokenizerStageConfig, run_name: str) -> dict:
 
 
 def run(cfg: TokenizerStageConfig, settings) -> dict:
-    """Driver: build the streaming dataset, fit, export. Returns {run_name, checkpoint, export_uri}."""
+    """Driver: check the dataset, fit (each worker streams its own part), export.
+    Returns {run_name, checkpoint, export_uri}."""
     from detailflow.models.resolution import ResolutionMap
     from detailflow.models.tokenizer import DetailFlowTokenizer
-    from detailflow.pipelines.data.reader import ReaderConfig, build_degraded_dataset, read_manifest_checked
+    from detailflow.pipelines.data.plan import EpochPlan, RowGroups
+    from detailflow.pipelines.data.reader import read_manifest_checked
     from detailflow.pipelines.exports import export_prefix
     from detailflow.pipelines.stage_config import run_name as make_run_name
     from detailflow.platform import checkpoints, raytrain
@@ -219,24 +232,16 @@ def run(cfg: TokenizerStageConfig, settings) -> dict:
     resolved = dataclasses.asdict(cfg)
     name = make_run_name(STAGE, cfg.name, cfg.date, resolved)
     tok_cfg = tokenizer_config(cfg)
-    rmap = ResolutionMap.from_config(tok_cfg)
-    num_images = read_manifest_checked(storage, cfg.dataset, "train")["num_images"]
-    workers = max(1, cfg.num_workers)
-    latest = raytrain.latest_checkpoint(settings, name)
-    done = checkpoints.read_client_state(latest)["step"] if latest else 0
-    # Resume re-enters the stream at the epoch the checkpoint was in (approximate data position).
-    per_epoch = max(1, num_images // (cfg.micro_batch * workers))
-    epoch = done // per_epoch
-    epochs = math.ceil(max(1, cfg.steps - done) / per_epoch) + 1
-    reader = ReaderConfig(image_size=tok_cfg.image_size, micro_batch=cfg.micro_batch,
-                          degrade_prob=tok_cfg.degrade_prob, seed=cfg.seed, train=True, epoch=epoch,
-                          num_epochs=epochs)
-    ds = build_degraded_dataset(storage, cfg.dataset, "train", reader, rmap)
+    ResolutionMap.from_config(tok_cfg)  # a bad model config fails here, before any worker starts
+    # fail on the driver with a clear message (no manifest, too few row groups for the workers), not
+    # in every worker; the workers build their own streams from their checkpointed positions
+    manifest = read_manifest_checked(storage, cfg.dataset, "train")
+    EpochPlan(RowGroups.from_manifest(manifest), seed=cfg.seed, micro_batch=cfg.micro_batch,
+              window_groups=cfg.window_groups, world=max(1, cfg.num_workers))
     use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and settings.resolved_device().startswith("cuda"))
     result = raytrain.launch(train_loop, resolved, settings, run_name=name, num_workers=cfg.num_workers,
                              use_gpu=use_gpu, cpus_per_worker=cfg.cpus_per_worker,
-                             max_failures=cfg.max_failures, num_to_keep=cfg.num_to_keep,
-                             datasets={"train": ds})
+                             max_failures=cfg.max_failures, num_to_keep=cfg.num_to_keep)
     ckpt = result.checkpoint or raytrain.latest_checkpoint(settings, name)
     uri = checkpoints.export_consolidated(ckpt, lambda: DetailFlowTokenizer(tok_cfg),
                                           export_config(cfg, name), storage, export_prefix(name))
