@@ -9,7 +9,7 @@ synthesises the shapes set as JPEG (q95) at --src-size px, ingests it with Ray (
 one epoch of the SAME work twice on the same shards: (a) the Ray Data reader
 (build_degraded_dataset, micro-batch 32, p = 0.2, DetailFlow-16 resolution map at 256 px) consumed
 through iter_microbatches, and (b) one Python process calling the same functions in a plain loop
-(pyarrow read -> decode_crop_batch -> degrade_batch -> row_to_microbatch, torch on 1 thread).
+(the reader's window_task over every window of the epoch, then row_to_microbatch; torch on 1 thread).
 (c) as a control, one plain process per core each running (b) over the whole set at once: the
 speed-up the cores give right now without Ray (the ceiling of (a) / (b) on a shared machine).
 A warm-up pass runs first for all, so Ray's worker start-up is reported separately (cold pass).
@@ -88,47 +88,17 @@ def describe(label: str, m: dict) -> str:
 
 
 def single_process_epoch(storage, name: str, cfg, rmap) -> int:
-    """The same work as the Ray reader, in one process: returns images produced."""
-    import numpy as np
-    import pyarrow.parquet as pq
+    """The same work as the Ray reader, in one process: the reader's own window task over every
+    window of epoch 0 (read row groups, permute, decode + crop, degrade), then row_to_microbatch."""
+    from detailflow.pipelines.data.reader import DegradedStream, row_to_microbatch, window_task
 
-    from detailflow.pipelines.data.reader import (
-        decode_crop_batch,
-        degrade_batch,
-        read_manifest_checked,
-        read_units,
-        row_to_microbatch,
-    )
-
-    manifest = read_manifest_checked(storage, name, "train")
-    fs = storage.filesystem()
-    kw = dict(image_size=cfg.image_size, seed=cfg.seed, epoch=0, train=True, flip=True,
-              max_scale=cfg.max_scale, jpeg_draft=cfg.jpeg_draft)
-    pending = {"key": [], "label": [], "image": [], "skipped": []}
+    stream = DegradedStream(storage, name, "train", cfg, rmap, min_chunk_units=1 << 30)
+    units, _ = stream.chunk_units(cfg.epoch, 0)
     produced = 0
-
-    def flush(n):
-        nonlocal produced
-        b = {k: (np.array(v[:n], dtype=object) if k == "key" else np.stack(v[:n]) if k == "image"
-                 else np.array(v[:n])) for k, v in pending.items()}
-        for k in pending:
-            del pending[k][:n]
-        out = degrade_batch(b, rmap=rmap, micro_batch=cfg.micro_batch, degrade_prob=cfg.degrade_prob,
-                            seed=cfg.seed, epoch=0, train=True, fixed_t=None, all_t=False)
+    for out in window_task({"id": list(range(len(units.epoch)))}, storage=storage, rmap=rmap, cfg=cfg,
+                           plan=stream.plan, units=units):
         for i in range(len(out["t"])):
-            mb = row_to_microbatch({k: v[i:i + 1] for k, v in out.items()})
-            produced += mb.images.shape[0]
-
-    for unit in read_units(manifest):  # the reader's units: one Parquet row group each
-        with fs.open_input_file(storage.fs_path(unit["path"])) as f:
-            table = pq.ParquetFile(f).read_row_group(unit["row_group"], columns=["key", "label", "image"])
-        out = decode_crop_batch({"key": np.array(table["key"].to_pylist(), dtype=object),
-                                 "label": table["label"].to_numpy(),
-                                 "image": np.array(table["image"].to_pylist(), dtype=object)}, **kw)
-        for k in pending:
-            pending[k] += list(out[k])
-        while len(pending["key"]) >= cfg.micro_batch:
-            flush(cfg.micro_batch)
+            produced += row_to_microbatch({k: v[i:i + 1] for k, v in out.items()}).images.shape[0]
     return produced
 
 
@@ -157,7 +127,7 @@ def main() -> None:
                     help="images to synthesise and stream (3000: ~10 s epochs, start-up and tail < 15%%)")
     ap.add_argument("--src-size", type=int, default=320, help="source JPEG side (ADM resizes to [256, 320])")
     ap.add_argument("--task-cpus", type=float, default=1.0, help="Ray Data CPUs per task (1 = 1 per core)")
-    ap.add_argument("--batches-per-task", type=int, default=4, help="micro-batches per Ray task")
+    ap.add_argument("--window-groups", type=int, default=16, help="row groups per window (= per Ray task)")
     ap.add_argument("--node-cores", type=int, default=96, help="cores of the GPU node to extrapolate to")
     ap.add_argument("--node-gpus", type=int, default=8, help="GPUs of that node")
     args = ap.parse_args()
@@ -173,7 +143,7 @@ def main() -> None:
     from detailflow.models.resolution import ResolutionMap
     from detailflow.pipelines.data import synth
     from detailflow.pipelines.data.ingest import IngestConfig, ingest
-    from detailflow.pipelines.data.reader import ReaderConfig
+    from detailflow.pipelines.data.reader import DegradedStream, ReaderConfig
     from detailflow.platform.services import LocalServices
     from detailflow.platform.settings import load_settings
     from detailflow.platform.storage import Storage
@@ -221,14 +191,15 @@ def main() -> None:
 
         rmap = ResolutionMap.from_config(get_model_config("detailflow-16").tokenizer)
         cfg = ReaderConfig(image_size=256, micro_batch=32, degrade_prob=0.2, seed=0, num_cpus=args.task_cpus,
-                           batches_per_task=args.batches_per_task)
+                           window_groups=args.window_groups)
         expect = (n_images // cfg.micro_batch) * cfg.micro_batch
 
         cold = timed(ray_epoch, storage, "bench", cfg, rmap)
         print(describe("ray data, cold pass", cold), flush=True)
         warm = timed(ray_epoch, storage, "bench", cfg, rmap)
         n, ray_rate = warm["images"], warm["rate"]
-        assert expect - 64 * len(manifest["shards"]) <= n <= expect, (n, expect)  # partial batch dropped
+        windows = DegradedStream(storage, "bench", "train", cfg, rmap).plan.num_windows
+        assert expect - cfg.micro_batch * windows <= n <= expect, (n, expect)  # partials per window dropped
         print(describe("ray data, warm pass", warm), flush=True)
 
         single_process_epoch(storage, "bench", cfg, rmap)  # warm page cache / imports, same as Ray's
@@ -281,7 +252,7 @@ def main() -> None:
                           "ray_ratio_bound_idle_cores": round(bound, 3),
                           "load_avg_1m_ray": round(warm["load_1m"], 2),
                           "load_avg_1m_single": round(single["load_1m"], 2),
-                          "batches_per_task": cfg.batches_per_task, "task_cpus": cfg.num_cpus,
+                          "window_groups": cfg.window_groups, "task_cpus": cfg.num_cpus,
                           "single_images_per_s": round(single_rate, 1),
                           "ingest_images_per_s": round(ingest_rate, 1),
                           "ray_cold_images_per_s": round(cold["rate"], 1), "cores": cores, "images": n_images,
