@@ -77,10 +77,13 @@ def ray_session(services):
     """``ray`` initialised once per session on 127.0.0.1 (4 logical CPUs so Ray Data is never starved)."""
     import ray
 
+    from detailflow.platform.raytrain import ray_runtime_env
+
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=4,
                  _node_ip_address="127.0.0.1", include_dashboard=False,
-                 object_store_memory=2 * 1024**3, log_to_driver=True)
+                 object_store_memory=2 * 1024**3, log_to_driver=True,
+                 runtime_env=ray_runtime_env())  # the drivers' log filter (raytrain.QUIET_LOG_MESSAGES)
     try:
         yield ray
     finally:

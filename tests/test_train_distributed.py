@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import sys
 from dataclasses import dataclass
 
@@ -70,6 +71,7 @@ def toy_loop(config: dict) -> None:
     if start:
         tracker.log_metrics({"resumed_from_step": start}, step=start)
     gen = torch.Generator().manual_seed(1000 * ctx.rank + start)
+    rank_losses = {}
     for step in range(start, cfg.steps):
         ctx.maybe_fail(cfg, step)
         x = torch.randn(cfg.micro_batch, 8, generator=gen)
@@ -79,7 +81,8 @@ def toy_loop(config: dict) -> None:
         engine.backward(loss)
         engine.step()
         norm = engine.get_global_grad_norm() or 0.0
-        tracker.log_metrics({"loss": loss.item(), "lr": lr, "grad_norm": norm},
+        rank_losses[step] = loss.item()  # each rank draws its own data, so the losses differ
+        tracker.log_metrics(dsg.mean_over_ranks({"loss": loss.item(), "lr": lr, "grad_norm": norm}),
                             step=step)
         if ctx.due(step, cfg.checkpoint_every, cfg.steps):
             ctx.checkpoint({"ds": engine}, {"loss": loss.item()}, step=step + 1, tracker=tracker,
@@ -90,10 +93,12 @@ def toy_loop(config: dict) -> None:
     params = list(engine.module.parameters())
     with deepspeed.zero.GatheredParameters(params, enabled=cfg.zero_stage == 3):
         gathered = {k: v.detach().float().clone() for k, v in engine.module.model.state_dict().items()}
-    if ctx.rank == 0:
-        from detailflow.platform.storage import Storage
+    from detailflow.platform.storage import Storage
 
-        Storage(ctx.settings).put_bytes(f"runs/{ctx.run_name}/debug/gathered.safetensors", save(gathered))
+    debug = f"runs/{ctx.run_name}/debug"
+    Storage(ctx.settings).put_bytes(f"{debug}/losses-rank{ctx.rank}.json", json.dumps(rank_losses).encode())
+    if ctx.rank == 0:
+        Storage(ctx.settings).put_bytes(f"{debug}/gathered.safetensors", save(gathered))
     tracker.finish()
 
 
@@ -141,6 +146,32 @@ def test_zero3_export_equals_gathered_weights(services, storage, ray_session):
     for k in gathered:
         torch.testing.assert_close(exported[k], gathered[k], rtol=0, atol=0)
     assert storage.exists(f"runs/{name}/export/config.json")
+    # Each rank wrote its completion marker into the final checkpoint, listing its own shard.
+    final = result.checkpoint.path.split("/", 1)[1]  # bucket/key -> key
+    for rank in (0, 1):
+        marker = json.loads(storage.get_bytes(f"{final}/{checkpoints.marker_name(rank)}"))
+        assert marker["world_size"] == 2 and marker["step"] == cfg.steps
+        assert f"ds/zero_pp_rank_{rank}_mp_rank_00_model_states.pt" in marker["files"]
+    # MLflow: the logged loss is the mean of the two ranks' losses, not rank 0's.
+    client, runs = _mlflow_run(services, name)
+    run_id = runs[0].info.run_id
+    per_rank = [json.loads(storage.get_bytes(f"runs/{name}/debug/losses-rank{r}.json")) for r in (0, 1)]
+    logged = {m.step: m.value for m in client.get_metric_history(run_id, "loss")}
+    assert sorted(logged) == list(range(cfg.steps))
+    for step in range(cfg.steps):
+        a, b = per_rank[0][str(step)], per_rank[1][str(step)]
+        assert a != pytest.approx(b)  # the ranks really differ, so rank 0's alone would fail below
+        assert logged[step] == pytest.approx((a + b) / 2, rel=1e-6)
+    # Every reported checkpoint is on the run as an MLflow logged model: URI, step, metrics.
+    from detailflow.platform.tracking import list_checkpoints
+
+    recorded = list_checkpoints(client, run_id)
+    assert [c["step"] for c in recorded] == [2, 4]
+    assert recorded[-1]["uri"] == f"s3://{result.checkpoint.path}"
+    assert recorded[-1]["metrics"]["loss"] == pytest.approx(logged[cfg.steps - 1], rel=1e-6)
+    tags = client.get_run(run_id).data.tags
+    assert tags["detailflow.checkpoint.latest_uri"] == recorded[-1]["uri"]
+    assert tags["detailflow.checkpoint.latest_step"] == str(cfg.steps)
 
 
 def test_zero2_worker_killed_resumes_from_s3_same_mlflow_run(services, storage, ray_session, tmp_path):
@@ -178,3 +209,149 @@ def test_in_process_mode_checkpoints_and_resubmission_resumes(services, storage,
     client, runs = _mlflow_run(services, name)
     assert len(runs) == 1
     assert [m.value for m in client.get_metric_history(runs[0].info.run_id, "resumed_from_step")] == [3.0]
+
+
+def test_crashed_run_ends_failed_and_resubmission_through_ray_resumes(services, storage, ray_session,
+                                                                      tmp_path):
+    from detailflow.platform.tracking import ERROR_TAG, PREVIOUS_ERROR_TAG, list_checkpoints
+
+    marker = tmp_path / "crash-once"
+    cfg = ToyStageConfig(zero_stage=2, tag="resubmit", steps=6, checkpoint_every=2, fail_at_step=3,
+                         fail_marker=str(marker))
+    from ray.train.v2.api.exceptions import TrainingFailedError
+
+    with pytest.raises(TrainingFailedError):  # no retries left: rank 1's exit at step 3 fails the fit
+        _run(services, cfg, max_failures=0)
+    assert marker.exists()
+    name = run_name("toy", cfg.name, None, dataclasses.asdict(cfg))
+    client, runs = _mlflow_run(services, name)
+    assert len(runs) == 1 and runs[0].info.status == "FAILED"
+    assert runs[0].data.tags[ERROR_TAG]  # the error text is on the run
+    run_id = runs[0].info.run_id
+
+    # Resubmitting the same job through Ray (the marker file stops the crash) resumes from step 2.
+    name2, result = _run(services, cfg, max_failures=0)
+    assert name2 == name
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert ERROR_TAG not in run.data.tags and run.data.tags[PREVIOUS_ERROR_TAG]
+    assert [m.value for m in client.get_metric_history(run_id, "resumed_from_step")] == [2.0]
+    assert checkpoints.read_client_state(result.checkpoint)["step"] == cfg.steps
+
+    # Resubmitting the finished run resumes at its end: the same MLflow run, nothing trained again.
+    losses_before = len(client.get_metric_history(run_id, "loss"))
+    _run(services, cfg, max_failures=0)
+    assert len(_mlflow_run(services, name)[1]) == 1
+    assert [m.value for m in client.get_metric_history(run_id, "resumed_from_step")] == [2.0, 6.0]
+    assert len(client.get_metric_history(run_id, "loss")) == losses_before
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert [c["step"] for c in list_checkpoints(client, run_id)] == [2, 4, 6]
+
+
+def _write_checkpoint(storage, fs, dest: str, step: int, world: int = 2) -> None:
+    """A checkpoint as the ranks upload it: each rank's own files, then its marker."""
+    for rank in range(world):
+        local = storage.settings.state_dir / f"ckpt-src-{dest.replace('/', '_')}-{rank}"
+        (local / "ds").mkdir(parents=True, exist_ok=True)
+        (local / "ds" / f"zero_pp_rank_{rank}_optim_states.pt").write_bytes(bytes(1000 + rank))
+        if rank == 0:
+            (local / checkpoints.CLIENT_STATE_FILE).write_text(json.dumps({"step": step, "run": "x"}))
+            (local / "ds" / "mp_rank_00_model_states.pt").write_bytes(bytes(5 * 2**20))  # the big one
+        checkpoints.upload_with_marker(str(local), dest, fs, rank=rank, world=world, step=step)
+
+
+def test_storage_scan_accepts_only_checkpoints_every_rank_completed(services, storage):
+    fs = storage.filesystem()
+    base, run = f"{services.s3_bucket}/runs", "scan-test-run"
+    key = lambda folder: f"runs/{run}/{folder}"  # noqa: E731
+    for folder, step in [("a", 2), ("b", 4), ("c", 6), ("d", 8)]:
+        _write_checkpoint(storage, fs, f"{base}/{run}/{folder}", step)
+    storage.delete_prefix(f"{key('b')}/{checkpoints.marker_name(1)}")  # rank 1 died before its marker
+    storage.delete_prefix(f"{key('c')}/ds/zero_pp_rank_1_optim_states.pt")  # marker kept, shard gone
+    storage.put_bytes(f"{key('d')}/ds/zero_pp_rank_0_optim_states.pt", b"short")  # size != the marker's
+    assert [s for s, _ in checkpoints.complete_checkpoints(fs, base, run)] == [2]
+    assert checkpoints.find_latest(fs, base, run).path == f"{base}/{run}/a"
+    _write_checkpoint(storage, fs, f"{base}/{run}/e", 10, world=3)
+    storage.delete_prefix(f"{key('e')}/{checkpoints.marker_name(2)}")  # 2 of 3 ranks is not enough
+    assert checkpoints.find_latest(fs, base, run).path == f"{base}/{run}/a"
+    _write_checkpoint(storage, fs, f"{base}/{run}/f", 12)
+    assert checkpoints.find_latest(fs, base, run).path == f"{base}/{run}/f"
+    assert checkpoints.find_latest(fs, base, "no-such-run") is None
+
+
+class _RecordingFS:
+    """A pyarrow FileSystemHandler over the real S3 filesystem that records what is opened for reading."""
+
+    def __new__(cls, inner):
+        import pyarrow.fs as pafs
+
+        class Handler(pafs.FileSystemHandler):
+            def __init__(self):
+                self.opened: list[str] = []
+
+            def get_type_name(self):
+                return "recording"
+
+            def normalize_path(self, path):
+                return inner.normalize_path(path)
+
+            def get_file_info(self, paths):
+                return inner.get_file_info(paths)
+
+            def get_file_info_selector(self, selector):
+                return inner.get_file_info(selector)
+
+            def create_dir(self, path, recursive):
+                inner.create_dir(path, recursive=recursive)
+
+            def delete_dir(self, path):
+                inner.delete_dir(path)
+
+            def delete_dir_contents(self, path, missing_dir_ok=False):
+                inner.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
+
+            def delete_root_dir_contents(self):
+                raise NotImplementedError
+
+            def delete_file(self, path):
+                inner.delete_file(path)
+
+            def move(self, src, dest):
+                inner.move(src, dest)
+
+            def copy_file(self, src, dest):
+                inner.copy_file(src, dest)
+
+            def open_input_stream(self, path):
+                self.opened.append(path)
+                return inner.open_input_stream(path)
+
+            def open_input_file(self, path):
+                self.opened.append(path)
+                return inner.open_input_file(path)
+
+            def open_output_stream(self, path, metadata):
+                return inner.open_output_stream(path, metadata=metadata)
+
+            def open_append_stream(self, path, metadata):
+                raise NotImplementedError
+
+            def equals(self, other):
+                return self is other
+
+        return Handler()
+
+
+def test_driver_reads_run_state_without_downloading_shards(services, storage):
+    import pyarrow.fs as pafs
+
+    base, run = f"{services.s3_bucket}/runs", "state-read-run"
+    _write_checkpoint(storage, storage.filesystem(), f"{base}/{run}/only", 7)
+    handler = _RecordingFS(storage.filesystem())
+    fs = pafs.PyFileSystem(handler)
+    ckpt = checkpoints.find_latest(fs, base, run)  # the driver's scan at submit time
+    assert checkpoints.read_client_state(ckpt) == {"step": 7, "run": "x"}
+    folder = f"{base}/{run}/only"
+    assert sorted(handler.opened) == sorted([f"{folder}/{checkpoints.marker_name(0)}",
+                                             f"{folder}/{checkpoints.marker_name(1)}",
+                                             f"{folder}/{checkpoints.CLIENT_STATE_FILE}"])

@@ -26,12 +26,16 @@ def _settings():
 def _ensure_ray(settings) -> None:
     import ray
 
+    from detailflow.platform.raytrain import ray_runtime_env
+
     if ray.is_initialized():
         return
+    # log_to_driver (Ray's default) is what brings rank 0's progress lines to this console
     if settings.ray_address == "local":
-        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False)
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
+                 runtime_env=ray_runtime_env())
     else:
-        ray.init(address=settings.ray_address)
+        ray.init(address=settings.ray_address, runtime_env=ray_runtime_env())
 
 
 def _load(kind: str, config_file, overrides):

@@ -170,6 +170,27 @@ def optimizer_state_bytes(engine) -> int:
     return total
 
 
+def mean_over_ranks(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Every numeric entry averaged over the ranks that have it (all ranks must call this together).
+
+    Ranks may log different keys (a rank whose t had no self-correction logs no perturb_start), so
+    the dicts are gathered as objects, not reduced as one fixed-length tensor; non-numbers keep
+    rank 0's value. One small collective per logging step."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return dict(metrics)
+    local = {k: float(v) for k, v in metrics.items()
+             if isinstance(v, int | float) and not isinstance(v, bool)}
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, local)
+    out = dict(metrics)
+    for key in set().union(*gathered):
+        values = [g[key] for g in gathered if key in g]
+        out[key] = sum(values) / len(values)
+    return out
+
+
 def set_lr(optimizer, lr: float) -> None:
     """Set lr on every param group; a group's optional "lr_scale" multiplies it."""
     for group in innermost_optimizer(optimizer).param_groups:

@@ -5,16 +5,57 @@ Usage:
                     num_workers=2, use_gpu=False, cpus_per_worker=0.5, datasets={"train": ds})
 
 Checkpoints land in s3://<bucket>/runs/<run_name>/checkpoint_*; submitting the same run name again
-resumes from the latest one (Ray Train V2 restores its checkpoint manager from that folder; we also
-pass the newest complete checkpoint ourselves because `resume_from_checkpoint` raises in V2).
+resumes from the latest one (Ray Train V2 restores its checkpoint manager from that folder and hands
+it to `ray.train.get_checkpoint()`; the newest checkpoint every rank marked complete is passed too, for
+in-process runs, because `resume_from_checkpoint` raises in V2).
 `num_workers=0` runs the loop in this process with the same ray.train API (Train V2 local mode).
+When fit() raises (max_failures exhausted, a bug), the run's MLflow run is marked FAILED with the
+error as a tag before the exception propagates.
+
+Drivers start Ray with `runtime_env=ray_runtime_env()`: its worker setup hook (`quiet_ray_logs`)
+drops one known-harmless warning in every Ray worker process, see QUIET_LOG_MESSAGES.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from detailflow.platform import checkpoints
+
+# logger name -> message start dropped in Ray workers. Root cause of the one entry: Ray Train V2's
+# detached PlacementGroupCleaner asks the State API every second whether the controller is alive;
+# the State API is served by the dashboard, which local drivers leave off (it costs ~1 GB RSS,
+# measured-here pitfall 12), so every query fails and logs this warning every few seconds for the
+# whole run. Without the State API the cleaner cannot do its job anyway; Ray removes a run's
+# placement group itself when the controller exits normally or the driver's job ends.
+QUIET_LOG_MESSAGES = {
+    "ray.train.v2._internal.execution.controller.placement_group_cleaner":
+        "Failed to query Ray Train Controller actor state",
+}
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+def quiet_ray_logs() -> None:
+    """Ray `worker_process_setup_hook`: install the QUIET_LOG_MESSAGES filters (idempotent)."""
+    for name, prefix in QUIET_LOG_MESSAGES.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) for f in logger.filters):
+            logger.addFilter(_DropMessages(prefix))
+
+
+def ray_runtime_env() -> dict:
+    """The job runtime_env for ray.init: every worker process (Train controller and its detached
+    helpers included, they inherit the job's env) runs quiet_ray_logs at start."""
+    return {"worker_process_setup_hook": f"{__name__}.quiet_ray_logs"}
 
 
 def storage_path(settings) -> str:
@@ -23,12 +64,16 @@ def storage_path(settings) -> str:
 
 def launch(train_loop, config: dict, settings, *, run_name: str, num_workers: int = 2,
            use_gpu: bool = False, cpus_per_worker: float = 0.5, max_failures: int = 2,
-           num_to_keep: int = 2, datasets: dict[str, Any] | None = None):
-    """Run `train_loop` on `num_workers` Ray Train workers; returns the ray.train.Result."""
+           num_to_keep: int = 2, datasets: dict[str, Any] | None = None, experiment: str | None = None):
+    """Run `train_loop` on `num_workers` Ray Train workers; returns the ray.train.Result.
+
+    experiment: the MLflow experiment of the run (default config["experiment"]; else every
+    experiment is searched for the run name) — where a failure is recorded."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from detailflow.platform.storage import Storage
+    from detailflow.platform.tracking import mark_failed
 
     fs = Storage(settings).filesystem()
     in_process = num_workers == 0
@@ -54,11 +99,20 @@ def launch(train_loop, config: dict, settings, *, run_name: str, num_workers: in
         ),
         datasets=datasets,
     )
-    return trainer.fit()
+    try:
+        return trainer.fit()
+    except BaseException as exc:  # KeyboardInterrupt too: the run must not stay RUNNING forever
+        try:
+            mark_failed(settings.mlflow_tracking_uri, run_name, exc,
+                        experiment=experiment or config.get("experiment"))
+        except Exception as mlflow_exc:  # never hide the training error behind a tracking one
+            logging.getLogger(__name__).warning("could not mark MLflow run %s FAILED: %s", run_name,
+                                                mlflow_exc)
+        raise
 
 
 def latest_checkpoint(settings, run_name: str):
-    """The newest complete checkpoint of a run (for exports, AR decoding, inspection)."""
+    """The newest checkpoint of a run that every rank marked complete (exports, inspection)."""
     from detailflow.platform.storage import Storage
 
     return checkpoints.find_latest(Storage(settings).filesystem(), storage_path(settings), run_name)

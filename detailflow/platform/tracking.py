@@ -8,10 +8,19 @@ Usage (inside a train loop):
     tracker.log_png(png_bytes, "samples/step_000010.png")
     tracker.finish()
 
-A restarted attempt resumes the SAME run: first by the run id stored in the checkpoint, else by
-the deterministic run name (tag `detailflow.run_name`), so a crash before the first checkpoint
-does not create a duplicate run (the legacy integration's bug ray-project/ray#48664).
+A restarted attempt resumes the SAME run (status back to RUNNING): first by the run id stored in
+the checkpoint, else by the deterministic run name (tag `detailflow.run_name`), so a crash before
+the first checkpoint does not create a duplicate run (the legacy integration's bug ray-project/ray#48664).
 On ranks != 0 every method is a no-op.
+
+What MLflow records for a run (read back with `list_checkpoints` / `list_exports`):
+  * every checkpoint as an MLflow 3 logged model of type "detailflow-checkpoint" linked to the run
+    at its step, tags detailflow.checkpoint_uri / detailflow.step, the checkpoint's metrics on it;
+    the run's tags detailflow.checkpoint.latest_uri / .latest_step point at the newest;
+  * the consolidated export as a pyfunc logged model (models-from-code, export_model.py; artefact
+    "export" = model.safetensors + config.json; with a signature), ready for `mlflow.register_model(
+    "models:/<model_id>", name)`; run tags detailflow.export.uri / .model_uri;
+  * a failure: status FAILED and tag detailflow.error (mark_failed, called by the driver).
 """
 
 from __future__ import annotations
@@ -23,6 +32,12 @@ import time
 from typing import Any
 
 RUN_NAME_TAG = "detailflow.run_name"
+ERROR_TAG = "detailflow.error"  # set with status FAILED when a run gives up
+PREVIOUS_ERROR_TAG = "detailflow.previous_error"  # the error of the attempt a resumed run recovered from
+KIND_TAG = "detailflow.kind"  # "checkpoint" | "export" on the run's logged models
+CHECKPOINT_MODEL_TYPE = "detailflow-checkpoint"
+CHECKPOINT_METRIC_PREFIX = "checkpoint/"  # a checkpoint's metrics, on its logged model and the run
+MAX_TAG_LEN = 5000  # tag values are capped (MLflow's limit is 8000 characters)
 MAX_PARAM_LEN = 6000  # MLflow's limit on a param value (keeps long lists from failing log_batch)
 
 
@@ -42,13 +57,24 @@ def flatten(d: dict, prefix: str = "", sep: str = ".") -> dict[str, str]:
 class Tracker:
     """One MLflow run, written by rank 0; a disabled tracker ignores every call."""
 
-    def __init__(self, client=None, run_id: str | None = None):
+    def __init__(self, client=None, run_id: str | None = None, tracking_uri: str | None = None):
         self.client = client
         self.run_id = run_id
+        self.tracking_uri = tracking_uri
+        self.last_checkpoint: tuple[int, str] | None = None  # (step, uri) of the newest one logged
 
     @property
     def enabled(self) -> bool:
         return self.client is not None
+
+    @classmethod
+    def attach(cls, tracking_uri: str, run_id: str | None) -> Tracker:
+        """The driver's handle on an existing run (e.g. to log the export after fit())."""
+        if not run_id:
+            return cls()
+        from mlflow.tracking import MlflowClient
+
+        return cls(MlflowClient(tracking_uri=tracking_uri), run_id, tracking_uri)
 
     @classmethod
     def start(cls, tracking_uri: str, *, experiment: str, run_name: str, run_id: str | None = None,
@@ -61,17 +87,19 @@ class Tracker:
         exp = client.get_experiment_by_name(experiment)
         exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
         if run_id is None:
-            found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
-                                       max_results=1, order_by=["attributes.start_time DESC"])
-            run_id = found[0].info.run_id if found else None
+            run_id = find_run_id(client, run_name, [exp_id])
         fresh = run_id is None
         if fresh:
             run_id = client.create_run(exp_id, run_name=run_name,
                                        tags={RUN_NAME_TAG: run_name,
                                              **{k: str(v) for k, v in (tags or {}).items()}}).info.run_id
-        else:
+        else:  # a resumed or resubmitted run: back to RUNNING, the old error kept as history
             client.update_run(run_id, status="RUNNING")
-        tracker = cls(client, run_id)
+            error = client.get_run(run_id).data.tags.get(ERROR_TAG)
+            if error is not None:
+                client.set_tag(run_id, PREVIOUS_ERROR_TAG, error)
+                client.delete_tag(run_id, ERROR_TAG)
+        tracker = cls(client, run_id, tracking_uri)
         if fresh and params:
             tracker.log_params(params)
         return tracker
@@ -118,3 +146,204 @@ class Tracker:
     def finish(self, status: str = "FINISHED") -> None:
         if self.enabled:
             self.client.set_terminated(self.run_id, status=status)
+
+    def _experiment_id(self) -> str:
+        return self.client.get_run(self.run_id).info.experiment_id
+
+    def log_checkpoint(self, uri: str, *, step: int, metrics: dict[str, Any] | None = None) -> str | None:
+        """Record a checkpoint: an MLflow 3 logged model linked to the run at `step` (no files are
+        copied: the multi-GB shards stay in the Ray storage path, the model carries their URI), its
+        metrics on the model, and the run's latest-checkpoint tags. Returns the model id."""
+        if not self.enabled:
+            return None
+        from mlflow.entities import LoggedModelOutput, Metric
+
+        tags = {KIND_TAG: "checkpoint", "detailflow.checkpoint_uri": uri, "detailflow.step": str(step)}
+        model = self.client.create_logged_model(self._experiment_id(), name=f"checkpoint-step-{step}",
+                                                source_run_id=self.run_id, tags=tags,
+                                                model_type=CHECKPOINT_MODEL_TYPE)
+        self.client.log_outputs(self.run_id, [LoggedModelOutput(model.model_id, step=step)])
+        now = int(time.time() * 1000)
+        # A model's metrics are run metrics too: the prefix keeps them out of the loop's own series
+        # ("loss" at step 3 from the loop, "checkpoint/loss" at step 4 from the checkpoint after it).
+        rows = [Metric(f"{CHECKPOINT_METRIC_PREFIX}{k}", float(v), now, step, model_id=model.model_id)
+                for k, v in (metrics or {}).items()
+                if k != "step" and isinstance(v, int | float) and math.isfinite(float(v))]
+        if rows:
+            self.client.log_batch(self.run_id, metrics=rows)
+        self.client.finalize_logged_model(model.model_id, "READY")
+        self.set_tags({"detailflow.checkpoint.latest_uri": uri, "detailflow.checkpoint.latest_step": step})
+        self.last_checkpoint = (step, uri)
+        return model.model_id
+
+    def log_export(self, directory: str, export_config: dict, *, uri: str, step: int | None = None,
+                   checkpoint_uri: str | None = None) -> str | None:
+        """Log an export folder (model.safetensors + config.json) as a pyfunc model on the run, with
+        a signature, so the registry can register `models:/<model_id>` later. Returns the model id.
+
+        The run's status is put back as it was (the fluent API resumes and ends the run)."""
+        if not self.enabled:
+            return None
+        import mlflow
+
+        from detailflow.platform import export_model
+
+        status = self.client.get_run(self.run_id).info.status
+        kind = export_config.get("kind", "model")
+        tags = {KIND_TAG: "export", "detailflow.export_uri": uri,
+                **({"detailflow.checkpoint_uri": checkpoint_uri} if checkpoint_uri else {})}
+        mlflow.set_tracking_uri(self.tracking_uri)
+        with mlflow.start_run(run_id=self.run_id):
+            info = mlflow.pyfunc.log_model(
+                name=f"{kind}-export", python_model=export_model.__file__, artifacts={"export": directory},
+                signature=export_signature(export_config), pip_requirements=export_requirements(),
+                tags=tags, model_type=f"detailflow-{kind}", step=int(step or 0))
+        if status == "RUNNING":
+            self.client.update_run(self.run_id, status="RUNNING")
+        else:
+            self.client.set_terminated(self.run_id, status=status)
+        self.set_tags({"detailflow.export.uri": uri,
+                       "detailflow.export.model_uri": f"models:/{info.model_id}"})
+        return info.model_id
+
+
+def export_signature(export_config: dict):
+    """Tokenizer: uint8 images (-1, 3, R, R) -> int64 codes (-1, N). AR: int64 class ids (-1,) ->
+    int64 codes (-1, N), with params cfg_scale and seed."""
+    import numpy as np
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
+
+    if export_config.get("kind") == "tokenizer":
+        tok = export_config["tokenizer"]
+        r, n = tok["image_size"], tok["num_tokens"]
+        return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, 3, r, r), "images")]),
+                              outputs=Schema([TensorSpec(np.dtype(np.int64), (-1, n), "codes")]))
+    ar = export_config["ar"]
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.int64), (-1,), "class_ids")]),
+        outputs=Schema([TensorSpec(np.dtype(np.int64), (-1, ar["num_tokens"]), "codes")]),
+        params=ParamSchema([ParamSpec("cfg_scale", "double", 1.5), ParamSpec("seed", "long", 0)]))
+
+
+def export_requirements() -> list[str]:
+    """Pinned to what is installed here; given explicitly so MLflow does not load the model in a
+    subprocess to infer them. torch without its local "+cpu" label (measured-here §5)."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name).split('+')[0]}" for name in ("torch", "safetensors", "einops", "numpy")]
+
+
+def find_run_id(client, run_name: str, experiment_ids: list[str] | None = None) -> str | None:
+    """The newest run tagged with this deterministic run name (all experiments when None)."""
+    if experiment_ids is None:
+        experiment_ids = [e.experiment_id for e in client.search_experiments()]
+    if not experiment_ids:
+        return None
+    found = client.search_runs(experiment_ids, filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
+                               max_results=1, order_by=["attributes.start_time DESC"])
+    return found[0].info.run_id if found else None
+
+
+def mark_failed(tracking_uri: str, run_name: str, error: BaseException | str,
+                experiment: str | None = None) -> str | None:
+    """Driver: the run gave up (fit() raised, e.g. max_failures exhausted): status FAILED, the error
+    as the tag detailflow.error. Returns the run id (None when no run was ever created)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name(experiment) if experiment else None
+    run_id = find_run_id(client, run_name, [exp.experiment_id] if exp else None)
+    if run_id is None:
+        return None
+    text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    client.set_tag(run_id, ERROR_TAG, text[-MAX_TAG_LEN:])  # the tail holds the root cause
+    client.set_terminated(run_id, status="FAILED")
+    return run_id
+
+
+def _logged_models(client, run_id: str, kind: str) -> list:
+    exp_id = client.get_run(run_id).info.experiment_id
+    models, token = [], None
+    while True:
+        page = client.search_logged_models(
+            [exp_id], filter_string=f"source_run_id = '{run_id}' AND tags.`{KIND_TAG}` = '{kind}'",
+            page_token=token)
+        models.extend(page)
+        token = page.token
+        if not token:
+            return models
+
+
+def list_checkpoints(client, run_id: str) -> list[dict]:
+    """The run's recorded checkpoints, by step: {step, uri, model_id, metrics (prefix removed)}."""
+    out = []
+    for m in _logged_models(client, run_id, "checkpoint"):
+        metrics = {x.key.removeprefix(CHECKPOINT_METRIC_PREFIX): x.value for x in (m.metrics or [])}
+        out.append({"step": int(m.tags["detailflow.step"]), "uri": m.tags["detailflow.checkpoint_uri"],
+                    "model_id": m.model_id, "metrics": metrics})
+    return sorted(out, key=lambda c: c["step"])
+
+
+def list_exports(client, run_id: str) -> list[dict]:
+    """The run's logged exports: {model_id, uri, model_uri, kind}."""
+    return [{"model_id": m.model_id, "uri": m.tags.get("detailflow.export_uri"),
+             "model_uri": f"models:/{m.model_id}", "kind": m.model_type}
+            for m in _logged_models(client, run_id, "export")]
+
+
+class Progress:
+    """Rank 0's console line every `every_s` seconds (and at the last step), e.g.
+
+        [tokenizer tokenizer-tiny-2026-11-28-1a2b3c4d] step 120/1000 (12%) | loss 0.1432 | 245.1 img/s
+        | ETA 3m36s | last ckpt step 100 s3://detailflow/runs/.../checkpoint_step00000100_...
+
+    printed with flush so Ray forwards it to the driver's console (log_to_driver, on by default).
+    Throughput is measured since the previous line; `loss` is the latest value handed in (the loops
+    pass the mean over ranks on logging steps)."""
+
+    def __init__(self, stage: str, run_name: str, *, total: int, start: int, unit: str = "img",
+                 every_s: float = 10.0, enabled: bool = True, tracker: Tracker | None = None):
+        self.label = f"[{stage} {run_name}]"
+        self.total, self.unit, self.every_s, self.enabled = total, unit, every_s, enabled
+        self.tracker = tracker
+        self.loss: float | None = None
+        self._t0 = self._last = time.perf_counter()
+        self._step0 = self._last_step = start
+        self._items = 0
+
+    def update(self, step: int, items: int, loss: float | None = None) -> str | None:
+        """After finishing `step` steps in total with `items` more samples (all ranks); prints when due."""
+        if not self.enabled:
+            return None
+        self._items += items
+        if loss is not None:
+            self.loss = float(loss)
+        now = time.perf_counter()
+        if now - self._last < self.every_s and step < self.total:
+            return None
+        line = self.line(step, now)
+        print(line, flush=True)
+        self._last, self._last_step, self._items = now, step, 0
+        return line
+
+    def line(self, step: int, now: float) -> str:
+        rate = self._items / max(now - self._last, 1e-9)
+        steps_per_s = (step - self._step0) / max(now - self._t0, 1e-9)
+        eta = (self.total - step) / steps_per_s if steps_per_s > 0 else float("inf")
+        parts = [f"{self.label} step {step}/{self.total} ({100 * step / max(1, self.total):.0f}%)"]
+        if self.loss is not None:
+            parts.append(f"loss {self.loss:.4f}")
+        parts += [f"{rate:.1f} {self.unit}/s", f"ETA {format_duration(eta)}"]
+        ckpt = self.tracker.last_checkpoint if self.tracker is not None else None
+        parts.append(f"last ckpt step {ckpt[0]} {ckpt[1]}" if ckpt else "no checkpoint yet")
+        return " | ".join(parts)
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    s = int(round(seconds))
+    h, rem = divmod(s, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")

@@ -1,0 +1,63 @@
+"""MLflow "models from code" file for a consolidated export (model.safetensors + config.json).
+
+MLflow stores THIS FILE with the model and executes it at load time, so the logged model holds
+no pickle (DESIGN.md: what goes to the registry is safetensors + config.json). tracking.py logs it:
+
+    tracker.log_export(export_dir, export_config, uri="s3://.../export", step=1000)
+
+and a registry (or a user) loads it from the run's logged model:
+
+    model = mlflow.pyfunc.load_model(f"models:/{model_id}")
+    codes = model.predict(images_uint8_B3RR)          # tokenizer export: images -> codes (B x N)
+    codes = model.predict(np.array([1, 2, 3]), params={"cfg_scale": 1.5, "seed": 0})   # AR: labels -> codes
+
+The artefact "export" is the export folder; config.json's "kind" says which model to build.
+"""
+
+from __future__ import annotations
+
+import mlflow
+from mlflow.pyfunc import PythonModel
+
+
+class ExportModel(PythonModel):
+    """Tokenizer: uint8 images B x 3 x R x R -> codes B x N. AR: class ids B -> sampled codes B x N."""
+
+    def load_context(self, context):
+        from detailflow.models.export import load_state_checked, read_config
+
+        directory = context.artifacts["export"]
+        self.config = read_config(directory)
+        kind = self.config.get("kind")
+        if kind == "tokenizer":
+            from detailflow.models.configs import TokenizerConfig
+            from detailflow.models.tokenizer import DetailFlowTokenizer
+
+            self.model = DetailFlowTokenizer(TokenizerConfig(**self.config["tokenizer"]))
+        elif kind == "ar":
+            from detailflow.models.ar import DetailFlowGPT
+            from detailflow.models.configs import ARConfig
+
+            self.model = DetailFlowGPT(ARConfig(**self.config["ar"]))
+        else:
+            raise ValueError(f"{directory}: export kind {kind!r} is not 'tokenizer' or 'ar'")
+        load_state_checked(self.model, directory)
+        self.model.eval()
+
+    def predict(self, context, model_input, params=None):
+        import numpy as np
+        import torch
+
+        x = torch.as_tensor(np.asarray(model_input))
+        with torch.no_grad():
+            if self.config["kind"] == "tokenizer":
+                return self.model.encode(x).cpu().numpy().astype(np.int64)
+            from detailflow.models.sampler import sample
+
+            params = params or {}
+            gen = torch.Generator().manual_seed(int(params.get("seed", 0)))
+            codes = sample(self.model, x.long(), cfg_scale=float(params.get("cfg_scale", 1.5)), generator=gen)
+            return codes.cpu().numpy().astype(np.int64)
+
+
+mlflow.models.set_model(ExportModel())
