@@ -29,10 +29,11 @@ PLUGIN_GROUPS: dict[str, tuple[str, str, str]] = {
     "train": ("detailflow.pipelines.train_cli", "train", "Train the tokenizer / AR model, extract codes."),
     "extract-codes": ("detailflow.pipelines.train_cli", "extract_codes", "Extract AR code triplets."),
     "eval": ("detailflow.pipelines.eval_cli", "eval", "Evaluate tokenizers and generators."),
-    "registry": ("detailflow.platform.registry_cli", "registry", "MLflow registry: list, promote, aliases."),
+    "registry": ("detailflow.pipelines.registry_cli", "registry", "Registry: list, promote, rollback."),
     "serve": ("detailflow.platform.serving.cli", "serve", "Ray Serve generation endpoint."),
     "generate": ("detailflow.pipelines.generate_cli", "generate", "Sample images from a registered model."),
     "pipeline": ("detailflow.pipelines.runner_cli", "pipeline", "Run a pipeline file end to end."),
+    "infra": ("detailflow.platform.infra_cli", "infra", "Render KubeRay manifests (RayCluster/Job/CronJob/Service)."),
 }
 
 
