@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from detailflow.models.configs import get_model_config
-from detailflow.models.extraction import extract_triplets, make_views
+from detailflow.models.extraction import extract_triplets, make_views, view_input_size
 from detailflow.models.tokenizer import DetailFlowTokenizer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -25,22 +25,28 @@ def test_tiny_views():
     assert torch.equal(v[:, 3, ..., 1:, :], img[..., :-1, :])
 
 
-def test_tencrop_views():
-    img = torch.rand(1, 3, 40, 40) * 2 - 1  # 1.1 * 32 = 35: area-resized to 35, then ten 32-crops
+def test_tencrop_views_are_cuts_of_the_1p1_crop():
+    # the input is already the ADM crop of the original to int(1.1 * 32) = 35: views are pure cuts of it
+    img = torch.rand(1, 3, 35, 35) * 2 - 1
     v = make_views(img, "tencrop", image_size=32)
     assert v.shape == (1, 10, 3, 32, 32)
-    big = torch.nn.functional.interpolate(img, size=(35, 35), mode="area")
-    assert torch.equal(v[:, 0], big[..., :32, :32]) and torch.equal(v[:, 3], big[..., 3:, 3:])
-    assert torch.equal(v[:, 4], big[..., 1:33, 1:33])
-    assert torch.equal(v[:, 5], big.flip(-1)[..., :32, :32])
+    boxes = [(0, 0), (0, 3), (3, 0), (3, 3), (1, 1)]  # (top, left): TL, TR, BL, BR, centre = (35-32)//2
+    for i, (top, left) in enumerate(boxes):
+        assert torch.equal(v[:, i], img[..., top:top + 32, left:left + 32])
+        assert torch.equal(v[:, 5 + i], img.flip(-1)[..., top:top + 32, left:left + 32])
     with pytest.raises(ValueError, match="view kind"):
         make_views(img, "random")
+    for wrong in (32, 40):  # an R crop (would need upsampling) or an uncropped image: refused, not resampled
+        with pytest.raises(ValueError, match="int\\(1.1"):
+            make_views(torch.rand(1, 3, wrong, wrong), "tencrop", image_size=32)
+    assert view_input_size("tencrop", 256) == 281 and view_input_size("tiny", 32) == 32
 
 
 @pytest.mark.parametrize("views,nv", [("tiny", 4), ("tencrop", 10)])
 def test_extract_triplets(tok, views, nv):
     cfg = tok.cfg
-    img = torch.rand(3, 3, 32, 32) * 2 - 1
+    side = view_input_size(views, 32)  # tencrop takes the 35 px ADM crop of the original, tiny the R crop
+    img = torch.rand(3, 3, side, side) * 2 - 1
     tok.train()
     out = extract_triplets(tok, img, torch.Generator().manual_seed(0), views=views)
     assert tok.training  # the mode is restored

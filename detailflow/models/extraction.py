@@ -5,11 +5,15 @@ Usage:
     out = extract_triplets(tokenizer, img_BCHW, g, views="tiny")
     out["clean"], out["input"], out["target"]   # LongTensor B x V x N
     out["view"] (B x V view ids), out["perturb_start"], out["perturb_width"] (B)
+    extract_triplets(tokenizer, crop_B3SS, g, views="tencrop")   # S = view_input_size("tencrop", R)
 
-Views: "tencrop" = ADM centre-crop to int(1.1 R) then TenCrop R (4 corners + centre, then the same five
-crops of the horizontally flipped image, torchvision order); "tiny" = identity, horizontal flip,
-1-px shift right, 1-px shift down (edge pixels replicated). One perturbation position per image with
-t = N (spec §1.8 rules), shared by its views; every view draws its own noisy codes.
+Views: "tencrop" = TenCrop R of the ADM centre crop of the ORIGINAL image to int(1.1 R) (4 corners +
+centre, then the same five crops of the horizontally flipped image, torchvision order). The caller
+makes that crop from the original (pipelines: images.center_crop(decode_rgb(bytes), int(1.1 R)));
+make_views only cuts, so it refuses any other input size rather than resample (an R crop upsampled
+to 1.1 R is blurred: its views lack detail the original has). "tiny" = identity, horizontal flip,
+1-px shift right, 1-px shift down (edge pixels replicated) of an R image. One perturbation position
+per image with t = N (spec §1.8 rules), shared by its views; every view draws its own noisy codes.
 """
 
 from __future__ import annotations
@@ -55,16 +59,29 @@ def _shift(img_BCHW: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
     return pad[..., top : top + h, left : left + w] if (dy or dx) else img_BCHW
 
 
+def view_input_size(kind: str, image_size: int) -> int:
+    """Side of the square image make_views expects: int(1.1 R) for tencrop (spec §2.3), else R."""
+    if kind not in VIEW_KINDS:
+        raise ValueError(f"unknown view kind {kind!r}; expected one of {VIEW_KINDS}")
+    return int(1.1 * image_size) if kind == "tencrop" else image_size
+
+
 def make_views(img_BCHW: torch.Tensor, kind: str = "tiny", image_size: int | None = None) -> torch.Tensor:
-    """B x C x H x W -> B x V x C x R x R views (R = image_size, default H)."""
+    """B x C x H x W -> B x V x C x R x R views (R = image_size: required for tencrop, default H for tiny)."""
     if kind not in VIEW_KINDS:
         raise ValueError(f"unknown view kind {kind!r}; expected one of {VIEW_KINDS}")
     img = to_model_range(img_BCHW)
-    size = image_size or img.shape[-1]
     if kind == "tencrop":
-        big = _centre_square(img, int(1.1 * size))
-        views = _five_crops(big, size) + _five_crops(big.flip(-1), size)
+        if not image_size:
+            raise ValueError("tencrop needs image_size (R): its input is the int(1.1 R) crop, not R")
+        size, side = image_size, view_input_size(kind, image_size)
+        if tuple(img.shape[-2:]) != (side, side):
+            raise ValueError(f"tencrop views of {size} px are cut from the ADM centre crop of the original "
+                             f"to int(1.1 * {size}) = {side} px; got {tuple(img.shape[-2:])} (make it with "
+                             f"images.center_crop(decode_rgb(data), {side}))")
+        views = _five_crops(img, size) + _five_crops(img.flip(-1), size)
     else:
+        size = image_size or img.shape[-1]
         img = _centre_square(img, size)
         views = [img, img.flip(-1), _shift(img, 0, 1), _shift(img, 1, 0)]
     return torch.stack(views, dim=1)

@@ -1,18 +1,38 @@
-"""Code datasets for the AR stage: Parquet shards of token ids, published with `_manifest.json` LAST.
+"""Code datasets for the AR stage: immutable runs of Parquet shards, published through a pointer manifest.
 
 Usage:
     from detailflow.pipelines.data import codes
-    entry = codes.write_code_shard(storage, "tok-v3", "train", 0, keys=keys, labels=labels_B,
-                                   views=views_B, clean=clean_BN, input=input_BN, target=target_BN)
-    codes.publish_codes_manifest(storage, "tok-v3", "train", [entry, ...], meta={"num_tokens": 32})
-    codes.write_codes(storage, "tok-v3", "train", rows)               # both steps, any number of rows
+    run = codes.new_run_id()
+    prefix = codes.run_prefix("tok-v3", "train", run)                 # codes/tok-v3/train/r-<run>
+    entry = codes.write_code_shard(storage, prefix, keys=keys, labels=labels_B, views=views_B,
+                                   clean=clean_BN, input=input_BN, target=target_BN)   # from any worker
+    codes.publish_codes(storage, "tok-v3", "train", run, [entry, ...], meta={"views": "tiny"})
+    codes.write_codes(storage, "tok-v3", "train", rows)               # all of it, for small row sets
 
-    ds = codes.read_codes_dataset(storage, "tok-v3", "train")          # ray.data.Dataset
+    ds = codes.read_codes_dataset(storage, "tok-v3", "train")          # every row, not shuffled
+    ds = codes.shuffled_codes_dataset(storage, "tok-v3", "train", seed=0)   # training: see below
     for b in codes.iter_code_batches(ds, batch_size=64, correction_prob=0.3, seed=0):
         b["input"], b["target"], b["label"]                            # LongTensors B x N, B
 
-Layout: s3://<bucket>/codes/<tokenizer-version>/<split>/part-NNNNN.parquet, columns key (string),
-label (int32), view (int32), clean / input / target (fixed-size lists of N int32 token ids).
+Layout (columns key (string), label (int32), view (int32), clean / input / target: fixed-size lists of
+N int32 token ids, one row per image view):
+    codes/<version>/<split>/r-<run>/part-<hash>.parquet   one extraction run's shards, never rewritten
+    codes/<version>/<split>/r-<run>/_manifest.json        that run's manifest
+    codes/<version>/<split>/_manifest.json                the POINTER, written last: full shard keys,
+                                                          sizes, sha256; readers open only these keys
+A re-extraction writes a new run beside the old one and then replaces the pointer, so a reader
+holding the old manifest keeps reading intact shards. Every read task checks the size of the shard
+it opens against the manifest (ShardSizeMismatch).
+
+Training order (shuffled_codes_dataset): each execution of the dataset is one epoch e = first_epoch +
+the execution index Ray Data keeps in DataContext._execution_idx (private, but the counter Ray's own
+reseeding shuffles use; each pass over a Ray Train get_dataset_shard re-executes the dataset, and
+tests/test_codes_mixing.py fails if a Ray upgrade stops advancing it). The read tasks keep
+ONE view per image, view = h(seed, e, key) mod V, and give it the sort key h'(seed, e, key); Ray
+Data's distributed sort then puts the epoch in that order: a uniform random permutation of the
+images, fixed by (seed, e), different every epoch, computed worker-side (the driver only holds the
+O(row groups) read units and the sort's boundary samples). So the views of one image never share a
+micro-batch and micro-batch membership changes every epoch.
 
 Self-correction selection (spec §2.3) is done HERE, per sample: with probability correction_prob the
 pair is (input, target), otherwise (clean, clean). The draw is a hash of (seed, epoch, key, view),
@@ -23,16 +43,41 @@ from __future__ import annotations
 
 import hashlib
 import io
+import time
+import uuid
 from collections.abc import Iterator
 
 import numpy as np
 
-FORMAT = "detailflow.codes/v1"
+FORMAT = "detailflow.codes/v2"
 TOKEN_COLUMNS = ("clean", "input", "target")
+ROW_GROUP_ROWS = 8192  # rows per Parquet row group = per read task of a code shard
+
+
+class ShardSizeMismatch(RuntimeError):
+    """A code shard on S3 is not the object its manifest describes (replaced or truncated)."""
 
 
 def codes_prefix(version: str, split: str) -> str:
+    """Where the pointer manifest of a code set lives."""
     return f"codes/{version}/{split}"
+
+
+def run_prefix(version: str, split: str, run: str) -> str:
+    return f"{codes_prefix(version, split)}/r-{run}"
+
+
+def new_run_id() -> str:
+    """A fresh id per extraction (UTC time, sortable, + random suffix). Not a hash of the config:
+    `--force` re-runs the SAME config, and its shards must not land on the keys the published pointer
+    still lists (a config hash would reuse them and overwrite shards a reader may be reading)."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
+
+
+def shard_name(first_key: str, first_view: int) -> str:
+    """Deterministic, unique per shard: (key, view) identifies a row and each row is in one shard."""
+    digest = hashlib.blake2b(f"{first_key}\0{int(first_view)}".encode(), digest_size=8).hexdigest()
+    return f"part-{digest}.parquet"
 
 
 def _encode(keys, labels, views, tokens: dict[str, np.ndarray]) -> bytes:
@@ -47,63 +92,76 @@ def _encode(keys, labels, views, tokens: dict[str, np.ndarray]) -> bytes:
         flat = pa.array(np.ascontiguousarray(tokens[name], np.int32).reshape(-1))
         cols[name] = pa.FixedSizeListArray.from_arrays(flat, n_tok)
     buf = io.BytesIO()
-    pq.write_table(pa.table(cols), buf, row_group_size=8192)
+    pq.write_table(pa.table(cols), buf, row_group_size=ROW_GROUP_ROWS)
     return buf.getvalue()
 
 
-def write_code_shard(storage, version: str, split: str, index: int, *, keys, labels, views, clean, input,
-                     target) -> dict:
-    """Write one shard (atomic PUT); returns its manifest entry. Token arrays are n x N integers."""
+def write_code_shard(storage, prefix: str, *, keys, labels, views, clean, input, target,
+                     name: str | None = None) -> dict:
+    """Write one shard under `prefix` (atomic PUT, sha256 recorded); returns its manifest entry.
+    Token arrays are n x N integers; the default name derives from the first row (shard_name)."""
     tokens = {"clean": np.asarray(clean), "input": np.asarray(input), "target": np.asarray(target)}
     n = len(keys)
-    for name, arr in tokens.items():
+    if n == 0:
+        raise ValueError("a code shard needs at least one row")
+    for tname, arr in tokens.items():
         if arr.ndim != 2 or arr.shape[0] != n or arr.shape != tokens["clean"].shape:
-            raise ValueError(f"{name}: expected {n} x N token ids like `clean`, got shape {arr.shape}")
+            raise ValueError(f"{tname}: expected {n} x N token ids like `clean`, got shape {arr.shape}")
         if arr.size and (arr.min() < 0 or arr.max() > np.iinfo(np.int32).max):
-            raise ValueError(f"{name}: token ids must be non-negative int32")
+            raise ValueError(f"{tname}: token ids must be non-negative int32")
     if len(labels) != n or len(views) != n:
         raise ValueError(f"keys/labels/views lengths differ: {n}/{len(labels)}/{len(views)}")
-    name = f"part-{index:05d}.parquet"
+    name = name or shard_name(str(keys[0]), int(views[0]))
     data = _encode(keys, labels, views, tokens)
-    sha = storage.put_bytes(f"{codes_prefix(version, split)}/{name}", data)
-    return {"name": name, "key": f"{codes_prefix(version, split)}/{name}", "sha256": sha, "rows": n,
-            "bytes": len(data), "num_tokens": int(tokens["clean"].shape[1])}
+    key = f"{prefix.rstrip('/')}/{name}"
+    sha = storage.put_bytes(key, data)
+    return {"name": name, "key": key, "sha256": sha, "rows": n, "bytes": len(data),
+            "num_tokens": int(tokens["clean"].shape[1]), "num_views": int(np.max(views)) + 1,
+            "row_groups": -(-n // ROW_GROUP_ROWS), "row_group_rows": ROW_GROUP_ROWS}
 
 
-def publish_codes_manifest(storage, version: str, split: str, shards: list[dict],
-                           meta: dict | None = None) -> dict:
-    """Write `_manifest.json` after every shard exists (Storage.publish_manifest checks `files`)."""
-    shards = sorted(shards, key=lambda s: s["name"])
+def _manifest(version: str, split: str, run: str, shards: list[dict], base: str, meta: dict | None) -> dict:
     widths = {s["num_tokens"] for s in shards}
     if len(widths) > 1:
         raise ValueError(f"shards disagree on the number of tokens: {sorted(widths)}")
-    manifest = {"format": FORMAT, "version": version, "split": split,
-                "num_rows": sum(s["rows"] for s in shards), "num_tokens": widths.pop() if widths else None,
-                "shards": shards,
-                "files": {s["name"]: {"sha256": s["sha256"], "size": s["bytes"]} for s in shards},
-                **(meta or {})}
-    storage.publish_manifest(codes_prefix(version, split), manifest)
-    return manifest
+    return {"format": FORMAT, "version": version, "split": split, "run": run,
+            "run_prefix": run_prefix(version, split, run),
+            "num_rows": sum(s["rows"] for s in shards), "num_tokens": widths.pop() if widths else None,
+            "num_views": max((s.get("num_views", 1) for s in shards), default=0),
+            "shards": shards,
+            # `files` is what Storage.publish_manifest checks exists, relative to the manifest's prefix
+            "files": {s["key"][len(base) + 1:]: {"sha256": s["sha256"], "size": s["bytes"]} for s in shards},
+            **(meta or {})}
+
+
+def publish_codes(storage, version: str, split: str, run: str, shards: list[dict],
+                  meta: dict | None = None) -> dict:
+    """After every shard of `run` exists: its own manifest, then LAST the pointer to it."""
+    shards = sorted(shards, key=lambda s: s["key"])
+    own = run_prefix(version, split, run)
+    if not shards or any(not s["key"].startswith(own + "/") for s in shards):
+        raise ValueError(f"publish needs the shards of run {run} (keys under {own}/), got {len(shards)}")
+    storage.publish_manifest(own, _manifest(version, split, run, shards, own, meta))
+    pointer = _manifest(version, split, run, shards, codes_prefix(version, split), meta)
+    storage.publish_manifest(codes_prefix(version, split), pointer)
+    return pointer
 
 
 def write_codes(storage, version: str, split: str, rows: dict, shard_rows: int = 65536,
                 meta: dict | None = None) -> dict:
-    """Write rows {key, label, view, clean, input, target} as shards of shard_rows, then the manifest."""
-    n = len(rows["key"])
+    """Write rows {key, label, view, clean, input, target} as one new run of shards, then publish."""
+    run = new_run_id()
     shards = []
-    for i, start in enumerate(range(0, n, shard_rows)):
+    for start in range(0, len(rows["key"]), shard_rows):
         sl = slice(start, start + shard_rows)
-        shards.append(write_code_shard(storage, version, split, i, keys=rows["key"][sl],
+        shards.append(write_code_shard(storage, run_prefix(version, split, run), keys=rows["key"][sl],
                                        labels=rows["label"][sl], views=rows["view"][sl],
-                                       clean=rows["clean"][sl],
-                                       input=rows["input"][sl], target=rows["target"][sl]))
-    return publish_codes_manifest(storage, version, split, shards, meta)
+                                       clean=rows["clean"][sl], input=rows["input"][sl],
+                                       target=rows["target"][sl]))
+    return publish_codes(storage, version, split, run, shards, meta)
 
 
-def read_codes_dataset(storage, version: str, split: str, num_cpus: float = 0.5):
-    """Ray Dataset over exactly the shards the published manifest lists."""
-    import ray.data
-
+def read_published_manifest(storage, version: str, split: str) -> dict:
     prefix = codes_prefix(version, split)
     manifest = storage.read_manifest(prefix)
     if manifest is None:
@@ -111,8 +169,108 @@ def read_codes_dataset(storage, version: str, split: str, num_cpus: float = 0.5)
                                 "run the extract-codes stage first")
     if not manifest["shards"]:
         raise ValueError(f"codes {storage.uri(prefix)} have no shards")
-    paths = [storage.fs_path(s["key"]) for s in manifest["shards"]]
-    return ray.data.read_parquet(paths, filesystem=storage.filesystem(), partitioning=None, num_cpus=num_cpus)
+    return manifest
+
+
+def _read_units(manifest: dict) -> list[dict]:
+    """(shard key, row group, shard bytes): O(row groups) small dicts, the only per-shard driver state."""
+    units = []
+    for s in manifest["shards"]:
+        groups = s.get("row_groups") if s.get("row_group_rows") else None
+        for g in range(groups) if groups else [-1]:  # -1: the whole shard
+            units.append({"path": s["key"], "row_group": g, "bytes": int(s["bytes"])})
+    return units
+
+
+def view_choice(keys, seed: int, epoch: int, num_views: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per key: (chosen view in [0, num_views), int64 sort key), both from hash(seed, epoch, key)."""
+    view, order = np.empty(len(keys), np.int64), np.empty(len(keys), np.int64)
+    for i, k in enumerate(keys):
+        h = hashlib.blake2b(f"{seed}\0{epoch}\0{k}".encode(), digest_size=16).digest()
+        view[i] = int.from_bytes(h[:8], "little") % num_views
+        order[i] = int.from_bytes(h[8:], "little") >> 1  # 63 bits: a non-negative int64
+    return view, order
+
+
+def _execution_epoch() -> int:
+    """The Ray Data execution index of the running dataset: 0, 1, 2, ... per re-execution (epoch)."""
+    from ray.data import DataContext
+
+    return int(DataContext.get_current()._execution_idx)
+
+
+_FS_CACHE: dict = {}
+
+
+def _filesystem(storage):
+    """One pyarrow S3FileSystem per worker process: building one costs ~0.4 s, a read task much less."""
+    key = repr(storage.settings)
+    if key not in _FS_CACHE:
+        _FS_CACHE[key] = storage.filesystem()
+    return _FS_CACHE[key]
+
+
+def read_code_units(units: dict, *, storage, sample: dict | None = None) -> Iterator[dict]:
+    """map_batches fn: read row groups (after checking the shard's size); with `sample`, keep one view
+    per image for this execution's epoch and add its sort key."""
+    import pyarrow.parquet as pq
+
+    fs = _filesystem(storage)
+    for path, group, size in zip(units["path"], units["row_group"], units["bytes"], strict=True):
+        with fs.open_input_file(storage.fs_path(str(path))) as f:
+            if f.size() != int(size):
+                raise ShardSizeMismatch(
+                    f"code shard {storage.uri(str(path))} is {f.size()} bytes but the manifest lists "
+                    f"{int(size)} bytes: it was replaced or truncated after publishing; re-read the "
+                    "current manifest or re-run extract-codes")
+            pf = pq.ParquetFile(f)
+            table = pf.read() if int(group) < 0 else pf.read_row_group(int(group))
+        batch = {"key": np.asarray(table["key"].to_pylist(), dtype=object),
+                 "label": table["label"].to_numpy(), "view": table["view"].to_numpy()}
+        for c in TOKEN_COLUMNS:
+            col = table[c].combine_chunks()  # flatten() honours slice offsets (.values would not)
+            batch[c] = col.flatten().to_numpy().reshape(len(col), -1)
+        if sample is not None:
+            epoch = sample["first_epoch"] + _execution_epoch()
+            view, order = view_choice(batch["key"], sample["seed"], epoch, sample["num_views"])
+            keep = batch["view"] == view
+            batch = {k: v[keep] for k, v in batch.items()}
+            batch["order"] = order[keep]
+            batch["epoch"] = np.full(int(keep.sum()), epoch, np.int64)
+        yield batch
+
+
+def read_codes_dataset(storage, version: str, split: str, num_cpus: float = 0.5,
+                       manifest: dict | None = None):
+    """Ray Dataset over exactly the shards the published pointer lists (every row, not shuffled).
+    Pass `manifest` (one read earlier) to keep reading that version after the pointer moved on."""
+    import ray.data
+
+    units = _read_units(manifest or read_published_manifest(storage, version, split))
+    ds = ray.data.from_items(units, override_num_blocks=len(units))
+    return ds.map_batches(read_code_units, batch_size=1, batch_format="numpy", num_cpus=num_cpus,
+                          fn_kwargs={"storage": storage})
+
+
+def shuffled_codes_dataset(storage, version: str, split: str, seed: int, num_cpus: float = 0.5,
+                           first_epoch: int = 0):
+    """Training order: per execution (= epoch first_epoch + i) one seeded view per image, sorted by a
+    seeded hash, i.e. globally shuffled; rows carry `epoch` (iter_code_batches uses it)."""
+    import ray.data
+
+    if not hasattr(ray.data.DataContext.get_current(), "_execution_idx"):  # the epoch counter this relies on
+        raise RuntimeError("this Ray Data version has no DataContext._execution_idx; per-epoch view "
+                           "choice and shuffle need it (Ray >= 2.50)")
+    manifest = read_published_manifest(storage, version, split)
+    num_views = int(manifest.get("num_views") or {"tiny": 4, "tencrop": 10}.get(manifest.get("views"), 0))
+    if num_views < 1:
+        raise ValueError(f"codes {version}/{split}: the manifest does not say how many views per image")
+    units = _read_units(manifest)
+    ds = ray.data.from_items(units, override_num_blocks=len(units))
+    ds = ds.map_batches(read_code_units, batch_size=1, batch_format="numpy", num_cpus=num_cpus,
+                        fn_kwargs={"storage": storage, "sample": {"seed": int(seed), "num_views": num_views,
+                                                                  "first_epoch": int(first_epoch)}})
+    return ds.sort("order")
 
 
 def _as_matrix(col) -> np.ndarray:
@@ -144,12 +302,14 @@ def select_pairs(batch: dict, correction_prob: float, seed: int, epoch: int = 0)
 def iter_code_batches(ds_or_shard, batch_size: int, correction_prob: float, seed: int, *, epoch: int = 0,
                       drop_last: bool = True, device="cpu",
                       shuffle_buffer: int | None = None) -> Iterator[dict]:
-    """Yield torch batches {input, target, clean, label, view, corrected} (see select_pairs)."""
+    """Yield torch batches {input, target, clean, label, view, corrected} (see select_pairs). A dataset
+    with an `epoch` column (shuffled_codes_dataset) draws the pairs with that epoch, else `epoch`."""
     import torch
 
     shuffle_seed = None if shuffle_buffer is None else seed + epoch
     for batch in ds_or_shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=drop_last,
                                           local_shuffle_buffer_size=shuffle_buffer,
                                           local_shuffle_seed=shuffle_seed):
-        sel = select_pairs(batch, correction_prob, seed, epoch)
+        ep = int(batch["epoch"][0]) if "epoch" in batch and len(batch["epoch"]) else epoch
+        sel = select_pairs(batch, correction_prob, seed, ep)
         yield {k: torch.from_numpy(v).to(device) for k, v in sel.items()}
