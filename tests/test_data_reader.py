@@ -159,6 +159,8 @@ def test_code_shards_round_trip(storage, ray_session):
             "view": np.arange(n) % 2, "clean": clean, "input": (clean + 1) % 64, "target": (clean + 2) % 64}
     m = codes.write_codes(storage, "tok-test", "train", rows, shard_rows=20, meta={"tokenizer": "smoke"})
     assert m["num_rows"] == n and len(m["shards"]) == 3 and m["num_tokens"] == length
+    run = codes.run_prefix("tok-test", "train", m["run"])  # shards live in the run's own prefix
+    assert all(s["key"].startswith(run + "/part-") for s in m["shards"]) and m["num_views"] == 2
     ds = codes.read_codes_dataset(storage, "tok-test", "train")
     batches = list(codes.iter_code_batches(ds, batch_size=8, correction_prob=0.5, seed=0, drop_last=False))
     assert sum(len(b["label"]) for b in batches) == n
