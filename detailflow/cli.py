@@ -32,7 +32,7 @@ PLUGIN_GROUPS: dict[str, tuple[str, str, str]] = {
     "registry": ("detailflow.pipelines.registry_cli", "registry", "Registry: list, promote, rollback."),
     "serve": ("detailflow.platform.serving.cli", "serve", "Ray Serve generation endpoint."),
     "generate": ("detailflow.pipelines.generate_cli", "generate", "Sample images from a registered model."),
-    "pipeline": ("detailflow.pipelines.runner_cli", "pipeline", "Run a pipeline file end to end."),
+    "pipeline": ("detailflow.pipelines.runner.cli", "pipeline", "Run a pipeline file end to end (resumable)."),
     "infra": ("detailflow.platform.infra_cli", "infra", "Render KubeRay manifests (RayCluster/Job/CronJob/Service)."),
 }
 

@@ -1,0 +1,155 @@
+"""`detailflow pipeline run | submit | status | validate`: one file runs the whole life of a model.
+
+Usage:
+    detailflow pipeline validate configs/pipelines/tiny.yaml
+    detailflow pipeline run configs/pipelines/tiny.yaml                  # skips what is done
+    detailflow pipeline run configs/pipelines/tiny.yaml --force tokenizer  # re-run one stage anyway
+    detailflow pipeline status configs/pipelines/tiny.yaml               # state, time, MLflow link
+    detailflow pipeline submit configs/pipelines/detailflow-16.yaml --address http://head:8265
+        # a Ray Job (working dir = this checkout, or --no-working-dir when the image has the code),
+        # following its logs; Ctrl-C stops following, not the job
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+
+def _settings():
+    from detailflow.platform.settings import SettingsError, load_settings
+
+    root = click.get_current_context().find_root()
+    try:
+        return load_settings((root.obj or {}).get("config_file"))
+    except SettingsError as exc:
+        raise click.UsageError(str(exc)) from exc
+
+
+def _load(path: str):
+    from detailflow.pipelines.runner.spec import PipelineError, load_pipeline
+
+    try:
+        return load_pipeline(path)
+    except PipelineError as exc:
+        raise click.UsageError(str(exc)) from exc
+
+
+def _ensure_ray(settings) -> None:
+    import ray
+
+    from detailflow.platform.raytrain import ray_runtime_env
+
+    if ray.is_initialized():
+        return
+    if settings.ray_address in ("local", "", None):
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
+                 runtime_env=ray_runtime_env())
+    else:
+        ray.init(address=settings.ray_address, runtime_env=ray_runtime_env())
+
+
+@click.group()
+def pipeline():
+    """Pipelines: ingest -> tokenizer -> codes -> AR -> evaluate -> promote -> deploy, resumable."""
+
+
+@pipeline.command("validate")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+def validate(file):
+    """Check a pipeline file (schema, stage kinds, references) without running it."""
+    spec = _load(file)
+    for i, s in enumerate(spec.stages, 1):
+        click.echo(f"{i}. {s.name:<20} {s.kind:<20} {json.dumps(s.params, default=str)[:80]}")
+    click.echo(f"{spec.path}: {len(spec.stages)} stages, valid")
+
+
+@pipeline.command("run")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--force", multiple=True, help="stage name to run even if it is done (repeatable)")
+def run(file, force):
+    """Run FILE against the current settings; finished stages with the same inputs are skipped."""
+    from detailflow.pipelines.runner.runner import StageFailed, run_pipeline
+
+    spec = _load(file)
+    unknown = set(force) - {s.name for s in spec.stages}
+    if unknown:
+        raise click.UsageError(f"--force: no stage named {sorted(unknown)} in {file}")
+    settings = _settings()
+    _ensure_ray(settings)
+    try:
+        summary = run_pipeline(spec, settings, force=tuple(force), log=lambda m: click.echo(m, err=True))
+    except StageFailed as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    click.echo(json.dumps({k: v["status"] for k, v in summary.items()}))
+
+
+@pipeline.command("status")
+@click.argument("file_or_name")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable")
+def status(file_or_name, as_json):
+    """Each stage's state, timing and MLflow link (FILE_OR_NAME: the file or the pipeline name)."""
+    from pathlib import Path
+
+    from detailflow.pipelines.runner.runner import read_state, status_rows
+    from detailflow.platform.storage import Storage
+
+    spec = _load(file_or_name) if Path(file_or_name).is_file() else None
+    name = spec.name if spec else file_or_name
+    settings = _settings()
+    state = read_state(Storage(settings), name)
+    rows = status_rows(state, spec, settings.mlflow_tracking_uri)
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    click.echo(f"pipeline {name}: {len(state.get('runs', []))} run(s) recorded")
+    for r in rows:
+        secs = f"{r['seconds']:.0f}s" if isinstance(r["seconds"], int | float) else ""
+        click.echo(f"  {r['stage']:<20} {r['kind']:<20} {r['status']:<8} {secs:>7}  {r['mlflow']}")
+        if r["error"]:
+            click.echo(f"      error: {r['error'][:200]}")
+    if any(r["status"] == "failed" for r in rows):
+        sys.exit(1)
+
+
+@pipeline.command("submit")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--address", required=True, help="Ray dashboard / Jobs address, e.g. http://127.0.0.1:8265")
+@click.option("--working-dir/--no-working-dir", default=True, show_default=True,
+              help="upload this checkout as the job's working dir (off: the image already has the code)")
+@click.option("--follow/--no-follow", default=True, show_default=True, help="stream the job's logs")
+def submit(file, address, working_dir, follow):
+    """Submit FILE as a Ray Job that runs `detailflow pipeline run FILE` on the cluster."""
+    import asyncio
+    import datetime as dt
+
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    spec = _load(file)
+    client = JobSubmissionClient(address)
+    runtime_env = {"env_vars": {"DETAILFLOW_RAY_ADDRESS": "auto"}}
+    if working_dir:
+        runtime_env["working_dir"] = "."
+        runtime_env["excludes"] = [".venv", ".git", "out", ".detailflow", "*.pyc"]
+    job_id = client.submit_job(entrypoint=f"detailflow pipeline run {file}", runtime_env=runtime_env,
+                               submission_id=f"pipeline-{spec.name}-{dt.datetime.now():%Y%m%d-%H%M%S}",
+                               metadata={"detailflow.pipeline": spec.name})
+    click.echo(f"submitted {job_id} to {address}")
+    if not follow:
+        return
+
+    async def tail():
+        async for lines in client.tail_job_logs(job_id):
+            click.echo(lines, nl=False)
+
+    try:
+        asyncio.run(tail())
+    except KeyboardInterrupt:
+        click.echo(f"\nstopped following; the job goes on: ray job status {job_id} --address {address}")
+        return
+    final = client.get_job_status(job_id)
+    click.echo(f"job {job_id}: {final}")
+    sys.exit(0 if final == JobStatus.SUCCEEDED else 1)

@@ -1,0 +1,143 @@
+"""Stage kinds a pipeline file can name: each adapts one existing stage to `fn(params, ctx) -> outputs`.
+
+Usage:
+    kind = KINDS["train-tokenizer"]
+    outputs = kind.fn({"config": "configs/tokenizer-tiny.yaml", "overrides": {"steps": 50}}, ctx)
+    kind.outputs        # the keys later stages may reference as ${stages.<name>.<key>}
+    kind.volatile       # True: always runs (its input lives outside the pipeline, e.g. a source folder)
+
+A kind never re-implements its stage: it loads the stage's typed config (file + overrides, with the
+stage's own validation), applies the pipeline's resources, calls the stage's `run`, and returns the
+small dict of names/URIs the next stages need. Resumability is the stage's own (deterministic run
+names resume their checkpoints; ingest resumes by shard markers; extraction by its manifest).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class StageContext:
+    settings: object  # platform Settings
+    pipeline: str  # pipeline name
+    stage: str  # stage name
+    date: str  # run-name date pinned at the stage's first attempt (so a retry resumes its runs)
+    resources: dict  # the stage's resources block
+    log: Callable[[str], None] = print  # progress lines
+
+
+@dataclass(frozen=True)
+class Kind:
+    fn: Callable[[dict, StageContext], dict]  # runs the stage, returns its outputs
+    outputs: tuple[str, ...]  # keys of the outputs dict
+    volatile: bool = False  # always run (input outside the pipeline); otherwise skipped by content hash
+    config_keys: tuple[str, ...] = ("config",)  # params naming files whose CONTENT enters the hash
+
+
+def _stage_config(cls, params: dict, ctx: StageContext, extra: dict):
+    from detailflow.pipelines.stage_config import load_stage_config
+
+    overrides = {**(params.get("overrides") or {}), **extra}
+    items = [f"{k}={_as_text(v)}" for k, v in overrides.items()]
+    return load_stage_config(cls, params.get("config"), items)
+
+
+def _as_text(value) -> str:
+    import json
+
+    return json.dumps(value) if isinstance(value, dict | list | bool) else str(value)
+
+
+def _training_resources(ctx: StageContext) -> dict:
+    r, out = ctx.resources, {"date": ctx.date}
+    if "num_workers" in r:
+        out["num_workers"] = r["num_workers"]
+    if "cpus_per_worker" in r:
+        out["cpus_per_worker"] = r["cpus_per_worker"]
+    if r.get("gpus_per_worker"):
+        out["device"] = "cuda"
+    return out
+
+
+def synth(params: dict, ctx: StageContext) -> dict:
+    from detailflow.pipelines.data import synth as synth_mod
+
+    out = Path(params["out"])
+    counts = synth_mod.write_folder(
+        out,
+        size=int(params.get("size", 32)),
+        per_class=int(params["per_class"]),
+        val_per_class=params.get("val_per_class"),
+        seed=int(params.get("seed", 0)),
+        fmt=params.get("fmt", "png"),
+    )
+    return {"path": str(out), "train_images": counts.get("train", 0), "val_images": counts.get("val", 0)}
+
+
+def ingest(params: dict, ctx: StageContext) -> dict:
+    from detailflow.pipelines.data.ingest import IngestConfig
+    from detailflow.pipelines.data.ingest import ingest as run_ingest
+    from detailflow.platform.storage import Storage
+
+    fields = {f.name for f in dataclasses.fields(IngestConfig)}
+    unknown = set(params) - fields - {"src", "local"}
+    if unknown:
+        raise ValueError(
+            f"ingest: unknown params {sorted(unknown)}; known: src, local, {', '.join(sorted(fields))}"
+        )
+    cfg = IngestConfig(**{k: v for k, v in params.items() if k in fields})
+    if params.get("local"):
+        cfg.use_ray = False
+    elif ctx.resources.get("data_cpus"):
+        cfg.task_cpus = float(ctx.resources["data_cpus"])
+    manifest = run_ingest(Storage(ctx.settings), str(params["src"]), cfg)
+    return {
+        "name": cfg.name,
+        "split": cfg.split,
+        "version": manifest.get("version", ""),
+        "num_images": manifest["num_images"],
+        "num_rejected": manifest["num_rejected"],
+    }
+
+
+def train_tokenizer(params: dict, ctx: StageContext) -> dict:
+    from detailflow.pipelines.train_tokenizer import TokenizerStageConfig, run
+
+    cfg = _stage_config(TokenizerStageConfig, params, ctx, _training_resources(ctx))
+    info = run(cfg, ctx.settings)
+    return {"run_name": info["run_name"], "export_uri": info["export_uri"], "dataset": cfg.dataset}
+
+
+def extract_codes(params: dict, ctx: StageContext) -> dict:
+    from detailflow.pipelines.extract_codes import ExtractConfig
+    from detailflow.pipelines.extract_codes import extract_codes as run_extract
+
+    r = ctx.resources
+    extra = {"num_actors": r["num_actors"]} if "num_actors" in r else {}
+    if r.get("gpus_per_worker"):
+        extra["use_gpu"] = True
+    cfg = ExtractConfig(**{**params, **extra})
+    info = run_extract(cfg, ctx.settings)
+    return {"version": info["version"], "num_rows": info["num_rows"], "tokenizer": cfg.tokenizer,
+            "run": info.get("run") or ""}
+
+
+def train_ar(params: dict, ctx: StageContext) -> dict:
+    from detailflow.pipelines.train_ar import ARStageConfig, run
+
+    cfg = _stage_config(ARStageConfig, params, ctx, _training_resources(ctx))
+    info = run(cfg, ctx.settings)
+    return {"run_name": info["run_name"], "export_uri": info["export_uri"], "tokenizer": cfg.tokenizer}
+
+
+KINDS: dict[str, Kind] = {
+    "synth": Kind(synth, ("path", "train_images", "val_images")),
+    "ingest": Kind(ingest, ("name", "split", "version", "num_images", "num_rejected"), volatile=True),
+    "train-tokenizer": Kind(train_tokenizer, ("run_name", "export_uri", "dataset")),
+    "extract-codes": Kind(extract_codes, ("version", "num_rows", "tokenizer", "run")),
+    "train-ar": Kind(train_ar, ("run_name", "export_uri", "tokenizer")),
+}
