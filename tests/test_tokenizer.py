@@ -17,7 +17,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _tok(name="smoke", **changes):
-    cfg = dataclasses.replace(get_model_config(name).tokenizer, **changes)
+    # random stand-in perceptual / D nets: an explicit, test-only choice (models/losses.py)
+    cfg = dataclasses.replace(get_model_config(name).tokenizer, **{"random_feature_nets": True, **changes})
     torch.manual_seed(0)
     return DetailFlowTokenizer(cfg)
 

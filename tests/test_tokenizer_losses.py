@@ -23,6 +23,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _cfg(**changes):
+    """Smoke tokenizer config; random stand-in feature nets unless a test says otherwise."""
+    changes = {"random_feature_nets": True, **changes}
     return dataclasses.replace(get_model_config("smoke").tokenizer, **changes)
 
 
@@ -163,3 +165,30 @@ def test_discriminator_shapes_params_and_step():
     no_cr = _cfg(gan_weight=0.2, disc_start=0, disc_cr_weight=0.0, disc_lecam_weight=0.0)
     _, logs2 = discriminator_step(Discriminator(no_cr), real, fake, 0, no_cr)
     assert "d_cr" not in logs2 and logs2["d_lecam"] == 0.0
+
+
+def test_consistency_regularisation_is_one_mse_at_the_spec_weight():
+    """Spec §1.10: 4.0 x the MSE between D's logits and those of strongly augmented copies, over the
+    real and fake halves together (not the sum of two MSEs, which doubles the weight to 8)."""
+    cfg = _cfg(gan_weight=0.2, disc_start=0, diffaug=False, disc_lecam_weight=0.0, disc_cr_weight=4.0)
+    disc = Discriminator(cfg).eval()  # eval: no BN-statistics or spectral-norm update between calls
+    real, fake = torch.rand(4, 3, 32, 32) * 2 - 1, torch.rand(4, 3, 32, 32) * 2 - 1
+    loss, logs = discriminator_step(disc, real, fake, 0, cfg, generator=torch.Generator().manual_seed(7))
+    gen = torch.Generator().manual_seed(7)  # the same strong augmentations, real first, then fake
+    with torch.no_grad():
+        lr, lf = disc(real), disc(fake)
+        sr = disc(diff_augment(real, cutout_ratio=0.5, prob=1.0, generator=gen))
+        sf = disc(diff_augment(fake, cutout_ratio=0.5, prob=1.0, generator=gen))
+    cr = 0.5 * (float(((sr - lr) ** 2).mean()) + float(((sf - lf) ** 2).mean()))
+    assert logs["d_cr"] == pytest.approx(cr, rel=1e-5)
+    hinge = 0.5 * (float(torch.relu(1 - lr).mean()) + float(torch.relu(1 + lf).mean()))
+    assert float(loss) == pytest.approx(0.2 * hinge + 4.0 * cr, rel=1e-5)
+
+
+def test_random_feature_nets_only_on_request(tmp_path):
+    for build, field in ((PerceptualLoss, "perceptual_net_path"), (Discriminator, "disc_net_path")):
+        with pytest.raises(ValueError, match=f"{field} is not set.*random_feature_nets=True"):
+            build(_cfg(perceptual_weight=1.0, gan_weight=0.2, random_feature_nets=False))
+    path = tmp_path / "perc.safetensors"  # a named file is used without the test switch
+    save_feature_net(ConvFeatureNet(seed=3), str(path))
+    PerceptualLoss(_cfg(perceptual_weight=1.0, perceptual_net_path=str(path), random_feature_nets=False))

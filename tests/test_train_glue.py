@@ -143,19 +143,100 @@ def test_cli_train_show_and_bad_override():
     assert runner.invoke(main, ["extract-codes", "--help"]).exit_code == 0
 
 
+PAPER_WEIGHTS = ("align_teacher_path", "perceptual_net_path", "disc_net_path")
+
+
+def _fake_weight_overrides(tmp_path) -> list[str]:
+    out = []
+    for name in PAPER_WEIGHTS:
+        (tmp_path / f"{name}.pt2").write_bytes(b"stand-in")  # existence is what loading checks
+        out.append(f"model_overrides.{name}={tmp_path / f'{name}.pt2'}")
+    return out
+
+
 @pytest.mark.parametrize("path", ["configs/tokenizer-tiny.yaml", "configs/tokenizer-smoke.yaml",
-                                  "configs/tokenizer-detailflow-16.yaml", "configs/ar-tiny.yaml",
-                                  "configs/ar-smoke.yaml", "configs/ar-detailflow-16.yaml"])
-def test_stage_config_files_load(path):
+                                  *[f"configs/tokenizer-detailflow-{n}.yaml" for n in (16, 32, 64)],
+                                  "configs/ar-tiny.yaml", "configs/ar-smoke.yaml",
+                                  *[f"configs/ar-detailflow-{n}.yaml" for n in (16, 32, 64)]])
+def test_stage_config_files_load(path, tmp_path):
     from detailflow.pipelines.train_ar import ARStageConfig, ar_config
     from detailflow.pipelines.train_tokenizer import TokenizerStageConfig, tokenizer_config
 
     if "tokenizer" in path:
-        cfg = load_stage_config(TokenizerStageConfig, path)
+        paper = "detailflow" in path
+        cfg = load_stage_config(TokenizerStageConfig, path, _fake_weight_overrides(tmp_path) if paper else [])
         tok = tokenizer_config(cfg)
+        if paper:  # spec §0 numbers: N = 8 x the suffix, g 8, K 8192, 256 px
+            n = int(path.rsplit("-", 1)[1].split(".")[0])
+            assert (tok.num_tokens, tok.group_size, tok.codebook_size) == (8 * n, 8, 8192)
+            assert tok.image_size == 256 and tok.perceptual_weight == 1.0 and tok.gan_weight == 0.2
+            assert cfg.micro_batch * cfg.num_workers == 256 and cfg.lr == 1e-4
         assert cfg.micro_batch >= 1 and tok.num_tokens % tok.group_size == 0
     else:
         cfg = load_stage_config(ARStageConfig, path)
         assert ar_config(cfg).num_tokens >= 1 and cfg.correction_prob == 0.3
     dsg.build_ds_config(micro_batch=cfg.micro_batch, zero_stage=cfg.zero_stage,
                         precision="fp32" if cfg.precision == "auto" else cfg.precision)
+
+
+@pytest.mark.parametrize("n", [16, 32, 64])
+def test_paper_tokenizer_recipes_name_the_weights_they_need(n, tmp_path):
+    from detailflow.models.configs import WEIGHT_FILES
+    from detailflow.pipelines.train_tokenizer import TokenizerStageConfig
+
+    path = f"configs/tokenizer-detailflow-{n}.yaml"
+    with pytest.raises(ValueError) as err:
+        load_stage_config(TokenizerStageConfig, path)
+    for name in PAPER_WEIGHTS:  # every missing file is named, with what it must be
+        assert f"{name} is not set; it must name {WEIGHT_FILES[name][1]}" in str(err.value)
+    assert "encoder_init_path" not in str(err.value)  # optional
+    overrides = _fake_weight_overrides(tmp_path)
+    disc = lambda value: [*overrides[:2], f"model_overrides.disc_net_path={value}"]  # noqa: E731
+    with pytest.raises(ValueError, match="disc_net_path='/nope/dino.pt2' does not exist"):
+        load_stage_config(TokenizerStageConfig, path, disc("/nope/dino.pt2"))
+    # an s3:// URI is accepted at load time (the driver checks the object, each worker its sha256)
+    cfg = load_stage_config(TokenizerStageConfig, path, disc("s3://b/d.pt2"))
+    assert cfg.model_overrides["disc_net_path"] == "s3://b/d.pt2"
+
+
+def test_cli_paper_recipe_without_weights_is_a_usage_error():
+    from click.testing import CliRunner
+
+    from detailflow.cli import main
+
+    r = CliRunner().invoke(main, ["train", "tokenizer", "--config", "configs/tokenizer-detailflow-16.yaml"])
+    assert r.exit_code == 2 and "align_teacher_path is not set" in r.output
+
+
+def test_resolve_weights_checks_sha256(tmp_path):
+    import dataclasses as dc
+    import hashlib
+
+    from detailflow.models.configs import get_model_config
+    from detailflow.platform.weights import WeightFileError, resolve_weights
+
+    f = tmp_path / "teacher.pt2"
+    f.write_bytes(b"weights" * 1000)
+    good = hashlib.sha256(f.read_bytes()).hexdigest()  # independent of weights.sha256_file's chunking
+    tok = dc.replace(get_model_config("smoke").tokenizer, align_teacher_path=str(f),
+                     align_teacher_sha256=good)
+    assert resolve_weights(tok, storage=None).align_teacher_path == str(f)
+    bad = dc.replace(tok, align_teacher_sha256="0" * 64)
+    with pytest.raises(WeightFileError, match=f"sha256 {good} but align_teacher_sha256 says 0000"):
+        resolve_weights(bad, storage=None)
+
+
+def test_progress_line(capsys):
+    from detailflow.platform.tracking import Progress, Tracker
+
+    tracker = Tracker()  # disabled: only its last_checkpoint is read
+    p = Progress("tokenizer", "run-x", total=100, start=20, unit="img", every_s=3600, tracker=tracker)
+    assert p.update(21, 64) is None  # not due yet: nothing printed
+    p._t0 = p._last = 0.0  # pin the clock: 20 steps and 1,280 images in the last 10 s
+    p._items, p.loss = 1280, 0.25
+    tracker.last_checkpoint = (40, "s3://b/runs/run-x/checkpoint_step00000040_t")
+    line = p.line(40, now=10.0)
+    # 2 steps/s since the start at step 20 -> 60 steps left -> 30 s
+    assert line == ("[tokenizer run-x] step 40/100 (40%) | loss 0.2500 | 128.0 img/s | ETA 30s | "
+                    "last ckpt step 40 s3://b/runs/run-x/checkpoint_step00000040_t")
+    assert p.update(100, 64) and "step 100/100 (100%)" in capsys.readouterr().out  # the last step prints

@@ -57,6 +57,11 @@ class TokenizerConfig:
     disc_net_path: str | None = None  # local weights of the frozen discriminator backbone (DINO)
     diffaug: bool = True  # DiffAugment (color, translation, cutout) before the discriminator
     encoder_init_path: str | None = None  # optional pretrained encoder weights (SigLIP2), local path
+    align_teacher_sha256: str | None = None  # expected sha256 (hex) of align_teacher_path's file
+    perceptual_net_sha256: str | None = None  # expected sha256 of perceptual_net_path's file
+    disc_net_sha256: str | None = None  # expected sha256 of disc_net_path's file
+    encoder_init_sha256: str | None = None  # expected sha256 of encoder_init_path's file
+    random_feature_nets: bool = False  # TESTS ONLY: random stand-in perceptual/D nets when unset
 
     @property
     def num_groups(self) -> int:  # M = N / g
@@ -76,6 +81,53 @@ class TokenizerConfig:
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size={self.image_size} must be a multiple of "
                              f"patch_size={self.patch_size}")
+
+
+# Pretrained files a tokenizer config can name: path field -> (its sha256 field, what file it wants).
+# Paths are local files or s3:// URIs (the training stage downloads those and checks the sha256).
+WEIGHT_FILES = {
+    "align_teacher_path": ("align_teacher_sha256",
+                           "the frozen SigLIP2-so400m-patch16-NaFlex vision tower (all 27 blocks, "
+                           "post-LayerNorm patch features) as a TorchScript or torch.export (.pt2) file"),
+    "perceptual_net_path": ("perceptual_net_sha256",
+                            "the perceptual network: VGG16 returning its LPIPS feature maps (relu1_2, "
+                            "relu2_2, relu3_3, relu4_3, relu5_3) as a TorchScript or .pt2 file"),
+    "disc_net_path": ("disc_net_sha256",
+                      "the frozen discriminator backbone: DINO ViT-S/16 (dino_deitsmall16_pretrain) "
+                      "returning its patch-embedding and block 2/5/8/11 token features, TorchScript or .pt2"),
+    "encoder_init_path": ("encoder_init_sha256",
+                          "encoder init weights: a state dict (safetensors or torch) of the SigLIP2 "
+                          "so400m vision tower's first enc_depth blocks"),
+}
+
+
+def required_weight_fields(cfg: TokenizerConfig) -> list[str]:
+    """The WEIGHT_FILES this config cannot train without (random stand-ins only when
+    cfg.random_feature_nets, a test-only switch)."""
+    need = []
+    if cfg.align_weight > 0 and cfg.align_teacher == "siglip2":
+        need.append("align_teacher_path")
+    if cfg.perceptual_weight > 0 and not cfg.random_feature_nets:
+        need.append("perceptual_net_path")
+    if cfg.gan_weight > 0 and not cfg.random_feature_nets:
+        need.append("disc_net_path")
+    return need
+
+
+def weight_problems(cfg: TokenizerConfig) -> list[str]:
+    """One line per required weight field that is unset, or set to a local file that does not exist
+    (s3:// URIs are checked by the training stage, which can reach the bucket). Empty = fine."""
+    import os
+
+    problems = []
+    for name in WEIGHT_FILES:
+        path = getattr(cfg, name)
+        wants = WEIGHT_FILES[name][1]
+        if not path and name in required_weight_fields(cfg):
+            problems.append(f"{name} is not set; it must name {wants}")
+        elif path and not str(path).startswith("s3://") and not os.path.isfile(path):
+            problems.append(f"{name}={path!r} does not exist; it must name {wants}")
+    return problems
 
 
 @dataclass

@@ -5,17 +5,24 @@ Usage (second optimiser, run by the training loop after the generator step):
     opt_d = torch.optim.Adam(disc.trainable_parameters(), lr=1e-4, betas=(0.9, 0.95))
     loss_d, logs_d = discriminator_step(disc, real_BCcc, fake_BCcc.detach(), step, cfg)
 
-Substitutions for runs without pretrained parts (documented, not the paper's nets):
-  * perceptual net: cfg.perceptual_net_path if given, else a fixed random ConvFeatureNet; the LPIPS
-    linear heads are replaced by equal layer weights (no dropout quirk);
-  * discriminator backbone: cfg.disc_net_path if given (e.g. DINO scripted offline), else a fixed random
-    ViTFeatureNet built in code; no cls-token addition; inputs are bicubic-upsampled / area-downsampled
-    to the backbone size (no 50% random crop for larger inputs);
-  * BatchNorm1d instead of SyncBN in the heads (stats are per process).
+The generator step must not touch the discriminator's parameters: wrap its forward AND backward in
+`with frozen(disc):` (the adversarial term still back-propagates through D into the reconstruction).
+Under DeepSpeed the D parameters' gradient hooks would otherwise reduce the generator's gradients into
+D's buffers, where D's own backward adds to them (ZeRO-2: reduced twice, D stepped on the sum).
+
+Feature networks: cfg.perceptual_net_path / cfg.disc_net_path name the pretrained nets; without them
+the loss refuses to start, unless cfg.random_feature_nets (TESTS ONLY) asks for these stand-ins:
+  * perceptual net: a fixed random ConvFeatureNet;
+  * discriminator backbone: a fixed random ViTFeatureNet built in code.
+Documented differences from the paper's nets either way: the LPIPS linear heads are replaced by equal
+layer weights (no dropout quirk); no cls-token addition in D; D inputs are bicubic-upsampled /
+area-downsampled to the backbone size (no 50% random crop for larger inputs); BatchNorm1d instead of
+SyncBN in the heads (stats are per process).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -40,11 +47,22 @@ def _fit(img_BCHW: torch.Tensor, size: int | None) -> torch.Tensor:
     return F.interpolate(img_BCHW, size=(size, size), mode=mode, **kw)
 
 
+def _missing_weights(field: str, wants: str) -> ValueError:
+    return ValueError(f"{field} is not set: it must name {wants} (a local file, or s3://... resolved by the "
+                      "training stage; nothing is downloaded from the internet). Random stand-in networks "
+                      "are for tests only: random_feature_nets=True")
+
+
 class PerceptualLoss:
     """LPIPS-style distance: channel-normalised feature differences, averaged, summed over layers."""
 
     def __init__(self, cfg):
-        net = load_feature_net(cfg.perceptual_net_path) if cfg.perceptual_net_path else ConvFeatureNet(seed=0)
+        if cfg.perceptual_net_path:
+            net = load_feature_net(cfg.perceptual_net_path)
+        elif cfg.random_feature_nets:
+            net = ConvFeatureNet(seed=0)
+        else:
+            raise _missing_weights("perceptual_net_path", "the perceptual network (LPIPS VGG16 features)")
         self.size = getattr(net, "image_size", None)
         self.net = FrozenNet(net)
 
@@ -95,6 +113,8 @@ class Discriminator(nn.Module):
         super().__init__()
         if backbone is None and cfg.disc_net_path:
             backbone = load_feature_net(cfg.disc_net_path)
+        if backbone is None and not cfg.random_feature_nets:
+            raise _missing_weights("disc_net_path", "the frozen discriminator backbone (DINO ViT-S/16)")
         if backbone is None:
             gen_state = torch.random.get_rng_state()
             torch.manual_seed(1234)  # the stand-in backbone is the same random net in every process
@@ -136,6 +156,21 @@ def lecam_reg(logits_real: torch.Tensor, logits_fake: torch.Tensor, ema_real, em
     return F.relu(logits_real - ema_fake).pow(2).mean() + F.relu(ema_real - logits_fake).pow(2).mean()
 
 
+@contextlib.contextmanager
+def frozen(module: nn.Module | None):
+    """Parameters of `module` that require grad do not for the block (None: no-op). Autograd records
+    requires_grad at forward time, so the block must cover the forward; it covers the backward too so
+    nothing re-enables them in between."""
+    params = [p for p in module.parameters() if p.requires_grad] if module is not None else []
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
 def gan_active(cfg, step: int) -> bool:
     return cfg.gan_weight > 0 and step >= cfg.disc_start
 
@@ -156,7 +191,11 @@ def discriminator_step(
     cfg,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """D loss = gan_weight * (hinge + lecam_w * LeCAM) + cr_w * CR, all zero before cfg.disc_start."""
+    """D loss = gan_weight * (hinge + lecam_w * LeCAM) + cr_w * CR, all zero before cfg.disc_start.
+
+    CR is ONE mean squared error over the real and fake logits together (spec §1.10: weight 4.0 on
+    "the MSE between the logits and those of strongly augmented copies"), i.e. the mean of the real
+    and fake MSEs (equal batch sizes), not their sum, which would double the effective weight."""
     if not gan_active(cfg, step):
         zero = sum(p.sum() for p in disc.trainable_parameters()) * 0.0  # keeps the graph (DDP-friendly)
         return zero, {"d_loss": 0.0}
@@ -180,7 +219,8 @@ def discriminator_step(
     }
     if cfg.disc_cr_weight > 0:
         strong = lambda x: diff_augment(x, cutout_ratio=0.5, prob=1.0, generator=generator)  # noqa: E731
-        cr = F.mse_loss(disc(strong(real_BCHW)), lr) + F.mse_loss(disc(strong(fake_BCHW)), lf)
+        strong_logits = torch.cat([disc(strong(real_BCHW)), disc(strong(fake_BCHW))])
+        cr = F.mse_loss(strong_logits, torch.cat([lr, lf]))
         loss = loss + cfg.disc_cr_weight * cr
         logs["d_cr"] = _f(cr)
     logs["d_loss"] = _f(loss)

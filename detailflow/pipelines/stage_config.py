@@ -2,6 +2,8 @@
 
 Usage:
     cfg = load_stage_config(TokenizerStageConfig, "configs/tokenizer-tiny.yaml", ["steps=50", "lr=1e-4"])
+    cfg = load_stage_config(TokenizerStageConfig, "configs/tokenizer-detailflow-16.yaml",   # dotted key:
+                            ["model_overrides.align_teacher_path=s3://bucket/weights/siglip2.pt2", ...])
     resolved = dataclasses.asdict(cfg)
     name = run_name("tokenizer", cfg.name, cfg.date, resolved)   # tokenizer-tiny-2026-11-28-1a2b3c4d
 
@@ -79,6 +81,11 @@ def load_stage_config(cls, path: str | Path | None = None, overrides: list[str] 
         if "=" not in item:
             raise ValueError(f"override {item!r} is not key=value")
         key, text = item.split("=", 1)
+        if "." in key and key.split(".", 1)[0] in hints and hints[key.split(".", 1)[0]] is dict:
+            # model_overrides.align_teacher_path=s3://... sets one entry of a dict field
+            field, sub = key.split(".", 1)
+            values[field] = {**values.get(field, {}), sub: yaml.safe_load(text) if text else None}
+            continue
         if key not in hints:
             raise ValueError(f"unknown field {key!r} for {cls.__name__}; known: {', '.join(sorted(hints))}")
         values[key] = _coerce(text, hints[key])
@@ -88,7 +95,10 @@ def load_stage_config(cls, path: str | Path | None = None, overrides: list[str] 
     for key, value in list(values.items()):  # YAML reads 1e-4 as a string
         if hints[key] is float and isinstance(value, str | int):
             values[key] = float(value)
-    return cls(**values)
+    cfg = cls(**values)
+    if hasattr(cfg, "validate"):  # e.g. a paper recipe's pretrained weight files (names the field)
+        cfg.validate()
+    return cfg
 
 
 def today() -> str:

@@ -59,6 +59,16 @@ class TokenizerStageConfig(DistributedStageConfig):
     window_groups: int = 16  # reader: row groups mixed into each micro-batch (one Ray task each)
     reader_cpus: float = 0.5  # reader: CPUs per Ray Data task (fractional: trainers never starve it)
     consumed_log: str = ""  # test hook: each rank appends "step epoch unit batch" per step to <path>.rank<r>
+    progress_every_s: float = 10.0  # seconds between rank 0's console progress lines
+
+    def validate(self) -> None:
+        """At config load: every pretrained file this recipe needs is named (and exists, if local)."""
+        from detailflow.models.configs import weight_problems
+
+        problems = weight_problems(tokenizer_config(self))
+        if problems:
+            raise ValueError(f"model {self.model!r}: " + "; ".join(problems) + " (set them with "
+                             "model_overrides.<field>=<path or s3://...>; README 'Pretrained weights')")
 
 
 def tokenizer_config(cfg: TokenizerStageConfig):
@@ -70,6 +80,20 @@ def get_model_tokenizer(name: str):
     from detailflow.models.configs import get_model_config
 
     return get_model_config(name).tokenizer
+
+
+def generator_step(engine, disc: nn.Module | None, img, target, t: int, step: int):
+    """Forward + backward + step of the tokenizer engine. The discriminator's parameters are frozen
+    for the forward and backward (the adversarial term still flows through D into the reconstruction):
+    their DeepSpeed gradient hooks must not fire here, or D's engine would reduce the generator's
+    gradients and add them to its own (double-reduced under ZeRO-2)."""
+    from detailflow.models.losses import frozen
+
+    with frozen(disc):
+        loss, logs = engine(img, target, t, step, discriminator=disc)
+        engine.backward(loss)
+    engine.step()
+    return loss, logs
 
 
 class DiscriminatorStep(nn.Module):
@@ -137,11 +161,14 @@ def train_loop(config: dict) -> None:
 
     from detailflow.models.tokenizer import DetailFlowTokenizer
     from detailflow.platform import deepspeed_glue as dsg
+    from detailflow.platform.storage import Storage
+    from detailflow.platform.tracking import Progress
+    from detailflow.platform.weights import resolve_weights
 
     cfg = stage_from_config(TokenizerStageConfig, config)
     ctx = WorkerContext.from_ray(config, cfg)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    tok_cfg = tokenizer_config(cfg)
+    tok_cfg = resolve_weights(tokenizer_config(cfg), Storage(ctx.settings))  # s3:// -> local, sha256 checked
     model = DetailFlowTokenizer(tok_cfg)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = dsg.make_optimizer(trainable, lr=cfg.lr, betas=tuple(cfg.betas), kind="adam")
@@ -162,6 +189,8 @@ def train_loop(config: dict) -> None:
     start = int(state.get("step", 0))
     if start:
         tracker.log_metrics({"resumed_from_step": start}, step=start)
+    progress = Progress(STAGE, ctx.run_name, total=cfg.steps, start=start, unit="img",
+                        every_s=cfg.progress_every_s, enabled=ctx.rank == 0, tracker=tracker)
     dtype = dsg.engine_dtype(engine)
     stream = _stream(cfg, ctx, model.rmap, state)
     last_pos = None
@@ -185,9 +214,7 @@ def train_loop(config: dict) -> None:
         for e in engines.values():
             dsg.set_lr(e.optimizer, lr)
         disc_module = disc_engine.module.disc if disc_engine is not None else None
-        loss, logs = engine(img, target, t, step, discriminator=disc_module)
-        engine.backward(loss)
-        engine.step()
+        loss, logs = generator_step(engine, disc_module, img, target, t, step)
         if disc_engine is not None:
             d_loss = disc_engine(model.last_target, model.last_reconstruction, step)
             d_loss, d_logs = d_loss
@@ -199,7 +226,9 @@ def train_loop(config: dict) -> None:
             dt = time.perf_counter() - tic
             logs.update(lr=lr, grad_norm=float(engine.get_global_grad_norm() or 0.0),
                         images_per_s=seen / max(dt, 1e-9))
+            logs = dsg.mean_over_ranks(logs)  # all ranks: each trained on its own images and t
             tracker.log_metrics(logs, step=step)
+            progress.loss = logs["loss"]  # the console shows the last logged mean loss
             seen, tic = 0, time.perf_counter()
         if WorkerContext.due(step, cfg.eval_every, cfg.steps):
             png, mse = engine(eval_img, _fn=reconstruction_png)  # all ranks: ZeRO-3 gathers collectively
@@ -208,6 +237,7 @@ def train_loop(config: dict) -> None:
         if WorkerContext.due(step, cfg.checkpoint_every, cfg.steps):
             ctx.checkpoint(engines, {"loss": float(loss.item())}, step=step + 1, tracker=tracker,
                            resolved=resolved, data_position=last_pos._asdict())
+        progress.update(step + 1, img.shape[0] * ctx.world)  # rank 0 prints when due
     tracker.finish()
 
 
@@ -227,11 +257,14 @@ def run(cfg: TokenizerStageConfig, settings) -> dict:
     from detailflow.pipelines.stage_config import run_name as make_run_name
     from detailflow.platform import checkpoints, raytrain
     from detailflow.platform.storage import Storage
+    from detailflow.platform.tracking import Tracker
+    from detailflow.platform.weights import check_weights, resolve_weights
 
     storage = Storage(settings)
     resolved = dataclasses.asdict(cfg)
     name = make_run_name(STAGE, cfg.name, cfg.date, resolved)
     tok_cfg = tokenizer_config(cfg)
+    check_weights(tok_cfg, storage)  # before any worker starts: named, reachable
     ResolutionMap.from_config(tok_cfg)  # a bad model config fails here, before any worker starts
     # fail on the driver with a clear message (no manifest, too few row groups for the workers), not
     # in every worker; the workers build their own streams from their checkpointed positions
@@ -243,6 +276,12 @@ def run(cfg: TokenizerStageConfig, settings) -> dict:
                              use_gpu=use_gpu, cpus_per_worker=cfg.cpus_per_worker,
                              max_failures=cfg.max_failures, num_to_keep=cfg.num_to_keep)
     ckpt = result.checkpoint or raytrain.latest_checkpoint(settings, name)
-    uri = checkpoints.export_consolidated(ckpt, lambda: DetailFlowTokenizer(tok_cfg),
-                                          export_config(cfg, name), storage, export_prefix(name))
+    state = checkpoints.read_client_state(ckpt)  # one small JSON: step and the MLflow run id
+    # the export module needs the teacher (its dim shapes the align head), never the training-only nets
+    export_tok = resolve_weights(dataclasses.replace(tok_cfg, perceptual_weight=0.0, gan_weight=0.0), storage)
+    uri = checkpoints.export_consolidated(ckpt, lambda: DetailFlowTokenizer(export_tok),
+                                          export_config(cfg, name), storage, export_prefix(name),
+                                          tracker=Tracker.attach(settings.mlflow_tracking_uri,
+                                                                 state.get("mlflow_run_id")),
+                                          step=int(state["step"]))
     return {"run_name": name, "checkpoint": ckpt.path, "export_uri": uri}

@@ -19,6 +19,12 @@ from __future__ import annotations
 import mlflow
 from mlflow.pyfunc import PythonModel
 
+# Tokenizer fields only training uses, some naming files a serving box does not have (teacher,
+# perceptual / D nets, encoder init): switched off to encode; the align head they feed is dropped.
+TRAINING_ONLY = {"align_teacher": "none", "align_teacher_path": None, "perceptual_weight": 0.0,
+                 "perceptual_net_path": None, "gan_weight": 0.0, "disc_net_path": None,
+                 "encoder_init_path": None}
+
 
 class ExportModel(PythonModel):
     """Tokenizer: uint8 images B x 3 x R x R -> codes B x N. AR: class ids B -> sampled codes B x N."""
@@ -30,24 +36,32 @@ class ExportModel(PythonModel):
         self.config = read_config(directory)
         kind = self.config.get("kind")
         if kind == "tokenizer":
+            from safetensors.torch import load_file
+
             from detailflow.models.configs import TokenizerConfig
+            from detailflow.models.export import WEIGHTS_NAME
             from detailflow.models.tokenizer import DetailFlowTokenizer
 
-            self.model = DetailFlowTokenizer(TokenizerConfig(**self.config["tokenizer"]))
+            self.model = DetailFlowTokenizer(TokenizerConfig(**{**self.config["tokenizer"], **TRAINING_ONLY}))
+            state = load_file(f"{directory}/{WEIGHTS_NAME}")
+            self.model.load_state_dict({k: v for k, v in state.items() if not k.startswith("align_head.")},
+                                       strict=True)
         elif kind == "ar":
             from detailflow.models.ar import DetailFlowGPT
             from detailflow.models.configs import ARConfig
 
             self.model = DetailFlowGPT(ARConfig(**self.config["ar"]))
+            load_state_checked(self.model, directory)
         else:
             raise ValueError(f"{directory}: export kind {kind!r} is not 'tokenizer' or 'ar'")
-        load_state_checked(self.model, directory)
         self.model.eval()
 
     def predict(self, context, model_input, params=None):
         import numpy as np
         import torch
 
+        if isinstance(model_input, dict):  # a named tensor signature arrives as {name: array}
+            (model_input,) = model_input.values()
         x = torch.as_tensor(np.asarray(model_input))
         with torch.no_grad():
             if self.config["kind"] == "tokenizer":
