@@ -8,8 +8,10 @@ Usage:
     from detailflow.pipelines.train_ar import ARStageConfig, run
     info = run(ARStageConfig(model="smoke", tokenizer="tokenizer-smoke-..."), settings)
 
-Data: the code shards s3://<bucket>/codes/<tokenizer run>/train (one row per image view); per sample
-the pair is (input, target) with probability correction_prob (0.3, spec §2.3), else (clean, clean).
+Data: the code shards the pointer s3://<bucket>/codes/<tokenizer run>/train/_manifest.json lists (one
+row per image view); every epoch uses one seeded view per image in a seeded global order
+(codes.shuffled_codes_dataset), and per sample the pair is (input, target) with probability
+correction_prob (0.3, spec §2.3), else (clean, clean).
 Optimiser AdamW with weight decay on >= 2-D params only, LR schedule of spec §2.4, EMA of the
 weights. Every eval_every steps rank 0 samples class-conditional images with the EMA weights and
 decodes them with the tokenizer export into a PNG (one row per sample, its prefixes coarse to fine).
@@ -67,7 +69,9 @@ def ar_config(cfg: ARStageConfig):
 
 
 def _stream(shard, cfg: ARStageConfig):
-    """Code batches forever; each pass re-draws the (input, target) selection with a new epoch."""
+    """Code batches forever. Each pass over the shard re-executes the dataset = one epoch: its own
+    view per image, its own global order, and its (input, target) draws, all from (seed, epoch) with
+    the epoch that the rows carry (codes.shuffled_codes_dataset)."""
     from detailflow.pipelines.data.codes import iter_code_batches
 
     epoch = 0
@@ -77,7 +81,7 @@ def _stream(shard, cfg: ARStageConfig):
             empty = False
             yield batch
         if empty:
-            raise RuntimeError("the code shard is empty (fewer rows than micro_batch?)")
+            raise RuntimeError("the code shard is empty (fewer images than micro_batch per worker?)")
         epoch += 1
 
 
@@ -205,7 +209,7 @@ def _export_ema(model_cfg, ema, cfg: ARStageConfig, ctx, config: dict) -> None:
 
 def run(cfg: ARStageConfig, settings) -> dict:
     """Driver: read the code shards, check them against the model, fit. Returns {run_name, export_uri}."""
-    from detailflow.pipelines.data.codes import codes_prefix, read_codes_dataset
+    from detailflow.pipelines.data.codes import codes_prefix, shuffled_codes_dataset
     from detailflow.pipelines.exports import export_prefix, resolve_export
     from detailflow.pipelines.stage_config import run_name as make_run_name
     from detailflow.platform import raytrain
@@ -229,7 +233,9 @@ def run(cfg: ARStageConfig, settings) -> dict:
                          f"{model_cfg.vocab_size}")
     resolved = dataclasses.asdict(cfg)
     name = make_run_name(STAGE, cfg.name, cfg.date, resolved)
-    ds = read_codes_dataset(storage, version, "train", num_cpus=min(0.5, cfg.cpus_per_worker))
+    # one seeded view per image per epoch, globally shuffled per epoch (worker-side sort, no driver rows)
+    ds = shuffled_codes_dataset(storage, version, "train", seed=cfg.seed,
+                                num_cpus=min(0.5, cfg.cpus_per_worker))
     use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and settings.resolved_device().startswith("cuda"))
     raytrain.launch(train_loop, {**resolved, "_tokenizer_ref": storage.uri(tok_key)}, settings, run_name=name,
                     num_workers=cfg.num_workers, use_gpu=use_gpu, cpus_per_worker=cfg.cpus_per_worker,
