@@ -31,7 +31,7 @@ PLUGIN_GROUPS: dict[str, tuple[str, str, str]] = {
     "eval": ("detailflow.pipelines.eval_cli", "eval", "Evaluate tokenizers and generators."),
     "registry": ("detailflow.pipelines.registry_cli", "registry", "Registry: list, promote, rollback."),
     "serve": ("detailflow.platform.serving.cli", "serve", "Ray Serve generation endpoint."),
-    "generate": ("detailflow.pipelines.generate_cli", "generate", "Sample images from a registered model."),
+    "generate": ("detailflow.platform.serving.cli", "generate", "Sample images from the endpoint (or --local)."),
     "pipeline": ("detailflow.pipelines.runner.cli", "pipeline", "Run a pipeline file end to end (resumable)."),
     "infra": ("detailflow.platform.infra_cli", "infra", "Render KubeRay manifests (RayCluster/Job/CronJob/Service)."),
 }
