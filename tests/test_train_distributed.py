@@ -18,6 +18,7 @@ import pytest
 import torch
 from torch import nn
 
+from detailflow.models.ema import ShardedEMA
 from detailflow.pipelines.loop_common import StepAdapter, WorkerContext, resolved_config, stage_from_config
 from detailflow.pipelines.stage_config import run_name
 from detailflow.platform import checkpoints, raytrain
@@ -42,6 +43,7 @@ class ToyStageConfig:
     fail_at_step: int = -1  # fault injection step (rank 1, first attempt)
     fail_marker: str = ""  # marker file making the failure one-shot
     tag: str = ""  # distinguishes test runs
+    ema_decay: float = 0.0  # > 0: keep a ShardedEMA and an independent reference EMA (rank 0)
 
 
 class Toy(nn.Module):
@@ -72,14 +74,25 @@ def toy_loop(config: dict) -> None:
         tracker.log_metrics({"resumed_from_step": start}, step=start)
     gen = torch.Generator().manual_seed(1000 * ctx.rank + start)
     rank_losses = {}
+    ema = ShardedEMA(dsg.master_fragments(engine), cfg.ema_decay) if cfg.ema_decay else None
+    ref = ref_bf16 = _full_masters(engine) if ema else None  # the reference, from DeepSpeed's own gather
     for step in range(start, cfg.steps):
         ctx.maybe_fail(cfg, step)
         x = torch.randn(cfg.micro_batch, 8, generator=gen)
         lr = dsg.tokenizer_lr(step, total_steps=cfg.steps, base_lr=cfg.lr, warmup_steps=2)
         dsg.set_lr(engine.optimizer, lr)
+        x = x.to(dsg.engine_dtype(engine))  # a bf16 engine holds bf16 params
         loss = engine(x, x.sum(1, keepdim=True))
         engine.backward(loss)
         engine.step()
+        if ema is not None:
+            ema.update(dsg.master_fragments(engine))  # local: this rank's fp32 pieces only
+            d = cfg.ema_decay  # reference EMAs of the whole fp32 masters and of the (bf16) module params
+            ref = {k: d * v + (1 - d) * w for (k, v), w in zip(ref.items(), _full_masters(engine).values(),
+                                                                  strict=True)}
+            ref_bf16 = {k: d * v + (1 - d) * w for (k, v), w in zip(ref_bf16.items(),
+                                                                      _full_params(engine, cfg).values(),
+                                                                      strict=True)}
         norm = engine.get_global_grad_norm() or 0.0
         rank_losses[step] = loss.item()  # each rank draws its own data, so the losses differ
         tracker.log_metrics(dsg.mean_over_ranks({"loss": loss.item(), "lr": lr, "grad_norm": norm}),
@@ -96,10 +109,37 @@ def toy_loop(config: dict) -> None:
     from detailflow.platform.storage import Storage
 
     debug = f"runs/{ctx.run_name}/debug"
+    if ema is not None:
+        sharded = dsg.gather_fragments(ema.fragments_of_shadow(), ctx.device)  # all ranks
+        if ctx.rank == 0:
+            for tag, state in (("sharded", sharded), ("reference", ref), ("bf16_params", ref_bf16)):
+                Storage(ctx.settings).put_bytes(f"{debug}/ema_{tag}.safetensors",
+                                                save({k: v.contiguous() for k, v in state.items()}))
     Storage(ctx.settings).put_bytes(f"{debug}/losses-rank{ctx.rank}.json", json.dumps(rank_losses).encode())
     if ctx.rank == 0:
         Storage(ctx.settings).put_bytes(f"{debug}/gathered.safetensors", save(gathered))
     tracker.finish()
+
+
+def _full_masters(engine) -> dict:
+    """Whole fp32 master weights by DeepSpeed's own assembly (all ranks call it)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    out = {}
+    for name, p in engine.module.named_parameters():
+        full = safe_get_full_fp32_param(p)
+        out[name.removeprefix("model.")] = (p.detach() if full is None else full).float().cpu().clone()
+    return out
+
+
+def _full_params(engine, cfg) -> dict:
+    """The module's own (bf16 under bf16) parameters, gathered under ZeRO-3, as float."""
+    import deepspeed
+
+    params = list(engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(params, enabled=cfg.zero_stage == 3):
+        return {k.removeprefix("model."): p.detach().float().cpu().clone()
+                for k, p in engine.module.named_parameters()}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -355,3 +395,20 @@ def test_driver_reads_run_state_without_downloading_shards(services, storage):
     assert sorted(handler.opened) == sorted([f"{folder}/{checkpoints.marker_name(0)}",
                                              f"{folder}/{checkpoints.marker_name(1)}",
                                              f"{folder}/{checkpoints.CLIENT_STATE_FILE}"])
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_sharded_ema_follows_the_fp32_masters(services, storage, ray_session, zero_stage):
+    """bf16 engines: the EMA kept on each rank's fp32 partition (no gather per step) equals an EMA of
+    the whole fp32 masters that DeepSpeed assembles itself, and is not the EMA of the bf16 params."""
+    from safetensors.torch import load
+
+    cfg = ToyStageConfig(zero_stage=zero_stage, precision="bf16", tag=f"ema{zero_stage}", steps=5,
+                         checkpoint_every=5, ema_decay=0.6)
+    name, _ = _run(services, cfg)
+    got, ref, bf16 = (load(storage.get_bytes(f"runs/{name}/debug/ema_{t}.safetensors"))
+                      for t in ("sharded", "reference", "bf16_params"))
+    assert set(got) == set(ref) == {"inp.weight", "inp.bias", "out.weight", "out.bias"}
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=0, atol=1e-6)
+    assert max(float((got[k] - bf16[k]).abs().max()) for k in ref) > 1e-4  # bf16 rounding is visible

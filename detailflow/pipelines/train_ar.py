@@ -12,10 +12,13 @@ Data: the code shards the pointer s3://<bucket>/codes/<tokenizer run>/train/_man
 row per image view); every epoch uses one seeded view per image in a seeded global order
 (codes.shuffled_codes_dataset), and per sample the pair is (input, target) with probability
 correction_prob (0.3, spec §2.3), else (clean, clean).
-Optimiser AdamW with weight decay on >= 2-D params only, LR schedule of spec §2.4, EMA of the
-weights. Every eval_every steps rank 0 samples class-conditional images with the EMA weights and
-decodes them with the tokenizer export into a PNG (one row per sample, its prefixes coarse to fine).
-At the end rank 0 writes the EMA weights to s3://<bucket>/runs/<run>/export.
+Optimiser AdamW with weight decay on >= 2-D params only, LR schedule of spec §2.4, EMA of the fp32
+master weights (each rank averages only its own optimiser partition every step, no communication; the
+whole EMA is gathered for samples, checkpoints and the export). Every eval_every steps rank 0 samples
+class-conditional images with the EMA weights and decodes them with the tokenizer export into a PNG
+(one row per sample, its prefixes coarse to fine). At the end rank 0 writes the EMA weights to
+s3://<bucket>/runs/<run>/export and logs them on the MLflow run as a model. Logged metrics are means
+over the ranks; rank 0 prints a progress line every progress_every_s seconds.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ class ARStageConfig(DistributedStageConfig):
     sample_classes: int = 10  # classes in the sample PNG (one row each)
     cfg_scale: float = 1.5  # classifier-free guidance of the PNG samples
     experiment: str = "detailflow-ar"  # MLflow experiment
+    progress_every_s: float = 10.0  # seconds between rank 0's console progress lines
 
 
 def ar_config(cfg: ARStageConfig):
@@ -85,31 +89,46 @@ def _stream(shard, cfg: ARStageConfig):
         epoch += 1
 
 
-def _ema_bytes(ema) -> bytes:
+def _ema_bytes(full: dict, ema) -> bytes:
+    """The whole EMA (gathered from every rank's pieces) in EMA.state_dict's layout."""
     from safetensors.torch import save
 
-    return save({k: v.contiguous() for k, v in ema.state_dict().items()})
+    state = {f"shadow.{k}": v.contiguous() for k, v in full.items()}
+    state["decay"] = torch.tensor(ema.decay, dtype=torch.float64)
+    state["num_updates"] = torch.tensor(ema.num_updates, dtype=torch.int64)
+    return save(state)
 
 
 def _restore_ema(ema, checkpoint) -> None:
-    import os
+    """Each rank takes its pieces from the checkpoint's whole EMA (so any world size resumes);
+    reads that one file, not the checkpoint's shards."""
+    from safetensors.torch import load
 
-    from safetensors.torch import load_file
+    from detailflow.platform import checkpoints
 
-    with checkpoint.as_directory() as d:
-        path = os.path.join(d, EMA_FILE)
-        if os.path.exists(path):
-            ema.load_state_dict(load_file(path))
+    try:
+        state = load(checkpoints.read_file(checkpoint, EMA_FILE))
+    except FileNotFoundError:
+        return
+    ema.load_full({k[len("shadow."):]: v for k, v in state.items() if k.startswith("shadow.")},
+                  int(state["num_updates"]))
 
 
-def sample_png(model_cfg, ema, tokenizer, cfg: ARStageConfig, device) -> bytes:
+def _load_ema(net, full: dict) -> None:
+    params = dict(net.named_parameters())
+    with torch.no_grad():
+        for name, value in full.items():
+            params[name].copy_(value.to(params[name].device, params[name].dtype))
+
+
+def sample_png(model_cfg, ema_full: dict, tokenizer, cfg: ARStageConfig, device) -> bytes:
     """Rows = classes; columns = decodes of the prefixes after each group, coarse to fine."""
     from detailflow.models.ar import DetailFlowGPT
     from detailflow.models.sampler import sample
     from detailflow.pipelines.visuals import grid_png, strip_prefixes
 
     net = DetailFlowGPT(model_cfg).to(device)
-    ema.copy_to(net)
+    _load_ema(net, ema_full)
     net.eval()
     classes = torch.arange(min(cfg.sample_classes, model_cfg.num_classes), device=device)
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
@@ -123,24 +142,25 @@ def sample_png(model_cfg, ema, tokenizer, cfg: ARStageConfig, device) -> bytes:
 
 def train_loop(config: dict) -> None:
     """One worker's loop; runs unchanged in-process, on CPU workers and on GPUs."""
-    import deepspeed
     import ray.train
 
     from detailflow.models.ar import DetailFlowGPT
-    from detailflow.models.ema import EMA
+    from detailflow.models.ema import ShardedEMA
     from detailflow.platform import checkpoints
     from detailflow.platform import deepspeed_glue as dsg
+    from detailflow.platform.tracking import Progress
 
     cfg = stage_from_config(ARStageConfig, config)
     ctx = WorkerContext.from_ray(config, cfg)
     torch.manual_seed(cfg.seed)
     model_cfg = ar_config(cfg)
     model = DetailFlowGPT(model_cfg)
-    ema = EMA(model, decay=cfg.ema_decay)  # full copy before ZeRO-3 could partition the params
     opt = dsg.make_optimizer(model.param_groups(cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
                              weight_decay=cfg.weight_decay, kind="adamw")
     engine = ctx.engine(StepAdapter(model, "loss"), opt, cfg)
     zero3_external(engine)  # loss() calls self.forward directly: query_emb must be gathered too
+    # EMA of the fp32 masters, each rank over its own optimiser partition: no gather per step (ZeRO-3)
+    ema = ShardedEMA(dsg.master_fragments(engine), decay=cfg.ema_decay)
     engines = {"ds": engine}
     resume = checkpoints.resume_checkpoint(config)
     state = checkpoints.restore(engines, resume)
@@ -157,8 +177,10 @@ def train_loop(config: dict) -> None:
         from detailflow.platform.storage import Storage
 
         tokenizer, _ = load_tokenizer(Storage(ctx.settings), config["_tokenizer_ref"])
+    progress = Progress(STAGE, ctx.run_name, total=cfg.steps, start=start, unit="tok",
+                        every_s=cfg.progress_every_s, enabled=ctx.rank == 0, tracker=tracker)
     stream = _stream(ray.train.get_dataset_shard("train"), cfg)
-    params = list(engine.module.parameters())
+    full_ema = None  # the whole EMA, gathered (all ranks) only when samples/checkpoints need it
     seen, tic = 0, time.perf_counter()
     for step in range(start, cfg.steps):
         ctx.maybe_fail(cfg, step)
@@ -169,42 +191,54 @@ def train_loop(config: dict) -> None:
                       batch["label"].to(ctx.device))
         engine.backward(loss)
         engine.step()
-        with deepspeed.zero.GatheredParameters(params, enabled=cfg.zero_stage == 3):
-            ema.update(engine.module.model)
+        ema.update(dsg.master_fragments(engine))  # local, elementwise: this rank's fp32 pieces
         seen += batch["input"].numel() * ctx.world
         if WorkerContext.due(step, cfg.log_every, cfg.steps):
             dt = time.perf_counter() - tic
-            tracker.log_metrics({"loss": float(loss.item()), "lr": lr,
-                                 "grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                                 "corrected_fraction": float(batch["corrected"].float().mean()),
-                                 "tokens_per_s": seen / max(dt, 1e-9)}, step=step)
+            logs = dsg.mean_over_ranks({"loss": float(loss.item()), "lr": lr,
+                                        "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                                        "corrected_fraction": float(batch["corrected"].float().mean()),
+                                        "tokens_per_s": seen / max(dt, 1e-9)})  # all ranks
+            tracker.log_metrics(logs, step=step)
+            progress.loss = logs["loss"]
             seen, tic = 0, time.perf_counter()
-        if WorkerContext.due(step, cfg.eval_every, cfg.steps) and tokenizer is not None:
-            tracker.log_png(sample_png(model_cfg, ema, tokenizer, cfg, ctx.device),
+        sample_due = WorkerContext.due(step, cfg.eval_every, cfg.steps)
+        ckpt_due = WorkerContext.due(step, cfg.checkpoint_every, cfg.steps)
+        if sample_due or ckpt_due:
+            full_ema = dsg.gather_fragments(ema.fragments_of_shadow(), ctx.device)  # all ranks
+        if sample_due and tokenizer is not None:
+            tracker.log_png(sample_png(model_cfg, full_ema, tokenizer, cfg, ctx.device),
                             f"samples/step_{step + 1:06d}.png")
-        if WorkerContext.due(step, cfg.checkpoint_every, cfg.steps):
+        if ckpt_due:
             ctx.checkpoint(engines, {"loss": float(loss.item())}, step=step + 1, tracker=tracker,
-                           resolved=resolved, extra_files={EMA_FILE: _ema_bytes(ema)})
+                           resolved=resolved, extra_files={EMA_FILE: _ema_bytes(full_ema, ema)})
+        progress.update(step + 1, batch["input"].numel() * ctx.world)
+    if full_ema is None:  # nothing left to train (a resubmitted finished run)
+        full_ema = dsg.gather_fragments(ema.fragments_of_shadow(), ctx.device)
     if ctx.rank == 0:
-        _export_ema(model_cfg, ema, cfg, ctx, config)
+        _export_ema(model_cfg, full_ema, cfg, ctx, config, tracker)
     tracker.finish()
 
 
-def _export_ema(model_cfg, ema, cfg: ARStageConfig, ctx, config: dict) -> None:
+def _export_ema(model_cfg, ema_full: dict, cfg: ARStageConfig, ctx, config: dict, tracker) -> None:
+    """Rank 0: the EMA weights as the AR export, uploaded and logged on the MLflow run as a model."""
     from detailflow.models.ar import DetailFlowGPT
     from detailflow.models.export import save_pretrained
     from detailflow.pipelines.exports import export_prefix
     from detailflow.platform.storage import Storage
 
     net = DetailFlowGPT(model_cfg)
-    ema.copy_to(net)
+    _load_ema(net, ema_full)
     storage = Storage(ctx.settings)
+    export_cfg = {"kind": "ar", "model": cfg.model, "run_name": ctx.run_name, "weights": "ema",
+                  "tokenizer": config["_tokenizer_ref"], "ar": dataclasses.asdict(model_cfg)}
     with tempfile.TemporaryDirectory(prefix="df-ar-export-") as d:
-        save_pretrained(net, {"kind": "ar", "model": cfg.model, "run_name": ctx.run_name, "weights": "ema",
-                              "tokenizer": config["_tokenizer_ref"], "ar": dataclasses.asdict(model_cfg)}, d)
+        save_pretrained(net, export_cfg, d)
         for name in ("model.safetensors", "config.json"):
             with open(f"{d}/{name}", "rb") as f:
                 storage.put_bytes(f"{export_prefix(ctx.run_name)}/{name}", f.read())
+        tracker.log_export(d, export_cfg, uri=storage.uri(export_prefix(ctx.run_name)), step=cfg.steps,
+                           checkpoint_uri=tracker.last_checkpoint[1] if tracker.last_checkpoint else None)
 
 
 def run(cfg: ARStageConfig, settings) -> dict:

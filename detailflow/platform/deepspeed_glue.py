@@ -223,3 +223,64 @@ def ar_lr(step: int, *, total_steps: int, base_lr: float, warmup_frac: float = 0
     warmup = int(round(warmup_frac * total_steps))
     return warmup_cosine(step, total_steps=total_steps, base_lr=base_lr, warmup_steps=warmup,
                          warmup_start_lr=0.005 * base_lr, final_lr=0.01 * base_lr)
+
+
+# ---- the fp32 master weights each rank holds (for the sharded EMA) -------------------------------
+
+def master_fragments(engine, strip_prefix: str = "model.") -> dict:
+    """name -> models.ema.Fragment: this rank's piece of every trainable parameter's fp32 MASTER
+    weights (what the optimiser steps; bf16 engines train bf16 copies of them), as views, no copies:
+      * ZeRO-3: the local fp32 partition (deepspeed.utils.safe_get_local_fp32_param); rank r holds
+        flat[r * part : (r + 1) * part] of each parameter (the tail rank's padding is cut off);
+      * ZeRO-1/2 and DeepSpeed's bf16 optimiser: the fp32 fragment linked to the parameter
+        (param._hp_mapping; None when this rank owns none of it);
+      * ZeRO-0 in fp32: the parameter itself (every rank holds all of it).
+    Names lose the StepAdapter's prefix so they match the bare module. Call again after each step
+    (cheap): offloaded partitions may move."""
+    import torch.distributed as dist
+
+    from detailflow.models.ema import Fragment
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    out = {}
+    for name, p in engine.module.named_parameters():
+        if not p.requires_grad:
+            continue
+        key = name[len(strip_prefix):] if name.startswith(strip_prefix) else name
+        if hasattr(p, "ds_id"):  # ZeRO-3
+            from deepspeed.utils import safe_get_local_fp32_param
+
+            local = safe_get_local_fp32_param(p).reshape(-1)
+            start = rank * local.numel()
+            n = max(0, min(local.numel(), p.ds_numel - start))
+            out[key] = Fragment(local[:n], start, p.ds_numel, tuple(p.ds_shape), True)
+        elif hasattr(p, "_hp_mapping"):  # ZeRO-1/2, bf16 optimiser
+            m = p._hp_mapping
+            if m is None:
+                out[key] = Fragment(torch.empty(0), 0, p.numel(), tuple(p.shape), True)
+            else:
+                out[key] = Fragment(m.get_hp_fragment().reshape(-1), m.lp_fragment_address.start, p.numel(),
+                                    tuple(p.shape), True)
+        else:  # ZeRO-0, fp32: the parameters are the masters
+            out[key] = Fragment(p.detach().reshape(-1), 0, p.numel(), tuple(p.shape), False)
+    return out
+
+
+def gather_fragments(fragments: dict, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Whole fp32 tensors (on CPU) from every rank's pieces. ALL ranks must call; one all-reduce per
+    parameter on `device` (the worker's device: nccl reduces GPU tensors only); partitioned pieces
+    are disjoint, so the sum of the zero-padded pieces is the whole."""
+    import torch.distributed as dist
+
+    multi = dist.is_initialized() and dist.get_world_size() > 1
+    out = {}
+    for name, f in fragments.items():
+        if not f.partitioned:
+            out[name] = f.local.detach().float().reshape(f.shape).cpu().clone()
+            continue
+        buf = torch.zeros(f.numel, dtype=torch.float32, device=device)
+        buf[f.start:f.start + f.local.numel()] = f.local.detach().float().to(device)
+        if multi:
+            dist.all_reduce(buf)
+        out[name] = buf.reshape(f.shape).cpu()
+    return out
