@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib
 import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -26,14 +27,17 @@ from detailflow.platform.runtime import apply_runtime_env
 # name -> (module, attribute, one-line help). The module defines a click group/command.
 PLUGIN_GROUPS: dict[str, tuple[str, str, str]] = {
     "data": ("detailflow.pipelines.data.cli", "data", "Datasets: synthesise, import, ingest to S3, show."),
-    "train": ("detailflow.pipelines.train_cli", "train", "Train the tokenizer / AR model, extract codes."),
+    "train": ("detailflow.pipelines.train_cli", "train", "Train the tokenizer / AR model (Ray + DeepSpeed)."),
     "extract-codes": ("detailflow.pipelines.train_cli", "extract_codes", "Extract AR code triplets."),
     "eval": ("detailflow.pipelines.eval_cli", "eval", "Evaluate tokenizers and generators."),
     "registry": ("detailflow.pipelines.registry_cli", "registry", "Registry: list, promote, rollback."),
     "serve": ("detailflow.platform.serving.cli", "serve", "Ray Serve generation endpoint."),
-    "generate": ("detailflow.platform.serving.cli", "generate", "Sample images from the endpoint (or --local)."),
-    "pipeline": ("detailflow.pipelines.runner.cli", "pipeline", "Run a pipeline file end to end (resumable)."),
-    "infra": ("detailflow.platform.infra_cli", "infra", "Render KubeRay manifests (RayCluster/Job/CronJob/Service)."),
+    "generate": ("detailflow.platform.serving.cli", "generate",
+                 "Sample images from the endpoint (or --local)."),
+    "pipeline": ("detailflow.pipelines.runner.cli", "pipeline",
+                 "Run a pipeline file end to end (resumable)."),
+    "infra": ("detailflow.platform.infra_cli", "infra",
+              "Render KubeRay manifests (RayCluster/Job/CronJob/Service)."),
 }
 
 
@@ -63,11 +67,22 @@ def _placeholder(name: str, module: str, help_text: str) -> click.Group:
     return group
 
 
+def _module_exists(module: str) -> bool:
+    """Whether a detailflow.* module's file is there, without importing it (or its packages)."""
+    parts = module.split(".")
+    base = Path(__file__).resolve().parent.joinpath(*parts[1:])
+    return base.with_suffix(".py").is_file() or (base / "__init__.py").is_file()
+
+
 class RootGroup(click.Group):
-    """Built-in groups plus lazily imported plugin groups; maps errors to exit codes."""
+    """Built-in groups plus lazily imported plugin groups; maps errors to exit codes.
+
+    `--help` lists only the plugins whose module exists; a missing one still answers by name with
+    a "not available yet" message (exit 1)."""
 
     def list_commands(self, ctx):
-        return sorted(set(super().list_commands(ctx)) | set(PLUGIN_GROUPS))
+        present = {name for name, (module, _, _) in PLUGIN_GROUPS.items() if _module_exists(module)}
+        return sorted(set(super().list_commands(ctx)) | present)
 
     def get_command(self, ctx, name):
         cmd = super().get_command(ctx, name)

@@ -412,3 +412,15 @@ def test_sharded_ema_follows_the_fp32_masters(services, storage, ray_session, ze
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], rtol=0, atol=1e-6)
     assert max(float((got[k] - bf16[k]).abs().max()) for k in ref) > 1e-4  # bf16 rounding is visible
+
+
+def test_cli_runtime_failure_exits_1_with_stage_and_logs(services, ray_session):
+    from click.testing import CliRunner
+
+    from detailflow.cli import main
+
+    r = CliRunner().invoke(main, ["train", "tokenizer", "--config", "configs/tokenizer-smoke.yaml",
+                                  "dataset=no-such-dataset"])
+    assert r.exit_code == 1, r.output
+    assert "stage 'train tokenizer' failed (run tokenizer-smoke-" in r.output
+    assert "no-such-dataset" in r.output and "worker logs: " in r.output and "/logs" in r.output

@@ -240,3 +240,21 @@ def test_progress_line(capsys):
     assert line == ("[tokenizer run-x] step 40/100 (40%) | loss 0.2500 | 128.0 img/s | ETA 30s | "
                     "last ckpt step 40 s3://b/runs/run-x/checkpoint_step00000040_t")
     assert p.update(100, 64) and "step 100/100 (100%)" in capsys.readouterr().out  # the last step prints
+
+
+def test_cli_help_lists_only_commands_that_exist(monkeypatch):
+    import importlib.util
+
+    from click.testing import CliRunner
+
+    from detailflow import cli
+
+    monkeypatch.setitem(cli.PLUGIN_GROUPS, "nope", ("detailflow.pipelines.nope_cli", "nope", "Not written."))
+    out = CliRunner().invoke(cli.main, ["--help"]).output
+    listed = {line.split()[0] for line in out.split("Commands:")[1].splitlines() if line.strip()}
+    for name, (module, _, _) in cli.PLUGIN_GROUPS.items():
+        exists = importlib.util.find_spec(module) is not None  # imports the parents: independent check
+        assert (name in listed) == exists, name
+    assert "nope" not in listed and {"train", "extract-codes", "services", "config"} <= listed
+    train_help = CliRunner().invoke(cli.main, ["train", "--help"]).output
+    assert "extract-codes" not in train_help  # registered once, at the top level

@@ -6,7 +6,12 @@
     detailflow extract-codes --tokenizer <tokenizer run | s3://.../export> --dataset shapes
 
 Overrides are stage-config fields (see the dataclasses in train_tokenizer.py / train_ar.py), e.g.
-`steps=50 num_workers=0 zero_stage=3`. Resubmitting the same config on the same day resumes the run.
+`steps=50 num_workers=0 zero_stage=3`, or one entry of a dict field: `model_overrides.disc_net_path=...`.
+Resubmitting the same config on the same day resumes the run.
+
+Exit codes: 2 = the config or an override is wrong (a paper recipe without its weight files
+included); 1 = the run failed: the message names the stage, the run, the error, where the worker
+logs are and the MLflow run (marked FAILED with the error as a tag).
 """
 
 from __future__ import annotations
@@ -71,11 +76,27 @@ def _stage_command(kind: str):
             from detailflow.pipelines.train_ar import run
         try:
             info = run(cfg, settings)
-        except ValueError as exc:
-            raise click.UsageError(str(exc)) from exc
+        except Exception as exc:  # the config loaded: what fails now is the run (exit 1), not usage (2)
+            raise click.ClickException(_failure(kind, cfg, settings, exc)) from exc
         click.echo(json.dumps(info, default=str))
 
     return command
+
+
+def _failure(kind: str, cfg, settings, exc: Exception, limit: int = 2000) -> str:
+    """The stage, the run, the error (its tail: Ray puts the root cause last) and where to look."""
+    from detailflow.pipelines.stage_config import run_name
+    from detailflow.platform.raytrain import logs_hint
+
+    text = f"{type(exc).__name__}: {exc}"
+    if len(text) > limit:
+        text = "..." + text[-limit:]
+    name = run_name(kind, cfg.name, cfg.date, dataclasses.asdict(cfg))
+    return (f"stage 'train {kind}' failed (run {name}):\n{text}\n"
+            f"  worker logs: {logs_hint()}\n"
+            f"  MLflow: {settings.mlflow_tracking_uri}, experiment {cfg.experiment!r}, run {name} "
+            "(tag detailflow.error)\n"
+            f"  resubmitting the same command resumes from the last complete checkpoint")
 
 
 train.add_command(_stage_command("tokenizer"))
@@ -117,6 +138,3 @@ def extract_codes(tokenizer, dataset, split, views, batch_size, num_actors, use_
                              batch_size=batch_size, num_actors=num_actors, use_gpu=use_gpu, seed=seed,
                              force=force), settings)
     click.echo(json.dumps(info, default=str))
-
-
-train.add_command(extract_codes)

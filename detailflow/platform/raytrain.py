@@ -111,6 +111,19 @@ def launch(train_loop, config: dict, settings, *, run_name: str, num_workers: in
         raise
 
 
+def logs_hint() -> str:
+    """Where this driver's Ray workers write their stdout/stderr (for error messages)."""
+    try:
+        import ray._private.worker as worker
+
+        node = worker._global_node
+        if node is not None:  # a local cluster started by this driver
+            return f"{node.get_logs_dir_path()} (worker-*.out / worker-*.err)"
+    except Exception:  # a private API: the generic answer below still helps
+        pass
+    return "/tmp/ray/session_latest/logs on the Ray head node (worker-*.out / worker-*.err)"
+
+
 def latest_checkpoint(settings, run_name: str):
     """The newest checkpoint of a run that every rank marked complete (exports, inspection)."""
     from detailflow.platform.storage import Storage
