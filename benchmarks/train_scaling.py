@@ -11,6 +11,11 @@ CPU figures (tokenizer from the model registry, synthetic images, identical data
   zero2_vs_zero0_optimizer_memory   bytes of optimiser-state tensors held per rank, ZeRO-2 / ZeRO-0
                                     (goal ~ 0.5 with 2 ranks: ZeRO-2 partitions Adam's moments)
   tokenizer_images_per_s            global images/s of the ZeRO-2 run
+  zero3_ema_vs_no_ema_step_time     AR model (same registry name) under ZeRO-3: median of (step + the
+                                    sharded EMA update on each rank's fp32 partition) / median step
+                                    (goal <= 1.2); the EMA runs on every step
+  zero3_gathered_ema_vs_no_ema_step_time   the same with the old EMA (gather every parameter, average
+                                    the whole model on every rank), for comparison
 GPU figures (--gpu, in-process, one GPU, bf16, ZeRO-2): ar_tokens_per_s and ar_mfu of GPT-L at N=128
 (6 * params * tokens/s over the GPU's bf16 peak, --peak-tflops), tokenizer_256_images_per_s for the
 DetailFlow-16 tokenizer at 256 px. The last printed line is one JSON object with the figures.
@@ -57,6 +62,48 @@ def _timed_step(engine, img, target, t: int, step: int, device) -> float:
     return time.perf_counter() - tic
 
 
+def _ar_ema_times(config: dict, rank: int) -> dict[str, list[float]]:
+    """ZeRO-3 AR steps, each followed by the sharded EMA update and by the old gathered one, all timed
+    separately: step time without EMA = step, with = step + its EMA update."""
+    import deepspeed
+
+    from detailflow.models.ar import DetailFlowGPT
+    from detailflow.models.configs import get_model_config
+    from detailflow.models.ema import EMA, ShardedEMA
+    from detailflow.pipelines.loop_common import StepAdapter, zero3_external
+    from detailflow.platform import deepspeed_glue as dsg
+
+    cfg = get_model_config(config["model"]).ar
+    torch.manual_seed(0)
+    gpt = DetailFlowGPT(cfg)
+    gathered_ema = EMA(gpt, 0.999)  # whole copy, taken before ZeRO-3 partitions the parameters
+    opt = dsg.make_optimizer(gpt.param_groups(0.05), lr=1e-4, weight_decay=0.05, kind="adamw")
+    ds_cfg = dsg.build_ds_config(micro_batch=config["micro_batch"], zero_stage=3)
+    engine = dsg.init_engine(StepAdapter(gpt, "loss"), opt, ds_cfg, backend="gloo")
+    zero3_external(engine)
+    sharded_ema = ShardedEMA(dsg.master_fragments(engine), 0.999)
+    params = list(engine.module.parameters())
+    gen = torch.Generator().manual_seed(rank)
+    times: dict[str, list[float]] = {"step": [], "sharded": [], "gathered": []}
+    for step in range(config["warmup"] + config["steps"]):
+        codes = torch.randint(cfg.vocab_size, (config["micro_batch"], cfg.num_tokens), generator=gen)
+        labels = torch.randint(cfg.num_classes, (config["micro_batch"],), generator=gen)
+        t0 = time.perf_counter()
+        loss = engine(codes, codes, labels)
+        engine.backward(loss)
+        engine.step()
+        t1 = time.perf_counter()
+        sharded_ema.update(dsg.master_fragments(engine))
+        t2 = time.perf_counter()
+        with deepspeed.zero.GatheredParameters(params):
+            gathered_ema.update(engine.module.model)
+        t3 = time.perf_counter()
+        if step >= config["warmup"]:
+            for key, dt in (("step", t1 - t0), ("sharded", t2 - t1), ("gathered", t3 - t2)):
+                times[key].append(dt)
+    return times
+
+
 def cpu_worker(config: dict) -> None:
     """Both engines (ZeRO-0 and ZeRO-2, same init) live in each worker and step in turn on the same
     micro-batch, so load from other processes hits both variants alike."""
@@ -89,7 +136,8 @@ def cpu_worker(config: dict) -> None:
                 times[z].append(dt)
     out = {"rank": rank, "times": times,
            "opt_bytes": {z: dsg.optimizer_state_bytes(e) for z, e in engines.items()},
-           "params": sum(p.numel() for p in models[0].parameters() if p.requires_grad)}
+           "params": sum(p.numel() for p in models[0].parameters() if p.requires_grad),
+           "ar_ema": _ar_ema_times(config, rank)}
     with open(os.path.join(config["out_dir"], f"rank{rank}.json"), "w") as f:
         json.dump(out, f)
 
@@ -130,7 +178,17 @@ def cpu_main(args) -> dict:
               f"(global batch {global_batch}), optimiser state per rank {opt_bytes[z]} bytes")
     print(f"{ranks[0]['params']} trainable params ({args.model} tokenizer); fit {fit_s:.0f} s")
     mem = statistics.mean(opt_bytes["2"]) / statistics.mean(opt_bytes["0"])
-    return {"zero2_vs_zero0_step_time": round(step_ms["2"] / step_ms["0"], 3),
+    ema = [r["ar_ema"] for r in ranks]
+    step_only = statistics.median(max(a, b) for a, b in zip(ema[0]["step"], ema[1]["step"], strict=True))
+    with_ema = {k: statistics.median(max(a0 + a1, b0 + b1) for a0, a1, b0, b1 in
+                                     zip(ema[0]["step"], ema[0][k], ema[1]["step"], ema[1][k], strict=True))
+                for k in ("sharded", "gathered")}
+    print(f"AR ({args.model}) ZeRO-3: median step {step_only * 1000:.1f} ms; with the sharded EMA "
+          f"{with_ema['sharded'] * 1000:.1f} ms; with the gathered EMA {with_ema['gathered'] * 1000:.1f} ms")
+    return {"zero3_ema_vs_no_ema_step_time": round(with_ema["sharded"] / step_only, 3),
+            "zero3_gathered_ema_vs_no_ema_step_time": round(with_ema["gathered"] / step_only, 3),
+            "ar_zero3_step_ms": round(step_only * 1000, 1),
+            "zero2_vs_zero0_step_time": round(step_ms["2"] / step_ms["0"], 3),
             "zero2_vs_zero0_optimizer_memory": round(mem, 3),
             "tokenizer_images_per_s": round(global_batch / (step_ms["2"] / 1000), 1),
             "model": args.model, "global_batch": global_batch, "workers": 2,
