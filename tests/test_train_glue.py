@@ -258,3 +258,38 @@ def test_cli_help_lists_only_commands_that_exist(monkeypatch):
     assert "nope" not in listed and {"train", "extract-codes", "services", "config"} <= listed
     train_help = CliRunner().invoke(cli.main, ["train", "--help"]).output
     assert "extract-codes" not in train_help  # registered once, at the top level
+
+
+def test_ray_worker_setup_hook_drops_only_the_cleaner_noise(monkeypatch):
+    import logging
+    import threading
+
+    from detailflow.platform import raytrain
+
+    name = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+    monkeypatch.setattr(logging.getLogger(name), "filters", [])
+    reached = []  # the hook that was in place before: it must still see every other thread's error
+    monkeypatch.setattr(threading, "excepthook", lambda args: reached.append(args.thread.name))
+    raytrain.quiet_ray_logs()
+    raytrain.quiet_ray_logs()  # idempotent
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger(name)
+    logger.addHandler(handler)
+    try:
+        logger.warning("Failed to query Ray Train Controller actor state. State API may be temporarily "
+                       "unavailable. Continuing to monitor.")
+        logger.warning("Detected that the Ray Train controller actor (x) is dead.")  # a real one stays
+    finally:
+        logger.removeHandler(handler)
+    assert [r.getMessage() for r in records] == ["Detected that the Ray Train controller actor (x) is dead."]
+
+    def boom():
+        raise ConnectionError("Found multiple active Ray instances")
+
+    for thread_name in ("PlacementGroupCleanerMonitor", "other-thread"):
+        t = threading.Thread(target=boom, name=thread_name)
+        t.start()
+        t.join()
+    assert reached == ["other-thread"]

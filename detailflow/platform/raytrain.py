@@ -44,12 +44,34 @@ class _DropMessages(logging.Filter):
         return not record.getMessage().startswith(self.prefix)
 
 
+# The same cleaner's monitor thread, when several local Ray instances run on one machine (parallel
+# test sessions, other users), cannot even find its State API ("Found multiple active Ray instances")
+# and dies with a 30-line traceback per run. Same root cause, same (absent) effect on training.
+QUIET_THREADS = ("PlacementGroupCleanerMonitor",)
+
+
+def _quiet_thread_excepthook(previous):
+    def hook(args):
+        if args.thread is not None and args.thread.name in QUIET_THREADS:
+            logging.getLogger(__name__).debug("thread %s ended: %s", args.thread.name, args.exc_value)
+            return
+        previous(args)
+
+    hook._detailflow_quiet = True
+    return hook
+
+
 def quiet_ray_logs() -> None:
-    """Ray `worker_process_setup_hook`: install the QUIET_LOG_MESSAGES filters (idempotent)."""
+    """Ray `worker_process_setup_hook`: install the QUIET_LOG_MESSAGES filters and the QUIET_THREADS
+    exception hook (idempotent)."""
+    import threading
+
     for name, prefix in QUIET_LOG_MESSAGES.items():
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropMessages) for f in logger.filters):
             logger.addFilter(_DropMessages(prefix))
+    if not getattr(threading.excepthook, "_detailflow_quiet", False):
+        threading.excepthook = _quiet_thread_excepthook(threading.excepthook)
 
 
 def ray_runtime_env() -> dict:
