@@ -122,8 +122,12 @@ def extract_codes(params: dict, ctx: StageContext) -> dict:
         extra["use_gpu"] = True
     cfg = ExtractConfig(**{**params, **extra})
     info = run_extract(cfg, ctx.settings)
-    return {"version": info["version"], "num_rows": info["num_rows"], "tokenizer": cfg.tokenizer,
-            "run": info.get("run") or ""}
+    return {
+        "version": info["version"],
+        "num_rows": info["num_rows"],
+        "tokenizer": cfg.tokenizer,
+        "run": info.get("run") or "",
+    }
 
 
 def train_ar(params: dict, ctx: StageContext) -> dict:
@@ -134,10 +138,103 @@ def train_ar(params: dict, ctx: StageContext) -> dict:
     return {"run_name": info["run_name"], "export_uri": info["export_uri"], "tokenizer": cfg.tokenizer}
 
 
+def _scalars(results: dict) -> dict:
+    return {k: v for k, v in results.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+def evaluate_tokenizer(params: dict, ctx: StageContext) -> dict:
+    from detailflow.pipelines.evaluate.tokenizer_eval import TokenizerEvalConfig
+    from detailflow.pipelines.evaluate.tokenizer_eval import evaluate_tokenizer as run_eval
+
+    cfg = _stage_config(TokenizerEvalConfig, params, ctx, {})
+    results = run_eval(cfg, ctx.settings, log=ctx.log)
+    return {
+        "mlflow_run_id": results["mlflow_run_id"],
+        "metrics": _scalars(results),
+        "tokenizer": cfg.tokenizer,
+    }
+
+
+def evaluate_generator(params: dict, ctx: StageContext) -> dict:
+    from detailflow.pipelines.evaluate.generator_eval import GeneratorEvalConfig
+    from detailflow.pipelines.evaluate.generator_eval import evaluate_generator as run_eval
+
+    extra = {"num_actors": ctx.resources["num_actors"]} if "num_actors" in ctx.resources else {}
+    if ctx.resources.get("gpus_per_worker"):
+        extra["use_gpu"] = True
+    cfg = _stage_config(GeneratorEvalConfig, params, ctx, extra)
+    results = run_eval(cfg, ctx.settings, log=ctx.log)
+    return {"mlflow_run_id": results["mlflow_run_id"], "metrics": _scalars(results), "ar": cfg.ar}
+
+
+def promote(params: dict, ctx: StageContext) -> dict:
+    """Register + gated promotion. A gate rejection is a finished stage (a decision, recorded on the
+    version); an evaluation that failed is a failed stage (the champion stays where it was)."""
+    from detailflow.pipelines.promote import PromoteConfig
+    from detailflow.pipelines.promote import promote as run_promote
+
+    cfg = _stage_config(PromoteConfig, params, ctx, {})
+    decision = run_promote(cfg, ctx.settings)
+    if decision["decision"] == "failed":
+        raise RuntimeError(
+            f"promotion of {cfg.name} v{decision.get('version')} failed: {decision.get('reason')}"
+        )
+    ctx.log(
+        f"[promote] {cfg.name}-generator v{decision['version']}: {decision['decision']} "
+        f"({decision.get('reason')})"
+    )
+    return {
+        "model": cfg.name,
+        "version": str(decision["version"]),
+        "decision": decision["decision"],
+        "champion": str(decision["version"])
+        if decision["decision"] in ("promoted", "already-champion")
+        else str(decision.get("champion_version") or ""),
+    }
+
+
+def deploy(params: dict, ctx: StageContext) -> dict:
+    """`detailflow serve up` in a child process: locally it starts its own Ray head so the endpoint
+    outlives this pipeline process (whose in-process Ray ends with it); on a cluster it deploys there.
+    Idempotent, so the kind is volatile: every run makes sure the champion is being served."""
+    import json
+    import subprocess
+    import sys
+
+    cmd = [
+        sys.executable,
+        "-c",
+        "from detailflow.cli import main; main()",
+        "serve",
+        "up",
+        "--json",
+        "--config",
+        str(params.get("config", "configs/serve-local.yaml")),
+        "--model",
+        str(params["model"]),
+    ]
+    if params.get("port"):
+        cmd += ["--port", str(params["port"])]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=float(params.get("timeout_s", 600)))
+    if proc.returncode != 0:
+        raise RuntimeError(f"serve up exited {proc.returncode}: {(proc.stderr or proc.stdout)[-2000:]}")
+    out = "\n" + proc.stdout  # the JSON object starts at column 0 after whatever Ray printed
+    info = json.loads(out[out.rindex("\n{") + 1 :])
+    return {
+        "url": info["url"],
+        "playground": info.get("playground", info["url"] + "/"),
+        "model": params["model"],
+    }
+
+
 KINDS: dict[str, Kind] = {
     "synth": Kind(synth, ("path", "train_images", "val_images")),
     "ingest": Kind(ingest, ("name", "split", "version", "num_images", "num_rejected"), volatile=True),
     "train-tokenizer": Kind(train_tokenizer, ("run_name", "export_uri", "dataset")),
     "extract-codes": Kind(extract_codes, ("version", "num_rows", "tokenizer", "run")),
     "train-ar": Kind(train_ar, ("run_name", "export_uri", "tokenizer")),
+    "evaluate-tokenizer": Kind(evaluate_tokenizer, ("mlflow_run_id", "metrics", "tokenizer")),
+    "evaluate-generator": Kind(evaluate_generator, ("mlflow_run_id", "metrics", "ar")),
+    "promote": Kind(promote, ("model", "version", "decision", "champion")),
+    "deploy": Kind(deploy, ("url", "playground", "model"), volatile=True),
 }
