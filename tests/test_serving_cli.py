@@ -1,0 +1,82 @@
+"""`detailflow serve up | status | down` and `detailflow generate` as a user runs them: real subprocesses,
+a Ray head of their own (started and stopped by the CLI), the session's MLflow + SeaweedFS."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from detailflow.platform.serving import testing as st
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[1]
+DETAILFLOW = [sys.executable, "-m", "detailflow.cli"]
+
+
+def run(args, env, timeout=420):
+    return subprocess.run(DETAILFLOW + args, env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_serve_up_status_generate_down(services, storage, tmp_path):
+    import psutil
+
+    name = st.unique_name("cli")
+    version = st.register_smoke(services, storage, name, seed=5, champion=True)
+    cfg = yaml.safe_load((ROOT / "configs" / "serve-local.yaml").read_text())
+    for dep in cfg["applications"][0]["deployments"]:  # smaller than shipped: a shared 2-core box
+        if dep["name"] != "ChampionWatcher":
+            dep["ray_actor_options"] = {"num_cpus": 0.1}
+        if dep["name"] == "Generator":
+            dep["autoscaling_config"]["max_replicas"] = 1
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    state = tmp_path / "state"
+    env = {**os.environ, **services.to_env(), "DETAILFLOW_STATE_DIR": str(state)}
+    for var in ("DETAILFLOW_API_KEYS", "DETAILFLOW_API_KEYS_FILE", "DETAILFLOW_API_KEY",
+                "DETAILFLOW_RAY_ADDRESS"):
+        env.pop(var, None)
+    port = st.free_port()
+    try:
+        up = run(["serve", "up", "--config", str(config), "--model", name, "--port", str(port),
+                  "--num-cpus", "2"], env)
+        assert up.returncode == 0, up.stdout + up.stderr
+        url = f"http://127.0.0.1:{port}"
+        assert f"playground  {url}/" in up.stdout and f"{name}-generator" in up.stdout
+        head = json.loads((state / "serve" / "ray-head.json").read_text())
+        key_file = state / "serve" / "api-keys"
+        assert key_file.stat().st_mode & 0o077 == 0, "the key file must be private"
+        key = next(line for line in key_file.read_text().splitlines() if line.startswith("dfk_"))
+        assert key not in up.stdout + up.stderr, "serve up printed the key"
+        assert requests.get(f"{url}/healthz", timeout=30).json()["model_version"] == version
+        r = requests.post(f"{url}/v1/generate", json={"class_ids": [2], "seed": 1},
+                          headers={"Authorization": f"Bearer {key}"}, timeout=120)
+        assert r.status_code == 200 and r.json()["model_version"] == version
+
+        status = run(["serve", "status", "--json"], env, timeout=120)
+        assert status.returncode == 0, status.stdout + status.stderr
+        st_json = json.loads(status.stdout)
+        app = st_json["applications"]["detailflow"]
+        assert app["status"] == "RUNNING" and app["deployments"]["Generator"]["replicas"] == {"RUNNING": 1}
+        assert st_json["served"]["version"] == version
+        text = run(["serve", "status"], env, timeout=120).stdout
+        assert f"model       {name}-generator v{version}" in text
+
+        out = tmp_path / "grid.png"
+        gen = run(["generate", "--class", "1", "--num", "3", "--out", str(out), "--seed", "4"], env,
+                  timeout=120)
+        assert gen.returncode == 0, gen.stdout + gen.stderr
+        assert out.stat().st_size > 100 and f"v{version}" in gen.stdout
+    finally:
+        down = run(["serve", "down"], env, timeout=120)
+    assert down.returncode == 0 and "ray head stopped" in down.stdout, down.stdout + down.stderr
+    assert not psutil.pid_exists(head["pid"]) or psutil.Process(head["pid"]).status() == psutil.STATUS_ZOMBIE
+    after = run(["serve", "status"], env, timeout=120)
+    assert after.returncode == 1 and "not serving" in after.stdout

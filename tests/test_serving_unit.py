@@ -1,0 +1,242 @@
+"""Serving pieces without Ray: the shared-batch sampler, API keys, options, serve files, request rules."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from detailflow.platform.serving.sampling import BatchJob, Final, Preview, SampleSpec
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def smoke():
+    from detailflow.platform.serving.testing import smoke_modules
+
+    _, tok, ar = smoke_modules(seed=1)
+    return ar, tok
+
+
+class _Enough(Exception):
+    pass
+
+
+def solo(ar, tok, spec: SampleSpec) -> np.ndarray:
+    """The request alone through models.sampler.sample, stopped at t as the registered pyfunc does."""
+    from detailflow.models.generator import to_uint8
+    from detailflow.models.sampler import sample
+
+    t, kept = spec.tokens or ar.cfg.num_tokens, {}
+
+    def stop_at_t(start, stop, codes):
+        if stop >= t:
+            kept["codes"] = codes[:, :t].clone()
+            raise _Enough
+
+    try:
+        sample(ar, torch.tensor(spec.class_ids), cfg_scale=spec.cfg_scale, temperature=spec.temperature,
+               top_k=spec.top_k, top_p=spec.top_p, generator=torch.Generator().manual_seed(spec.seed),
+               on_pass=stop_at_t)
+    except _Enough:
+        pass
+    return to_uint8(tok.decode(kept["codes"], t)).numpy()
+
+
+SPECS = [SampleSpec([3, 3], 1.5, seed=7, tokens=16), SampleSpec([1], 1.0, seed=9, tokens=4),
+         SampleSpec([2, 5, 9], 3.0, 0.7, 5, 0.9, seed=11, tokens=8),
+         SampleSpec([0], 1.0, 0.0, seed=1, tokens=12), SampleSpec([4], 2.0, seed=7, tokens=0)]
+
+
+def test_batched_requests_equal_each_request_alone(smoke):
+    ar, tok = smoke
+    job = BatchJob(ar, tok, SPECS)
+    finals = job.run()
+    assert job.passes_run == ar.cfg.forward_passes == 7  # the longest request sets the passes, not their sum
+    for spec, final in zip(SPECS, finals, strict=True):
+        assert isinstance(final, Final) and final.batch_requests == len(SPECS) and final.batch_images == 8
+        ref = solo(ar, tok, spec)
+        assert final.images.shape == ref.shape and (final.images == ref).all(), spec
+    # fewer tokens = fewer passes and a smaller image
+    assert [f.steps for f in finals] == [7, 4, 5, 6, 7] and [f.canvas for f in finals] == [32, 16, 24, 32, 32]
+
+
+def test_same_seed_same_images_different_seed_differs(smoke):
+    ar, tok = smoke
+    a = BatchJob(ar, tok, [SampleSpec([2, 2], 1.5, seed=3)]).run()[0].images
+    b = BatchJob(ar, tok, [SampleSpec([5], 1.0, seed=8), SampleSpec([2, 2], 1.5, seed=3)]).run()[1].images
+    c = BatchJob(ar, tok, [SampleSpec([2, 2], 1.5, seed=4)]).run()[0].images
+    assert (a == b).all() and not (a == c).all()
+
+
+def test_cancelled_request_leaves_the_batch_and_the_others_are_unchanged(smoke):
+    ar, tok = smoke
+    job = BatchJob(ar, tok, SPECS)
+    events = [job.step(), job.step()]
+    job.cancel(2)
+    job.cancel(4)
+    rows_before = job.codes.shape[0]
+    events.append(job.step())
+    assert job.codes.shape[0] < rows_before and job.cache.k[0].shape[0] == job.codes.shape[0]
+    while not job.done:
+        events.append(job.step())
+    for i in (2, 4):
+        assert all(e[i] is None for e in events[2:]), "a cancelled request still got results"
+    for i in (0, 1, 3):
+        final = next(e[i] for e in events if isinstance(e[i], Final))
+        assert (final.images == solo(ar, tok, SPECS[i])).all()
+
+
+def test_previews_are_the_prefix_decoded_at_growing_canvases(smoke):
+    from detailflow.models.generator import prefix_previews
+
+    ar, tok = smoke
+    spec = SampleSpec([6], 1.5, seed=5, previews=True)
+    job = BatchJob(ar, tok, [spec])
+    events = [e[0] for e in iter(lambda: None if job.done else job.step(), None)]
+    previews = [e for e in events if isinstance(e, Preview)]
+    assert isinstance(events[-1], Final) and len(previews) == 6
+    assert [p.t for p in previews] == [1, 2, 3, 4, 8, 12] and [p.step for p in previews] == list(range(1, 7))
+    canvases = [p.canvas for p in previews]
+    assert canvases == sorted(canvases) and canvases[0] < canvases[-1]
+    from detailflow.models.sampler import sample
+
+    full = sample(ar, torch.tensor([6]), cfg_scale=1.5, generator=torch.Generator().manual_seed(5))
+    expected = prefix_previews(tok, full, [p.t for p in previews])
+    for p, e in zip(previews, expected, strict=True):
+        assert p.images.shape == (1, 3, p.canvas, p.canvas) and (p.images == e.numpy()).all()
+
+
+def test_key_store_env_file_revocation_and_reload(tmp_path):
+    from detailflow.platform.serving.auth import INVALID, MISSING, OK, REVOKED, KeyStore, first_key, key_hash
+
+    f = tmp_path / "keys"
+    f.write_text(f"# comment\nkey-one\nsha256:{key_hash('key-two')}\nrevoked key-three\n")
+    env = {"K": "env-key, key-three", "R": ""}
+    ks = KeyStore.from_sources("K", "R", str(f), environ=env, reload_s=0.0)
+    assert ks.check("Bearer key-one")[0] == OK and ks.check("bearer key-two")[0] == OK
+    assert ks.check("Bearer env-key")[0] == OK
+    assert ks.check("Bearer key-three") == (REVOKED, key_hash("key-three")[:8])  # the file revokes an env key
+    assert ks.check(None)[0] == MISSING and ks.check("Bearer nope")[0] == INVALID
+    assert ks.check("Basic key-one")[0] == INVALID
+    assert "key-one" not in repr(ks) and key_hash("key-one") not in repr(ks)
+    f.write_text(f.read_text() + "revoked key-one\n")
+    os.utime(f, ns=(1, 2))  # a different stamp even within the file system's time resolution
+    assert ks.check("Bearer key-one")[0] == REVOKED
+    assert first_key(f) is None  # key-one revoked, key-two only by hash
+    with pytest.raises(ValueError):
+        KeyStore.from_sources("K", "", "", environ={"K": "sha256:zz"})
+
+
+def test_generator_options_and_app_args_name_the_field():
+    from detailflow.platform.serving.config import AppArgs, GeneratorOptions, ServeConfigError
+
+    opts = GeneratorOptions.from_dict({"max_batch_size": "8", "max_images_per_request": 4})
+    assert opts.max_batch_size == 8
+    for bad, field in [({"colour": 1}, "colour"), ({"max_images_per_request": 32}, "max_images_per_request"),
+                       ({"backend": "magic"}, "backend"), ({"max_batch_size": "x"}, "max_batch_size"),
+                       ({"ar_dtype": "float16"}, "ar_dtype")]:
+        with pytest.raises(ServeConfigError, match=field):
+            GeneratorOptions.from_dict(bad)
+    with pytest.raises(ServeConfigError, match="retry_after_s"):
+        AppArgs.from_dict({"retry_after_s": 0})
+
+
+@pytest.mark.parametrize("name", ["serve-local.yaml", "serve-gpu.yaml"])
+def test_shipped_serve_files_are_valid_ray_configs(name):
+    from detailflow.platform.serving.config import GENERATOR, deployment_entry, load_serve_file
+
+    sf = load_serve_file(ROOT / "configs" / name)
+    app = sf.raw["applications"][0]
+    gen = deployment_entry(app, GENERATOR)
+    auto = gen["autoscaling_config"]
+    assert {"min_replicas", "max_replicas", "target_ongoing_requests", "upscale_delay_s",
+            "downscale_delay_s"} <= set(auto) and auto["min_replicas"] >= 1
+    assert gen["max_ongoing_requests"] >= sf.generator.max_batch_size and gen["max_queued_requests"] > 0
+    if name == "serve-gpu.yaml":
+        assert gen["ray_actor_options"]["num_gpus"] == 1 and sf.generator.device == "cuda"
+    else:
+        assert gen["ray_actor_options"]["num_cpus"] < 1 and "num_gpus" not in gen["ray_actor_options"]
+    assert sf.generator.simulated_pass_s == 0
+
+
+def test_validation_messages_name_field_and_rule():
+    from pydantic import ValidationError
+
+    from detailflow.platform.serving.schemas import GenerateRequest, validation_body
+
+    with pytest.raises(ValidationError) as exc:
+        GenerateRequest.model_validate({"class_ids": [1, -2], "cfg_scale": 0.2, "extra": 1, "format": "bmp"})
+    items = {e["field"]: e["rule"] for e in validation_body(exc.value.errors())["error"]["errors"]}
+    assert items == {"class_ids.1": "must be >= 0", "cfg_scale": "must be >= 1.0",
+                     "extra": "is not a known field", "format": "must be one of 'json' or 'png'"}
+    spec = GenerateRequest(class_ids=[3, 5], num_images=2, seed=4).to_spec(4)
+    assert spec.class_ids == [3, 3, 5, 5] and spec.seed == 4
+
+
+def test_png_grid_layout():
+    from detailflow.platform.serving.images import from_png, grid_png, to_png
+
+    imgs = np.random.default_rng(0).integers(0, 255, (5, 3, 8, 8), dtype=np.uint8)
+    assert (from_png(to_png(imgs[0])) == imgs[0]).all()
+    grid = from_png(grid_png(imgs, columns=3))
+    assert grid.shape == (3, 2 * 10 + 2, 3 * 10 + 2)
+    assert (grid[:, 2:10, 2:10] == imgs[0]).all() and (grid[:, 12:20, 12:20] == imgs[4]).all()
+    assert (from_png(grid_png(imgs[:1])) == imgs[0]).all()  # one image: no border
+
+
+def _served(ar, tok):
+    from detailflow.platform.serving.model_store import ServedModel
+
+    return ServedModel("unit-generator", "1", tok, ar, "cpu", {}, {"model": "smoke"})
+
+
+def test_engine_backend_streams_previews_and_matches_single_image_sampling(smoke):
+    """Backend "engine": image i of a request is the engine's (seed + i) request; previews then Final."""
+    pytest.importorskip("detailflow.models.engine")  # the engine lands separately (models/engine.py)
+    import asyncio
+
+    from detailflow.models.generator import codes_to_uint8
+    from detailflow.models.sampler import sample
+    from detailflow.platform.serving.config import GeneratorOptions
+    from detailflow.platform.serving.engine_backend import EngineBackend
+    from detailflow.platform.serving.generator import Ticket
+
+    ar, tok = smoke
+    backend = EngineBackend(_served(ar, tok), GeneratorOptions(backend="engine", max_batch_size=4,
+                                                               max_images_per_request=4))
+
+    async def collect(spec):
+        return [ev async for ev in backend.events(Ticket(spec))]
+
+    try:
+        events = asyncio.run(collect(SampleSpec([3, 8], 2.0, seed=21, previews=True)))
+        previews, final = events[:-1], events[-1]
+        assert isinstance(final, Final) and all(isinstance(p, Preview) for p in previews)
+        assert [p.t for p in previews] == [1, 2, 3, 4, 8, 12] and final.images.shape == (2, 3, 32, 32)
+        for i, c in enumerate([3, 8]):
+            gen = torch.Generator().manual_seed(21 + i)
+            codes = sample(ar, torch.tensor([c]), cfg_scale=2.0, generator=gen)
+            assert (final.images[i] == codes_to_uint8(tok, codes).numpy()[0]).all()
+        short = asyncio.run(collect(SampleSpec([5], 1.0, seed=3, tokens=8)))
+        assert len(short) == 1 and short[0].canvas == 24
+        # a consumer that leaves after the first preview cancels its engine requests
+        async def leave_early():
+            gen = backend.events(Ticket(SampleSpec([1, 2], 1.5, seed=4, previews=True)))
+            first = await gen.__anext__()
+            await gen.aclose()
+            return first
+
+        assert isinstance(asyncio.run(leave_early()), Preview)
+        deadline = time.time() + 5
+        while not backend.engine.idle:
+            assert time.time() < deadline, "cancelled engine requests still hold rows"
+            time.sleep(0.01)
+    finally:
+        backend.retire()
