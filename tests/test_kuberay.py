@@ -5,6 +5,7 @@ the code really reads."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import jsonschema
@@ -22,17 +23,34 @@ CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.
 SECRETISH = ("SECRET", "KEY", "TOKEN", "PASSWORD", "MLFLOW_TRACKING_URI")
 
 
+@functools.cache
 def _schema(kind: str) -> dict:
-    crd = yaml.safe_load((SCHEMAS / CRD_FILES[kind]).read_text())
+    crd = yaml.load((SCHEMAS / CRD_FILES[kind]).read_text(), Loader=yaml.CSafeLoader)  # 1 MB each
     (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
     return version["schema"]["openAPIV3Schema"]
+
+
+def _validate(doc: dict) -> None:
+    # jsonschema.validate() would first meta-validate the (huge) CRD schema on every call
+    jsonschema.Draft7Validator(_schema(doc["kind"])).validate(doc)
 
 
 def _docs(path: Path) -> list[dict]:
     return [d for d in yaml.safe_load_all(path.read_text()) if d]
 
 
+@functools.cache
+def _ray_docs_cached() -> tuple:
+    return tuple(_ray_docs_uncached())
+
+
 def _ray_docs() -> list[tuple[str, dict]]:
+    import copy
+
+    return copy.deepcopy(list(_ray_docs_cached()))
+
+
+def _ray_docs_uncached() -> list[tuple[str, dict]]:
     out = []
     for path in sorted(K8S.glob("*.yaml")):
         for doc in _docs(path):
@@ -62,7 +80,7 @@ def test_every_crd_kind_is_shipped_and_validates():
     kinds = {d["kind"] for _, d in docs}
     assert {"RayCluster", "RayJob", "RayCronJob"} <= kinds
     for name, doc in docs:
-        jsonschema.validate(doc, _schema(doc["kind"]))  # raises with the failing path
+        _validate(doc)  # raises with the failing path
         assert doc["metadata"]["namespace"], name
 
 
@@ -70,7 +88,7 @@ def test_a_broken_manifest_is_rejected_by_the_schema():
     doc = kuberay.ray_job(kuberay.ClusterSpec())
     doc["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["maxReplicas"] = "eight"
     with pytest.raises(jsonschema.ValidationError, match="maxReplicas|eight"):
-        jsonschema.validate(doc, _schema("RayJob"))
+        _validate(doc)
 
 
 def test_checked_in_manifests_equal_a_fresh_render(tmp_path):
