@@ -222,3 +222,23 @@ def test_reader_refuses_a_shard_that_differs_from_its_manifest(shapes, storage, 
     with pytest.raises(Exception, match="manifest says") as info:
         next(iter(DegradedStream(storage, "rshapes", "train", cfg, rmap, manifest=bad)))
     assert "ShardMismatch" in repr(info.value) or isinstance(info.value, ShardMismatch)
+
+
+def test_shared_t_is_equal_on_every_rank_at_every_step(shapes, storage, rmap):
+    """With world > 1 the trainer sets shared_t: the ranks read different images but draw the same t
+    at the same step (from the step, no broadcast); without it the draws are per micro-batch."""
+    from itertools import islice
+
+    from detailflow.pipelines.data.reader import DegradedStream
+
+    def ts(shared, rank, start_step=0):
+        cfg = ReaderConfig(image_size=32, micro_batch=4, seed=2, degrade_prob=0.9, num_epochs=None,
+                           window_groups=1, shared_t=shared)
+        return [(mb.t, mb.keys[0]) for mb in islice(DegradedStream(
+            storage, "rshapes", "train", cfg, rmap, rank=rank, world=2, start_step=start_step), 12)]
+
+    a, b = ts(True, 0), ts(True, 1)
+    assert [t for t, _ in a] == [t for t, _ in b] and len({t for t, _ in a}) > 1
+    assert not {k for _, k in a} & {k for _, k in b}  # different images, same t
+    plain0, plain1 = ts(False, 0), ts(False, 1)
+    assert [t for t, _ in plain0] != [t for t, _ in plain1]

@@ -9,10 +9,11 @@ Usage:
     info = run(TokenizerStageConfig(model="smoke", dataset="shapes"), settings)
 
 Each worker streams its own part of the data plan (DegradedStream, rank r of world) and each step
-takes ONE micro-batch (images, targets at c(t), t) with the t its own reader drew (spec §1.6; under
-ZeRO-3 the reader draws it from the step, equal on all ranks); a checkpoint records every rank's
-plan position, so a restarted worker group continues with the next micro-batch not yet consumed. It
-calls DetailFlowTokenizer.training_step through the DeepSpeed engine, and steps the LR schedule of
+takes ONE micro-batch (images, targets at c(t), t) with the t its own reader drew once (spec §1.6;
+with several ranks the reader draws it from the step, so it is equal on all ranks by construction);
+a checkpoint records every rank's plan position, so a restarted worker group continues with the
+next micro-batch not yet consumed. It calls DetailFlowTokenizer.training_step through the DeepSpeed
+engine, and steps the LR schedule of
 spec §1.11. Rank 0 logs to MLflow; every eval_every steps a PNG of reconstructions with their
 coarse-to-fine prefix strips. The final checkpoint is consolidated (zero_to_fp32) into
 s3://<bucket>/runs/<run>/export/{model.safetensors, config.json}.
@@ -113,11 +114,12 @@ class DiscriminatorStep(nn.Module):
 def _stream(cfg: TokenizerStageConfig, ctx, rmap, state: dict):
     """This rank's micro-batches forever, from the position after the one the checkpoint consumed.
 
-    Every rank reads its own windows of the plan and keeps the t its reader drew (spec §1.6: one draw
-    per GPU process, shared by the local batch): ZeRO-0/2 reduce gradients, not activations, so ranks
-    may run different t. ZeRO-3 gathers parameters module by module, and t = 1 skips the
-    self-correction pass (fewer gathers on that rank), so under ZeRO-3 the reader draws t from the
-    step instead (shared_t): equal on every rank, drawn once, never re-degraded."""
+    Every rank reads its own windows of the plan; t is drawn once per micro-batch by the reader and
+    never re-degraded (spec §1.6). With more than one rank the reader draws it from the step
+    (shared_t), so all ranks train the same t at the same step: t = 1 skips the self-correction pass,
+    which leaves its parameters without gradients on that rank, and ZeRO-2's bucketed all-reduce
+    then aborts (tests/test_train_shared_t.py shows it); ZeRO-3's per-module gathers would desync too.
+    No broadcast, no second degradation: equal draws by construction."""
     from detailflow.pipelines.data.plan import Position, next_position
     from detailflow.pipelines.data.reader import DegradedStream, ReaderConfig
     from detailflow.platform.storage import Storage
@@ -125,7 +127,7 @@ def _stream(cfg: TokenizerStageConfig, ctx, rmap, state: dict):
     reader = ReaderConfig(image_size=rmap.image_size, micro_batch=cfg.micro_batch,
                           degrade_prob=tokenizer_config(cfg).degrade_prob, seed=cfg.seed, train=True,
                           num_epochs=None, window_groups=cfg.window_groups, num_cpus=cfg.reader_cpus,
-                          shared_t=cfg.zero_stage == 3)
+                          shared_t=ctx.world > 1)
     pos = ctx.data_position(state)
     start = None
     if pos and pos.get("restart_epoch"):

@@ -67,7 +67,7 @@ class ReaderConfig:
     num_cpus: float = 0.5  # CPUs per Ray Data task: fractional so trainers never starve it (pitfall 3)
     jpeg_draft: bool = True  # let libjpeg scale down large JPEGs during decode (DCT scaling)
     window_groups: int = 16  # row groups per window = per Ray task; a micro-batch mixes all of them
-    shared_t: bool = False  # draw t from (seed, step) so every rank trains on the same t (ZeRO-3 needs it)
+    shared_t: bool = False  # draw t from (seed, step): every rank trains the same t (needed when world > 1)
     preserve_order: bool = False  # deterministic row order (slower); per-row results are seeded anyway
 
     def __post_init__(self) -> None:
