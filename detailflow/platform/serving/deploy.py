@@ -240,11 +240,12 @@ def status(settings) -> dict:
         st = serve.status()
     except Exception as exc:  # Serve not started on this cluster
         return {"running": False, "reason": f"Serve is not running: {exc}"}
+    name_of = lambda x: str(getattr(x, "value", x))  # Serve's status enums -> "RUNNING"
     apps = {}
     for name, app in st.applications.items():
-        apps[name] = {"status": str(app.status), "message": app.message,
-                      "deployments": {d: {"status": str(s.status),
-                                          "replicas": {str(k): v for k, v in s.replica_states.items()}}
+        apps[name] = {"status": name_of(app.status), "message": app.message,
+                      "deployments": {d: {"status": name_of(s.status),
+                                          "replicas": {name_of(k): v for k, v in s.replica_states.items()}}
                                       for d, s in app.deployments.items()}}
     ep = endpoint(settings)
     served = None
