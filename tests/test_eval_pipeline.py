@@ -249,3 +249,12 @@ def test_cli_eval_tokenizer_and_show(services, models):
     assert shown.exit_code == 0 and json.loads(shown.stdout)["psnr"] == out["psnr"]
     assert runner.invoke(main, ["eval", "generator", "--dataset", DATASET]).exit_code == 2  # no --ar
     assert runner.invoke(main, ["eval", "tokenizer", "--tokenizer", "x", "nosuchfield=1"]).exit_code == 2
+
+
+def test_sampling_actors_leave_the_reader_a_cpu(ray_session):
+    from detailflow.pipelines.evaluate.sampling import READER_CPUS, reserve_cpus
+
+    total = ray_session.cluster_resources()["CPU"]  # 4 in the test session
+    assert reserve_cpus(2, 1.0) == 1.0  # 2 of 4: room left for the reader
+    shrunk = (total - READER_CPUS) / total  # one actor per CPU would starve the reader: a deadlock
+    assert reserve_cpus(int(total), 1.0) == pytest.approx(shrunk)

@@ -17,7 +17,7 @@ Definitions:
   the square roots of the eigenvalues of S1^(1/2) S2 S1^(1/2) (symmetric PSD, so eigh is stable and no
   complex sqrtm residue appears; singular covariances, n < D, are fine).
 - KID (Bińkowski et al. 2018): unbiased MMD^2 with the kernel k(x, y) = (x.y / D + 1)^3, averaged over
-  `num_subsets` random subsets of `subset_size` per side; std over the subsets.
+  `num_subsets` random subsets of `subset_size` per side (at most half the smaller set); std over them.
 - Improved precision / recall (Kynkäänniemi et al. 2019): each real feature gets the radius of its k-th
   nearest other real feature (k = 3); precision = share of fake features inside at least one real ball;
   recall = the same with the roles swapped.
@@ -90,9 +90,12 @@ def mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
 
 def kid(real_ND, fake_ND, num_subsets: int = 100, subset_size: int = 1000,
         seed: int = 0) -> tuple[float, float]:
-    """(mean, std) of unbiased MMD^2 over random subsets (without replacement inside a subset)."""
+    """(mean, std) of unbiased MMD^2 over random subsets (without replacement inside a subset).
+
+    The subset size is capped at half the smaller set, so subsets differ and the std means something
+    (at subset size = n every subset is the whole set: std 0); the estimate stays unbiased."""
     x, y = _as_2d(real_ND), _as_2d(fake_ND)
-    m = min(subset_size, len(x), len(y))
+    m = min(subset_size, max(2, min(len(x), len(y)) // 2))
     rng = np.random.default_rng(seed)
     vals = [mmd2_unbiased(x[rng.choice(len(x), m, replace=False)], y[rng.choice(len(y), m, replace=False)])
             for _ in range(num_subsets)]

@@ -16,7 +16,9 @@ is computed by ONE actor with a fixed thread count (int(cpus_per_actor)), so the
 CFG scale of a sweep reuses the same seeds (common random numbers). On CPU two evaluations agree bit
 for bit; GPU kernels are not bitwise reproducible in general. Each actor holds the AR model, the
 tokenizer and the Inception network (one GPU each with use_gpu); the driver only receives uint8 images
-and 2048-d features per chunk.
+and 2048-d features per chunk. An actor reserves cpus_per_actor CPUs in Ray, or fewer when the actors
+would otherwise leave under READER_CPUS free for the reader tasks that stream the reference images
+(e.g. 2 actors on a 2-core machine); its torch thread count stays int(cpus_per_actor) either way.
 """
 
 from __future__ import annotations
@@ -117,6 +119,20 @@ class SamplingWorker:
         return self.inception(images_u8_BCHW)
 
 
+READER_CPUS = 1.0  # CPUs left free for the reader feeding the reference images (ReadRange takes 1)
+
+
+def reserve_cpus(num_actors: int, cpus_per_actor: float) -> float:
+    """CPUs each actor reserves in Ray: cpus_per_actor, shrunk when the actors would otherwise take every
+    CPU of the cluster (a 2-core machine with 2 actors) and starve the reader tasks (a deadlock)."""
+    import ray
+
+    total = float(ray.cluster_resources().get("CPU", 0.0))
+    if total <= 0 or num_actors * cpus_per_actor <= total - READER_CPUS:
+        return cpus_per_actor
+    return max(0.01, min(cpus_per_actor, (total - READER_CPUS) / num_actors))
+
+
 class SamplerPool:
     """num_actors SamplingWorker actors; ordered maps over chunks and over reference image batches."""
 
@@ -133,9 +149,12 @@ class SamplerPool:
         ensure_ray(settings)
         device = "cuda" if use_gpu else "cpu"
         inception_cfg = dataclasses.replace(inception_cfg, device=device)
-        actor_cls = ray.remote(num_cpus=cpus_per_actor, num_gpus=1 if use_gpu else 0)(SamplingWorker)
-        self.actors = [actor_cls.remote(settings, ar_uri, tok_uri, inception_cfg, classifier, device,
-                                        max(1, int(cpus_per_actor))) for _ in range(max(1, num_actors))]
+        n = max(1, num_actors)
+        threads = max(1, int(cpus_per_actor))  # fixed by the config, never by the cluster: same digits
+        actor_cls = ray.remote(num_cpus=reserve_cpus(n, cpus_per_actor), num_gpus=1 if use_gpu else 0)(
+            SamplingWorker)
+        self.actors = [actor_cls.remote(settings, ar_uri, tok_uri, inception_cfg, classifier, device, threads)
+                       for _ in range(n)]
         ray.get([a.ready.remote() for a in self.actors])  # a loading error surfaces here, from the actor
         self.pool = ActorPool(self.actors)
         self.cfg = inception_cfg  # real_features() keys its cache on cfg.sha256
