@@ -4,6 +4,13 @@ Usage (CPU, small GPT: N = 128, g = 8, causal 8, 4 layers, width 256, vocab 8192
     .venv/bin/python benchmarks/sampler_speed.py
 GPU check (GPT-L of DetailFlow-16, bf16 weights; batch-1 latency and images/s at batch 64):
     python benchmarks/sampler_speed.py --device cuda --preset gpt-l --dtype bf16
+GPU engine figures (issue 13: batch-1 latency goal <= 10 ms/image; images/s at batch 64 and 256), with
+the generation engine's CUDA-graph path (detailflow/models/engine.py, mode="graph", CUDA generators):
+    python benchmarks/sampler_speed.py --device cuda --preset gpt-l --dtype bf16 --engine-batches 64,256
+    (add --compile to torch.compile the captured pass). THE GPU FIGURES ARE OWED: the session that wrote
+    the engine had no GPU; the path is tested on CPU in its fixed-shape form ("static" mode) and by
+    tests/test_engine_gpu.py (skipped without CUDA). CPU smoke of this section:
+    .venv/bin/python benchmarks/sampler_speed.py --engine-batches 4 --engine-mode static --repeats 1
 
 Measures, in one run and with interleaved repeats (medians):
   (a) kv_vs_nocache: grouped + KV cache vs the released sampler's way: every pass recomputes the whole
@@ -13,6 +20,10 @@ Measures, in one run and with interleaved repeats (medians):
   (b) grouped_vs_token_by_token: grouped + KV cache (causal_num + M - 1 passes) vs token-by-token with a
       KV cache (N passes of one position), batch 1.
 tokens_equal: the KV and no-KV samplers give identical codes for the same seed.
+(c) engine (with --engine-batches; default on CUDA 64,256): batch-1 latency of one request through the
+    engine, images/s with B requests submitted at once (2B cache rows with CFG), and
+    engine_sequences_equal: the fraction of B sequences whose engine codes equal sample()'s with the same
+    seeds (bf16 logits differ with the pass shapes, so near-ties flip some; fp32 should give 1.0).
 Clock: on CPU the process CPU time with one torch thread (default --threads 1), because this machine is
 shared and wall time swings with other jobs' load; wall-clock figures are printed too. On CUDA: wall time
 after synchronisation. The last line is one JSON object with the figures.
@@ -30,6 +41,7 @@ import torch
 
 from detailflow.models.ar import DetailFlowGPT
 from detailflow.models.configs import ARConfig, get_model_config
+from detailflow.models.engine import GenerationEngine, Request
 from detailflow.models.sampler import decode_plan, draw, draw_uniforms, guide, sample
 
 
@@ -87,6 +99,45 @@ def compare(a, b, repeats: int, device: str) -> dict:
             "outs_a": [r[2] for r in runs["a"]], "outs_b": [r[2] for r in runs["b"]]}
 
 
+def cuda(device: str) -> bool:
+    return device.startswith("cuda")
+
+
+def engine_figures(model: DetailFlowGPT, batches: list[int], args, device: str) -> dict:
+    """(c): the generation engine's batch-1 latency, images/s at each batch, equality with sample()."""
+    mode = args.engine_mode or ("graph" if cuda(device) else "eager")
+    rows = 2 if args.cfg_scale > 1 else 1
+    reqs = lambda n, seed0: [Request(i % model.cfg.num_classes, cfg_scale=args.cfg_scale, seed=seed0 + i)
+                             for i in range(n)]
+    out = {"mode": mode, "compile": args.compile, "images_per_s": {}, "sequences_equal": {}}
+    for batch in [1] + batches:
+        engine = GenerationEngine(model, slots=rows * batch, device=device, mode=mode,
+                                  generator_device=device, compile_pass=args.compile)
+        engine.warmup(filters=(False,))  # capture every bucket's graph (no top-k/top-p here)
+        engine.generate(reqs(batch, 0))  # warm-up run
+        times = []
+        for r in range(args.repeats):
+            if cuda(device):
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            codes = engine.generate(reqs(batch, 1000 * r))
+            times.append(time.perf_counter() - t0)  # generate() ends with the codes on the host: synced
+        wall = statistics.median(times)
+        if batch == 1:
+            out["latency_batch1_s"] = round(wall, 5)
+            continue
+        out["images_per_s"][batch] = round(batch / wall, 2)
+        seed0 = 1000 * (args.repeats - 1)  # the seeds of the last timed run, whose codes are kept
+        gens = [torch.Generator(device=device).manual_seed(seed0 + i) for i in range(batch)]
+        classes = torch.arange(batch, device=device) % model.cfg.num_classes
+        alone = [sample(model, classes[i:i + 1], cfg_scale=args.cfg_scale, generator=gens[i])[0].cpu()
+                 for i in range(min(batch, 16))]  # each request sampled by itself, same seed
+        same = sum(torch.equal(a, c) for a, c in zip(alone, codes[:len(alone)], strict=True))
+        out["sequences_equal"][batch] = round(same / len(alone), 3)
+        del engine
+    return out
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
@@ -96,6 +147,10 @@ def main(argv=None) -> dict:
     p.add_argument("--cfg-scale", type=float, default=1.5)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = leave as is)")
+    p.add_argument("--engine-batches", default=None, help="comma list for (c); default 64,256 on cuda")
+    p.add_argument("--engine-mode", default=None, choices=["eager", "static", "graph"],
+                   help="engine mode for (c); default graph on cuda, eager on cpu")
+    p.add_argument("--compile", action="store_true", help="(c): torch.compile the captured pass")
     args = p.parse_args(argv)
     device = args.device
     if args.threads and not device.startswith("cuda"):
@@ -157,6 +212,13 @@ def main(argv=None) -> dict:
     print(f"(b) batch 1: grouped {t_grp1:.3f}s ({cfg.forward_passes} passes) vs token-by-token {t_tbt1:.3f}s "
           f"({cfg.num_tokens} passes) -> {res['grouped_vs_token_by_token']}x (goal >= 4x); "
           f"wall {b['a_wall']:.3f}s vs {b['b_wall']:.3f}s")
+    batches = args.engine_batches if args.engine_batches is not None else ("64,256" if cuda(device) else "")
+    if batches:
+        res["engine"] = engine_figures(model, [int(x) for x in batches.split(",")], args, device)
+        e = res["engine"]
+        print(f"(c) engine ({e['mode']}): batch-1 latency {e['latency_batch1_s'] * 1e3:.2f} ms (goal <= 10 "
+              f"ms on an H200); images/s {e['images_per_s']}; sequences equal to sample(): "
+              f"{e['sequences_equal']}")
     print("reproduce: python benchmarks/sampler_speed.py " + " ".join(sys.argv[1:] if argv is None else argv))
     print(json.dumps(res))
     return res
