@@ -38,9 +38,10 @@ costs about a + b x positions with the linear part dominant (b x positions is ~7
 load), so the engine's passes are processor-sharing: a request pays for everyone's positions in each of
 its 23 passes (latency ~ 23a / (1 - rho)); the engine removes the static batcher's wait for the batch in
 flight but not that. An offline queueing simulation (not shipped) with the measured a, b gives ~0.60 at
-equal pass costs and +0.07 per 5% of extra engine cost; under heavy contention the per-pass fixed cost a (weights streamed
-from memory every pass) grows, and the engine runs more, smaller passes than the static batcher. On a
-GPU a pass is nearly flat in batch size, which is where the <= 0.6 target is natural (owed: no GPU).
+equal pass costs and +0.07 per 5% of extra engine cost; under heavy contention the per-pass fixed cost
+a (weights streamed from memory every pass) grows, and the engine runs more, smaller passes than the
+static batcher. On a GPU a pass is nearly flat in batch size, which is where the <= 0.6 target is
+natural (owed: no GPU).
 """
 
 from __future__ import annotations
