@@ -224,6 +224,9 @@ def test_engine_backend_streams_previews_and_matches_single_image_sampling(smoke
             gen = torch.Generator().manual_seed(21 + i)
             codes = sample(ar, torch.tensor([c]), cfg_scale=2.0, generator=gen)
             assert (final.images[i] == codes_to_uint8(tok, codes).numpy()[0]).all()
+        for seed in range(20):  # previews that arrive while a Final is being prepared are not lost
+            ts = [ev.t for ev in asyncio.run(collect(SampleSpec([3, 8], 2.0, seed=seed, previews=True)))]
+            assert ts == [1, 2, 3, 4, 8, 12, 16], (seed, ts)
         short = asyncio.run(collect(SampleSpec([5], 1.0, seed=3, tokens=8)))
         assert len(short) == 1 and short[0].canvas == 24
         # a consumer that leaves after the first preview cancels its engine requests

@@ -17,6 +17,7 @@ ticket have prefix t, the ticket gets a Preview of the K prefixes decoded at c(t
 from __future__ import annotations
 
 import asyncio
+import collections
 import threading
 import time
 
@@ -59,13 +60,18 @@ class EngineBackend:
 
         spec, loop = ticket.spec, asyncio.get_running_loop()
         k, t_final = spec.num_images, spec.tokens or self.model.num_tokens
-        queue: asyncio.Queue = asyncio.Queue()
+        pending: collections.deque = collections.deque()  # (image index, t, prefix codes) from the hooks
+        changed = asyncio.Event()
         started = time.perf_counter()
 
+        def arrive(item) -> None:
+            pending.append(item)
+            changed.set()
+
         def hook_for(i: int):
-            def hook(_request_id, codes_t, t):
+            def hook(_request_id, codes_t, t):  # engine driver thread, before the request settles
                 if spec.previews and t < t_final:
-                    loop.call_soon_threadsafe(queue.put_nowait, (i, t, codes_t.clone()))
+                    loop.call_soon_threadsafe(arrive, (i, t, codes_t.clone()))
             return hook
 
         requests = [Request(class_id=c, cfg_scale=spec.cfg_scale, temperature=spec.temperature,
@@ -73,25 +79,24 @@ class EngineBackend:
                     for i, c in enumerate(spec.class_ids)]
         handles = [self.engine.submit(r, on_pass=hook_for(i)) for i, r in enumerate(requests)]
         steps = handles[0].passes_needed
+        # the settle callbacks are queued on this loop after every hook callback of their request, so once
+        # `results` is done and `pending` is empty, no preview is still on its way
         results = asyncio.ensure_future(asyncio.gather(*(h.wait() for h in handles)))
+        results.add_done_callback(lambda _: changed.set())
         partial: dict[int, dict[int, torch.Tensor]] = {}
         try:
             while True:
-                getter = asyncio.ensure_future(queue.get())
-                await asyncio.wait({getter, results}, return_when=asyncio.FIRST_COMPLETED)
-                items = [getter.result()] if getter.done() else []
-                if not getter.done():
-                    getter.cancel()
-                while not queue.empty():
-                    items.append(queue.get_nowait())
-                for i, t, codes in items:
+                await changed.wait()
+                changed.clear()
+                while pending:
+                    i, t, codes = pending.popleft()
                     partial.setdefault(t, {})[i] = codes
                     if len(partial[t]) == k:
                         got = partial.pop(t)
                         codes = torch.stack([got[j] for j in range(k)])
                         images = await asyncio.to_thread(self._decode, codes, t)
                         yield Preview(t, images.shape[-1], self.stops.index(t) + 1, steps, images)
-                if results.done():
+                if results.done() and not pending:
                     codes = torch.stack(results.result())
                     images = await asyncio.to_thread(self._decode, codes, t_final)
                     active = self.engine.active + k
