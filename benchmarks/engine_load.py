@@ -29,19 +29,22 @@ repeat is one controlled comparison; the machine's speed drifts between repeats,
 mix in: the pooled ratio is reported too). Last line: one JSON object. Goals (issue 13):
 p95_engine_vs_static <= 0.6, throughput_engine_vs_static >= 0.95.
 
-Measured (default command, this 2-vCPU shared machine, one torch thread; three runs of the same code):
-    load average  3-10: p95 ratio 0.738 (per repeat 0.705, 0.770), p50 0.771, throughput 1.002
-    load average  ~8  : p95 ratio 0.60  (per repeat 0.600, 0.591), p50 0.59,  throughput 1.008
-    load average 17-22: p95 ratio 0.829 (per repeat 0.793, 0.865), p50 0.935, throughput 0.974
-The throughput goal is met; the p95 goal only on the quietest run. Why it is hard on a CPU: a pass
-costs about a + b x positions with the linear part dominant (b x positions is ~70% of the time at 70%
-load), so the engine's passes are processor-sharing: a request pays for everyone's positions in each of
-its 23 passes (latency ~ 23a / (1 - rho)); the engine removes the static batcher's wait for the batch in
-flight but not that. An offline queueing simulation (not shipped) with the measured a, b gives ~0.60 at
-equal pass costs and +0.07 per 5% of extra engine cost; under heavy contention the per-pass fixed cost
-a (weights streamed from memory every pass) grows, and the engine runs more, smaller passes than the
-static batcher. On a GPU a pass is nearly flat in batch size, which is where the <= 0.6 target is
-natural (owed: no GPU).
+Measured (default command, this 2-vCPU shared machine, one torch thread; four runs within 20 minutes,
+the first before a behaviour-preserving refactor of the pass code):
+    load average  6-8  : p95 ratio 0.596 (per repeat 0.600, 0.591), throughput 1.008
+    load average  3-10 : p95 ratio 0.738 (per repeat 0.705, 0.770), throughput 1.002
+    load average 17-22 : p95 ratio 0.829 (per repeat 0.793, 0.865), throughput 0.974
+    load average 12-16 : p95 ratio 0.779 (per repeat 0.612, 0.946), throughput 0.927 (one repeat's
+                         saturated engine run 16% below static: timing noise under this contention)
+The p95 goal is met only on the quietest run, the throughput goal on three of four. Why p95 is hard on a
+CPU: a pass costs about a + b x positions with the linear part dominant (b x positions is ~70% of the
+time at 70% load), so the engine's passes are processor-sharing: a request pays for everyone's positions
+in each of its 23 passes (latency ~ 23a / (1 - rho)); the engine removes the static batcher's wait for
+the batch in flight but not that. An offline queueing simulation (not shipped) with the measured a, b
+gives ~0.60 at equal pass costs and +0.07 per 5% of extra engine cost; under heavy contention the per-
+pass fixed cost a (weights streamed from memory every pass) grows, and the engine runs more, smaller
+passes than the static batcher. On a GPU a pass is nearly flat in batch size, which is where the <= 0.6
+target is natural (owed: no GPU).
 """
 
 from __future__ import annotations
