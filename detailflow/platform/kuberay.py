@@ -44,7 +44,8 @@ class ClusterSpec:
     cpu_workers_max: int = 16  # CPU-only group for Ray Data decode/ingest at scale
     s3_secret: str = "detailflow-s3"  # Secret with AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, endpoint, bucket
     mlflow_secret: str = "detailflow-mlflow"  # Secret with MLFLOW_TRACKING_URI (+ token if any)
-    api_keys_secret: str = "detailflow-api-keys"  # Secret with the serving API keys file (keys.txt)
+    api_keys_secret: str = "detailflow-api-keys"  # Secret with the serving API keys file
+    api_keys_key: str = "keys.txt"  # the file's key inside that Secret (one key per line)
     pipeline: str = "configs/pipelines/detailflow-16.yaml"  # pipeline file the jobs run
     schedule: str = "0 2 * * 0"  # weekly retraining: Sundays 02:00
     time_zone: str = "Etc/UTC"  # schedule time zone
@@ -72,7 +73,9 @@ def _secret_env(spec: ClusterSpec) -> list[dict]:
 def _env(spec: ClusterSpec) -> list[dict]:
     plain = {"DETAILFLOW_RAY_ADDRESS": "auto",  # inside the cluster: join it, never start a local Ray
              "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1",
-             "DETAILFLOW_DEVICE": "auto", **spec.extra_env}
+             "DETAILFLOW_DEVICE": "auto",
+             # the serving app reads its bearer keys from the mounted Secret (re-read on change)
+             "DETAILFLOW_API_KEYS_FILE": f"/etc/detailflow/api-keys/{spec.api_keys_key}", **spec.extra_env}
     return _secret_env(spec) + [{"name": k, "value": str(v)} for k, v in sorted(plain.items())]
 
 
