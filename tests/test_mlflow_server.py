@@ -45,3 +45,31 @@ def test_run_logs_param_metric_and_artifact_to_s3(services, storage, tmp_path):
     local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="notes/note.json",
                                                 dst_path=str(tmp_path / "dl"))
     assert json.loads(open(local).read()) == payload
+
+
+def test_fluent_run_resumes_a_run_of_another_experiment_after_set_experiment(services):
+    """A process (a notebook, an earlier test) that called mlflow.set_experiment(A) must not break
+    logging a model on a run of experiment B: plain start_run(run_id=...) raises there."""
+    import os
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from detailflow.platform.tracking import fluent_run
+
+    uri = services.mlflow_tracking_uri
+    mlflow.set_tracking_uri(uri)
+    a = mlflow.set_experiment(f"fluent-a-{uuid.uuid4().hex[:6]}").experiment_id
+    client = MlflowClient(uri)
+    b = client.create_experiment(f"fluent-b-{uuid.uuid4().hex[:6]}")
+    run_b = client.create_run(b).info.run_id
+    with pytest.raises(MlflowException, match="active experiment ID does not match"):
+        with mlflow.start_run(run_id=run_b):
+            pass
+    with fluent_run(uri, run_b) as run:
+        assert run.info.experiment_id == b
+        mlflow.log_param("ok", 1)
+    assert client.get_run(run_b).data.params["ok"] == "1"
+    assert os.environ.get("MLFLOW_EXPERIMENT_ID") == a  # the caller's fluent state is restored
+    assert mlflow.tracking.fluent._active_experiment_id == a

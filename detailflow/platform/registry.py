@@ -115,8 +115,9 @@ def log_generator(tok_dir, ar_dir, *, run_id: str, tracking_uri: str, tags: dict
     pyfunc_generator.check_pair(tok_config["tokenizer"], ar_config["ar"])
     client = MlflowClient(tracking_uri)
     status = client.get_run(run_id).info.status
-    mlflow.set_tracking_uri(tracking_uri)
-    with tempfile.TemporaryDirectory(prefix="df-gen-code-") as code, mlflow.start_run(run_id=run_id):
+    from detailflow.platform.tracking import fluent_run
+
+    with tempfile.TemporaryDirectory(prefix="df-gen-code-") as code, fluent_run(tracking_uri, run_id):
         info = mlflow.pyfunc.log_model(
             name="generator", python_model=pyfunc_generator.__file__,
             artifacts={"tokenizer": str(tok_dir), "ar": str(ar_dir)},

@@ -25,6 +25,7 @@ What MLflow records for a run (read back with `list_checkpoints` / `list_exports
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -192,8 +193,7 @@ class Tracker:
         kind = export_config.get("kind", "model")
         tags = {KIND_TAG: "export", "detailflow.export_uri": uri,
                 **({"detailflow.checkpoint_uri": checkpoint_uri} if checkpoint_uri else {})}
-        mlflow.set_tracking_uri(self.tracking_uri)
-        with mlflow.start_run(run_id=self.run_id):
+        with fluent_run(self.tracking_uri, self.run_id):
             info = mlflow.pyfunc.log_model(
                 name=f"{kind}-export", python_model=export_model.__file__, artifacts={"export": directory},
                 signature=export_signature(export_config), pip_requirements=export_requirements(),
@@ -205,6 +205,34 @@ class Tracker:
         self.set_tags({"detailflow.export.uri": uri,
                        "detailflow.export.model_uri": f"models:/{info.model_id}"})
         return info.model_id
+
+
+@contextlib.contextmanager
+def fluent_run(tracking_uri: str, run_id: str):
+    """`mlflow.start_run(run_id=...)` for APIs that only exist in fluent form (log_model), safe against
+    whatever fluent state the process already has: MLflow refuses to resume a run whose experiment
+    differs from an earlier `mlflow.set_experiment(...)` in the process (its global active
+    experiment), so the run's own experiment is made active for the block and the previous one (and
+    its MLFLOW_EXPERIMENT_ID env var, which subprocesses inherit) restored after."""
+    import os
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(tracking_uri)
+    exp_id = MlflowClient(tracking_uri).get_run(run_id).info.experiment_id
+    env_before = os.environ.get("MLFLOW_EXPERIMENT_ID")
+    active_before = mlflow.tracking.fluent._active_experiment_id  # no public getter exists
+    mlflow.set_experiment(experiment_id=exp_id)
+    try:
+        with mlflow.start_run(run_id=run_id) as run:
+            yield run
+    finally:
+        mlflow.tracking.fluent._active_experiment_id = active_before
+        if env_before is None:
+            os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+        else:
+            os.environ["MLFLOW_EXPERIMENT_ID"] = env_before
 
 
 def export_signature(export_config: dict):
