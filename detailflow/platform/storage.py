@@ -309,3 +309,15 @@ class Storage:
         if entry is None:
             raise KeyError(f"{name!r} is not in the manifest of {self.uri(prefix)}")
         return self.get_bytes(f"{prefix.rstrip('/')}/{name}", expected_sha256=entry["sha256"])
+
+
+_FS_CACHE: dict = {}
+
+
+def cached_filesystem(storage: Storage):
+    """One pyarrow S3FileSystem per process and endpoint: Storage objects are rebuilt in every Ray
+    task (they pickle without clients), and building a filesystem costs ~0.4 s, more than a read."""
+    key = repr(storage.settings)
+    if key not in _FS_CACHE:
+        _FS_CACHE[key] = storage.filesystem()
+    return _FS_CACHE[key]

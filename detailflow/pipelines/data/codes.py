@@ -199,15 +199,10 @@ def _execution_epoch() -> int:
     return int(DataContext.get_current()._execution_idx)
 
 
-_FS_CACHE: dict = {}
-
-
 def _filesystem(storage):
-    """One pyarrow S3FileSystem per worker process: building one costs ~0.4 s, a read task much less."""
-    key = repr(storage.settings)
-    if key not in _FS_CACHE:
-        _FS_CACHE[key] = storage.filesystem()
-    return _FS_CACHE[key]
+    from detailflow.platform.storage import cached_filesystem
+
+    return cached_filesystem(storage)
 
 
 def read_code_units(units: dict, *, storage, sample: dict | None = None) -> Iterator[dict]:

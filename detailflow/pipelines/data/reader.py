@@ -189,15 +189,10 @@ def read_manifest_checked(storage, name: str, split: str) -> dict:
     return manifest
 
 
-_FS_CACHE: dict = {}
-
-
 def _filesystem(storage):
-    """One pyarrow S3FileSystem per worker process (building one costs ~0.4 s)."""
-    key = repr(storage.settings)
-    if key not in _FS_CACHE:
-        _FS_CACHE[key] = storage.filesystem()
-    return _FS_CACHE[key]
+    from detailflow.platform.storage import cached_filesystem
+
+    return cached_filesystem(storage)
 
 
 def read_units(manifest: dict) -> list[dict]:
