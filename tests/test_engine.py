@@ -7,9 +7,8 @@ import copy
 import numpy as np
 import pytest
 import torch
+from ar_models import make_model
 
-from detailflow.models.ar import DetailFlowGPT
-from detailflow.models.configs import ARConfig
 from detailflow.models.engine import GenerationEngine, Request
 from detailflow.models.engine_plan import build_eager_plan
 from detailflow.models.engine_sampling import draw_rows
@@ -18,15 +17,6 @@ from detailflow.models.sampler import decode_plan, draw, draw_uniforms, guide, s
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 GEOMETRIES = [(16, 4, 4), (32, 8, 8), (24, 4, 8)]  # (N, g, causal_num)
 MODES = ["eager", "static"]
-
-
-def make_model(n=16, g=4, c=4, seed=0, **kw) -> DetailFlowGPT:
-    cfg = ARConfig(**{**dict(vocab_size=48, num_classes=6, num_tokens=n, group_size=g, causal_num=c, dim=32,
-                             depth=2, heads=2, ffn_multiple_of=16), **kw})
-    torch.manual_seed(seed)
-    model = DetailFlowGPT(cfg).eval()
-    torch.nn.init.normal_(model.head.weight, 0.0, 0.5)  # zero-init head would give uniform logits
-    return model
 
 
 def alone(model, r: Request, device="cpu") -> torch.Tensor:

@@ -5,9 +5,8 @@ import math
 
 import pytest
 import torch
+from ar_models import make_model
 
-from detailflow.models.ar import DetailFlowGPT
-from detailflow.models.configs import ARConfig
 from detailflow.models.sampler import (
     decode_plan,
     draw,
@@ -19,15 +18,6 @@ from detailflow.models.sampler import (
 )
 
 GEOMETRIES = [(16, 4, 4), (32, 8, 8), (24, 4, 8)]  # (N, g, causal_num)
-
-
-def make_model(n=16, g=4, c=4, seed=0, **kw) -> DetailFlowGPT:
-    cfg = ARConfig(**{**dict(vocab_size=48, num_classes=6, num_tokens=n, group_size=g, causal_num=c, dim=32,
-                             depth=2, heads=2, ffn_multiple_of=16), **kw})
-    torch.manual_seed(seed)
-    model = DetailFlowGPT(cfg).eval()
-    torch.nn.init.normal_(model.head.weight, 0.0, 0.5)  # zero-init head would give uniform logits
-    return model
 
 
 def count_passes(model, **kw):
