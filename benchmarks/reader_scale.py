@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import shutil
 import sys
 import tempfile
 import time
@@ -74,6 +73,16 @@ def main() -> None:
     from detailflow.platform.runtime import apply_runtime_env
 
     apply_runtime_env()
+    from detailflow.platform.storage import Storage
+    from detailflow.platform.testing import isolated_services
+
+    # services on a free port block, stopped before the temp dir (their data) is removed
+    with tempfile.TemporaryDirectory(prefix="df-bench-scale-") as tmp_dir, \
+            isolated_services(Path(tmp_dir) / "state") as settings:
+        _measure(args, Path(tmp_dir), Storage(settings))
+
+
+def _measure(args, tmp: Path, storage) -> None:
     import ray
 
     from detailflow.models.configs import get_model_config
@@ -81,20 +90,8 @@ def main() -> None:
     from detailflow.pipelines.data import synth
     from detailflow.pipelines.data.ingest import IngestConfig, dataset_prefix, ingest
     from detailflow.pipelines.data.reader import DegradedStream, ReaderConfig
-    from detailflow.platform.services import LocalServices
-    from detailflow.platform.settings import load_settings
-    from detailflow.platform.storage import Storage
-    from detailflow.platform.testing import pick_port_block
 
-    tmp = Path(tempfile.mkdtemp(prefix="df-bench-scale-"))
-    base, mlflow_port = pick_port_block()
-    settings = load_settings(environ={"DETAILFLOW_STATE_DIR": str(tmp / "state"),
-                                      "DETAILFLOW_S3_PORT_BASE": str(base),
-                                      "DETAILFLOW_MLFLOW_PORT": str(mlflow_port)})
-    svc = LocalServices(settings)
     try:
-        svc.up()
-        storage = Storage(settings)
         storage.ensure_bucket()
         ray.init(address="local", num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False,
                  log_to_driver=False)
@@ -152,8 +149,6 @@ def main() -> None:
     finally:
         if ray.is_initialized():
             ray.shutdown()
-        svc.down()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
