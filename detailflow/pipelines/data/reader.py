@@ -68,7 +68,6 @@ class ReaderConfig:
     jpeg_draft: bool = True  # let libjpeg scale down large JPEGs during decode (DCT scaling)
     window_groups: int = 16  # row groups per window = per Ray task; a micro-batch mixes all of them
     shared_t: bool = False  # draw t from (seed, step): every rank trains the same t (needed when world > 1)
-    preserve_order: bool = False  # deterministic row order (slower); per-row results are seeded anyway
 
     def __post_init__(self) -> None:
         if self.micro_batch < 1 or self.image_size < 1:
