@@ -10,7 +10,8 @@ Exit codes: 0 ok, 1 runtime failure, 2 usage or configuration error.
 
 Stage groups (data, train, eval, registry, serve, generate, pipeline) live in their own modules
 and are loaded lazily from PLUGIN_GROUPS, so a module being written cannot break the rest of the
-CLI. A plugin command gets the resolved settings with ``get_settings(click.get_current_context())``.
+CLI. A plugin command gets the resolved settings with
+``detailflow.platform.cli_settings.get_settings()`` (never from this module: layers import one way).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import click
 
+from detailflow.platform.cli_settings import get_settings
 from detailflow.platform.runtime import apply_runtime_env
 
 # name -> (module, attribute, one-line help). The module defines a click group/command.
@@ -39,20 +41,6 @@ PLUGIN_GROUPS: dict[str, tuple[str, str, str]] = {
     "infra": ("detailflow.platform.infra_cli", "infra",
               "Render KubeRay manifests (RayCluster/Job/CronJob/Service)."),
 }
-
-
-def get_settings(ctx: click.Context | None = None):
-    """Resolved Settings for this invocation (``--config`` + env), loaded once."""
-    from detailflow.platform.settings import SettingsError, load_settings
-
-    ctx = (ctx or click.get_current_context()).find_root()
-    ctx.ensure_object(dict)
-    if "settings" not in ctx.obj:
-        try:
-            ctx.obj["settings"] = load_settings(ctx.obj.get("config_file"))
-        except SettingsError as exc:
-            raise click.UsageError(str(exc), ctx) from exc
-    return ctx.obj["settings"]
 
 
 def _placeholder(name: str, module: str, help_text: str) -> click.Group:

@@ -27,7 +27,7 @@ AR_STEPS = {"worst": 0, "mid": 60, "best": 300}
 EVAL_EXPERIMENT = "test-registry-eval"
 
 
-def _upload(storage, module, config: dict, key: str) -> str:
+def upload_export(storage, module, config: dict, key: str) -> str:
     from detailflow.models.export import save_pretrained
 
     with tempfile.TemporaryDirectory() as d:
@@ -86,7 +86,7 @@ def _build(services, storage, prefix: str):
     tok_run_name = f"tokenizer-smoke-{prefix.replace('/', '-')}"
     tok_config = {"kind": "tokenizer", "model": "smoke", "run_name": tok_run_name,
                   "tokenizer": dataclasses.asdict(mc.tokenizer)}
-    tok_uri = _upload(storage, tok, tok_config, f"{prefix}/tok/export")
+    tok_uri = upload_export(storage, tok, tok_config, f"{prefix}/tok/export")
     tracker = Tracker.start(services.mlflow_tracking_uri, experiment="test-registry-train",
                             run_name=tok_run_name)
     with tempfile.TemporaryDirectory() as d:
@@ -98,7 +98,7 @@ def _build(services, storage, prefix: str):
         ars[label] = train_ar(mc.ar, targets, steps, seed=10 + i)
         config = {"kind": "ar", "model": "smoke", "run_name": f"ar-{label}-{uuid.uuid4().hex[:6]}",
                   "tokenizer": tok_uri, "ar": dataclasses.asdict(mc.ar)}
-        ar_uris[label] = _upload(storage, ars[label], config, f"{prefix}/ar-{label}/export")
+        ar_uris[label] = upload_export(storage, ars[label], config, f"{prefix}/ar-{label}/export")
     return types.SimpleNamespace(mc=mc, tokenizer=tok, targets=targets, references=references,
                                  tok_uri=tok_uri, tok_run_id=tracker.run_id, tok_model_id=tok_model_id,
                                  ars=ars, ar_uris=ar_uris)

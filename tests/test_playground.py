@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from serving_models import register_smoke
 
 from detailflow.platform.serving import testing as st
 
@@ -110,7 +111,7 @@ def page_app(ray_session, services, storage, tmp_path_factory):
     from detailflow.platform.serving.deploy import delete_app, deploy_app
 
     name = st.unique_name("page")
-    version = st.register_smoke(services, storage, name, seed=3, champion=True)
+    version = register_smoke(services, storage, name, seed=3, champion=True)
     keys = tmp_path_factory.mktemp("page-keys") / "api-keys"
     key = "dfk_playground_test_key_0123"
     keys.write_text(key + "\n")

@@ -63,9 +63,9 @@ def test_register_links_training_runs_and_is_idempotent(services, storage, model
     assert not again["created"] and again["generator_version"] == out["generator_version"]
     assert len(reg.versions(f"{name}-generator")) == 1
     # a tokenizer other than the one the AR model was trained on is refused (same weights, other export)
-    from registry_models import _upload
+    from registry_models import upload_export
 
-    other = _upload(storage, models.tokenizer, {"kind": "tokenizer", "model": "smoke",
+    other = upload_export(storage, models.tokenizer, {"kind": "tokenizer", "model": "smoke",
                                                  "tokenizer": dataclasses.asdict(models.mc.tokenizer)},
                     models.tok_uri.split("/", 3)[3].replace("/tok/", "/tok-copy/"))
     with pytest.raises(ValueError, match="trained on the codes of"):

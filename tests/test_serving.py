@@ -15,6 +15,7 @@ import time
 import numpy as np
 import pytest
 import requests
+from serving_models import register_smoke
 
 from detailflow.platform.serving import testing as st
 
@@ -35,7 +36,7 @@ def stack(ray_session, services, storage, tmp_path_factory):
     from detailflow.platform.serving.deploy import delete_app, deploy_app
 
     name = st.unique_name("srv")
-    v1 = st.register_smoke(services, storage, name, seed=1, champion=True)
+    v1 = register_smoke(services, storage, name, seed=1, champion=True)
     keys_dir = tmp_path_factory.mktemp("keys")
     good, other, revoked = ("dfk_test_good_0123456789", "dfk_test_other_0123456789",
                             "dfk_test_revoked_0123456789")
@@ -470,7 +471,7 @@ def test_promoting_a_new_champion_is_served_without_redeploy_and_drops_nothing(s
 
     from detailflow.platform.serving.watcher import app_configs, generator_user_config
 
-    v2 = st.register_smoke(stack.services, stack.storage, stack.name, seed=2)
+    v2 = register_smoke(stack.services, stack.storage, stack.name, seed=2)
     assert v2 != stack.v1
     handle = serve.get_deployment_handle("Generator", APP)
     before = handle.stats.remote().result(timeout_s=30)

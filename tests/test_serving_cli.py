@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
+from serving_models import register_smoke
 
 from detailflow.platform.serving import testing as st
 
@@ -29,7 +30,7 @@ def test_serve_up_status_generate_down(services, storage, tmp_path):
     import psutil
 
     name = st.unique_name("cli")
-    version = st.register_smoke(services, storage, name, seed=5, champion=True)
+    version = register_smoke(services, storage, name, seed=5, champion=True)
     cfg = yaml.safe_load((ROOT / "configs" / "serve-local.yaml").read_text())
     for dep in cfg["applications"][0]["deployments"]:  # smaller than shipped: a shared 2-core box
         if dep["name"] != "ChampionWatcher":

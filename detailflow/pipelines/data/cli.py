@@ -16,7 +16,7 @@ import click
 
 
 def _settings():
-    from detailflow.cli import get_settings
+    from detailflow.platform.cli_settings import get_settings
 
     return get_settings(click.get_current_context())
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import click
 
-from detailflow.cli import get_settings
+from detailflow.platform.cli_settings import get_settings
 
 DEFAULT_CONFIG = "configs/serve-local.yaml"
 

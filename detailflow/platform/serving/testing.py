@@ -1,21 +1,20 @@
 """Helpers for serving tests and experiments: small registered models and a test serve config.
 
     name = unique_name("srv")
-    v1 = register_smoke(settings, storage, name, seed=1, champion=True)     # random-init smoke pair
+    mc, tok, ar = smoke_modules(seed=1)                                     # random-init smoke pair
     sf = parse_serve_config(test_serve_config(name, keys_file, app="t", route="/", port=port))
     deploy_app(sf, port=port); url = f"http://127.0.0.1:{http_port()}"
 
-Models are random-init smoke exports (detailflow.models.export.save_pretrained) written to S3 where the
-training stages write theirs and registered through pipelines.register (the registry's own path), so
-the Generator loads them exactly as it loads trained ones. The AR head is re-initialised with a larger
-std than training's zero init, so samples depend on class, CFG and seed (a zero head samples uniformly).
+Models are random-init smoke modules; the tests (tests/serving_models.py) export them to S3 where the
+training stages write theirs and register them through pipelines.register, so the Generator loads
+them exactly as it loads trained ones (this module is platform code: it never imports pipelines).
+The AR head is re-initialised with a larger std than training's zero init, so samples depend on
+class, CFG and seed (a zero head samples uniformly).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import socket
-import tempfile
 import uuid
 
 from detailflow.platform.serving.config import APP_IMPORT_PATH, GENERATOR, INGRESS, WATCHER
@@ -46,33 +45,6 @@ def smoke_modules(seed: int, head_std: float = 0.5):
     torch.nn.init.normal_(ar.head.weight, 0.0, head_std)
     torch.nn.init.normal_(ar.cls_emb.weight, 0.0, 1.0)
     return mc, tok, ar
-
-
-def _upload(storage, module, config: dict, key: str) -> str:
-    from detailflow.models.export import save_pretrained
-
-    with tempfile.TemporaryDirectory() as d:
-        save_pretrained(module, config, d)
-        for f in ("model.safetensors", "config.json"):
-            storage.upload_file(f"{d}/{f}", f"{key}/{f}")
-    return storage.uri(key)
-
-
-def register_smoke(settings, storage, name: str, seed: int, champion: bool = False) -> str:
-    """Upload a smoke tokenizer + AR(seed) export pair, register `<name>-generator`; returns the version."""
-    from detailflow.pipelines.register import register
-
-    mc, tok, ar = smoke_modules(seed)
-    prefix = f"tests/serving/{name}"
-    tok_uri = _upload(storage, tok, {"kind": "tokenizer", "model": "smoke", "run_name": f"tok-{name}",
-                                     "tokenizer": dataclasses.asdict(mc.tokenizer)}, f"{prefix}/tok/export")
-    ar_uri = _upload(storage, ar, {"kind": "ar", "model": "smoke", "run_name": f"ar-{name}-{seed}",
-                                   "tokenizer": tok_uri, "ar": dataclasses.asdict(mc.ar)},
-                     f"{prefix}/ar-{seed}/export")
-    version = register(settings, name, ar=ar_uri, tokenizer=tok_uri)["generator_version"]
-    if champion:
-        promote_now(settings, name, version)
-    return version
 
 
 def promote_now(settings, name: str, version: str) -> None:
