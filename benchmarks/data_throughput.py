@@ -1,4 +1,4 @@
-"""Data-plane throughput: Ray Data (decode + ADM crop + flip + degrade) vs a single-process PIL loop.
+"""Data-plane throughput: the Ray reader (decode + ADM crop + flip + degrade) vs plain processes.
 
 Reproduce:
     .venv/bin/python benchmarks/data_throughput.py                      # 3000 images, 320 px JPEGs -> 256
@@ -6,9 +6,10 @@ Reproduce:
 
 What it does: starts its own local services (SeaweedFS + MLflow, temp state dir, free ports),
 synthesises the shapes set as JPEG (q95) at --src-size px, ingests it with Ray (timed), then runs
-one epoch of the SAME work twice on the same shards: (a) the Ray Data reader
-(build_degraded_dataset, micro-batch 32, p = 0.2, DetailFlow-16 resolution map at 256 px) consumed
-through iter_microbatches, and (b) one Python process calling the same functions in a plain loop
+one epoch of the SAME work on the same shards: (a) the training reader, one rank's DegradedStream
+(ordered Ray tasks, one per window; micro-batch 32, p = 0.2, DetailFlow-16 resolution map at 256 px),
+and (a') the same window tasks as one Ray Dataset (build_degraded_dataset, evaluation's path) through
+iter_microbatches, and (b) one Python process calling the same functions in a plain loop
 (the reader's window_task over every window of the epoch, then row_to_microbatch; torch on 1 thread).
 (c) as a control, one plain process per core each running (b) over the whole set at once: the
 speed-up the cores give right now without Ray (the ceiling of (a) / (b) on a shared machine).
@@ -113,6 +114,14 @@ def plain_processes_epoch(pool, n: int, storage, name: str, cfg, rmap) -> int:
 
 
 def ray_epoch(storage, name: str, cfg, rmap) -> int:
+    """The training path: one rank's DegradedStream (ordered window tasks, task_stream.py)."""
+    from detailflow.pipelines.data.reader import DegradedStream
+
+    return sum(mb.images.shape[0] for mb in DegradedStream(storage, name, "train", cfg, rmap))
+
+
+def ray_dataset_epoch(storage, name: str, cfg, rmap) -> int:
+    """The one-pass Ray Dataset of the same window tasks (build_degraded_dataset; evaluation's path)."""
     from detailflow.pipelines.data.reader import build_degraded_dataset, iter_microbatches
 
     n = 0
@@ -195,12 +204,16 @@ def main() -> None:
         expect = (n_images // cfg.micro_batch) * cfg.micro_batch
 
         cold = timed(ray_epoch, storage, "bench", cfg, rmap)
-        print(describe("ray data, cold pass", cold), flush=True)
+        print(describe("ray tasks (training stream), cold pass", cold), flush=True)
         warm = timed(ray_epoch, storage, "bench", cfg, rmap)
         n, ray_rate = warm["images"], warm["rate"]
         windows = DegradedStream(storage, "bench", "train", cfg, rmap).plan.num_windows
         assert expect - cfg.micro_batch * windows <= n <= expect, (n, expect)  # partials per window dropped
-        print(describe("ray data, warm pass", warm), flush=True)
+        print(describe("ray tasks (training stream), warm pass", warm), flush=True)
+        ray_dataset_epoch(storage, "bench", cfg, rmap)  # warm
+        dataset = timed(ray_dataset_epoch, storage, "bench", cfg, rmap)
+        assert dataset["images"] == n, (dataset["images"], n)
+        print(describe("ray data (one-pass Dataset of the same tasks), warm pass", dataset), flush=True)
 
         single_process_epoch(storage, "bench", cfg, rmap)  # warm page cache / imports, same as Ray's
         single = timed(single_process_epoch, storage, "bench", cfg, rmap)
@@ -247,6 +260,9 @@ def main() -> None:
                           "ray_cpu_overhead": round(overhead, 3),
                           "plain_processes_vs_single": round(plain_ratio, 3),
                           "ray_vs_plain_processes": round(ray_rate / plain["rate"], 3),
+                          "ray_dataset_vs_plain_processes": round(dataset["rate"] / plain["rate"], 3),
+                          "ray_dataset_cpu_ms_per_image": round(dataset["cpu_ms_per_image"], 3),
+                          "ray_cpu_vs_plain": round(warm["cpu_ms_per_image"] / plain["cpu_ms_per_image"], 3),
                           "plain_cpu_ms_per_image": round(plain["cpu_ms_per_image"], 3),
                           "load_avg_1m_plain": round(plain["load_1m"], 2),
                           "ray_ratio_bound_idle_cores": round(bound, 3),

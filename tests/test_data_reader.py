@@ -242,3 +242,22 @@ def test_shared_t_is_equal_on_every_rank_at_every_step(shapes, storage, rmap):
     assert not {k for _, k in a} & {k for _, k in b}  # different images, same t
     plain0, plain1 = ts(False, 0), ts(False, 1)
     assert [t for t, _ in plain0] != [t for t, _ in plain1]
+
+
+@pytest.mark.parametrize("prefetch_windows,prefetch_batches", [(1, 1), (2, 4)])
+def test_training_stream_equals_the_one_pass_dataset(shapes, storage, rmap, prefetch_windows,
+                                                     prefetch_batches):
+    """The training path (DegradedStream: ordered Ray tasks, several chunks) and the one-pass Ray
+    Dataset (build_degraded_dataset, whose exactly-once split is tested above) emit the same
+    micro-batches in the same order: same keys, t, images, targets and plan positions."""
+    from detailflow.pipelines.data.reader import DegradedStream
+
+    cfg = ReaderConfig(image_size=32, micro_batch=4, seed=3, num_epochs=3, window_groups=2,
+                       prefetch_windows=prefetch_windows, prefetch_batches=prefetch_batches)
+    stream = list(DegradedStream(storage, "rshapes", "train", cfg, rmap, rank=0, world=2, min_chunk_units=2))
+    one_pass = list(iter_microbatches(build_degraded_dataset(storage, "rshapes", "train", cfg, rmap,
+                                                             rank=0, world=2), with_info=True))
+    assert len(stream) == len(one_pass) > 10 and {mb.position.epoch for mb in stream} == {0, 1, 2}
+    for a, b in zip(stream, one_pass, strict=True):
+        assert (a.position, a.keys, a.t) == (b.position, b.keys, b.t)
+        assert torch.equal(a.images, b.images) and torch.equal(a.targets, b.targets)

@@ -268,6 +268,10 @@ def test_crashed_run_ends_failed_and_resubmission_through_ray_resumes(services, 
     assert len(runs) == 1 and runs[0].info.status == "FAILED"
     assert runs[0].data.tags[ERROR_TAG]  # the error text is on the run
     run_id = runs[0].info.run_id
+    shown = _cli_checkpoints(name)  # what a user sees: FAILED, the error, the checkpoint it resumes from
+    assert shown["status"] == "FAILED" and shown["run_id"] == run_id
+    assert shown["error"] == runs[0].data.tags[ERROR_TAG]
+    assert [c["step"] for c in shown["checkpoints"]] == [2]
 
     # Resubmitting the same job through Ray (the marker file stops the crash) resumes from step 2.
     name2, result = _run(services, cfg, max_failures=0)
@@ -286,6 +290,22 @@ def test_crashed_run_ends_failed_and_resubmission_through_ray_resumes(services, 
     assert len(client.get_metric_history(run_id, "loss")) == losses_before
     assert client.get_run(run_id).info.status == "FINISHED"
     assert [c["step"] for c in list_checkpoints(client, run_id)] == [2, 4, 6]
+    shown = _cli_checkpoints(name)
+    assert shown["status"] == "FINISHED" and shown["error"] is None
+    assert [c["step"] for c in shown["checkpoints"]] == [2, 4, 6]
+    assert shown["checkpoints"][-1]["uri"] == f"s3://{result.checkpoint.path}"
+    assert shown["url"].endswith(f"/runs/{run_id}")
+
+
+def _cli_checkpoints(name: str) -> dict:
+    """`detailflow train checkpoints NAME --json` (settings from the env the services fixture exports)."""
+    from click.testing import CliRunner
+
+    from detailflow.cli import main
+
+    r = CliRunner().invoke(main, ["train", "checkpoints", name, "--json"])
+    assert r.exit_code == 0, r.output
+    return json.loads(r.output)
 
 
 def _write_checkpoint(storage, fs, dest: str, step: int, world: int = 2) -> None:

@@ -2,7 +2,8 @@
 
     detailflow train tokenizer --config configs/tokenizer-tiny.yaml [key=value ...]
     detailflow train ar --config configs/ar-tiny.yaml tokenizer=<tokenizer run> [key=value ...]
-    detailflow train show --config configs/tokenizer-tiny.yaml          # resolved config + run name
+    detailflow train show tokenizer --config configs/tokenizer-tiny.yaml   # resolved config + run name
+    detailflow train checkpoints <run name> [--json]   # MLflow: status, checkpoints, exports
     detailflow extract-codes --tokenizer <tokenizer run | s3://.../export> --dataset shapes
 
 Overrides are stage-config fields (see the dataclasses in train_tokenizer.py / train_ar.py), e.g.
@@ -115,6 +116,44 @@ def show(kind, config_file, overrides):
     resolved = dataclasses.asdict(cfg)
     click.echo(json.dumps({"run_name": run_name(kind, cfg.name, cfg.date, resolved), "config": resolved},
                           indent=2))
+
+
+@train.command(name="checkpoints")
+@click.argument("run_name")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def checkpoints_cmd(run_name, as_json):
+    """What MLflow recorded for a training run: status, every checkpoint (step, URI, metrics), exports.
+
+    RUN_NAME is the deterministic run name the stage printed (`detailflow train show` tells it)."""
+    from mlflow.tracking import MlflowClient
+
+    from detailflow.platform.tracking import ERROR_TAG, find_run_id, list_checkpoints, list_exports
+
+    settings = _settings()
+    client = MlflowClient(tracking_uri=settings.mlflow_tracking_uri)
+    run_id = find_run_id(client, run_name)
+    if run_id is None:
+        raise click.ClickException(f"no MLflow run tagged with run name {run_name!r} at "
+                                   f"{settings.mlflow_tracking_uri}")
+    run = client.get_run(run_id)
+    info = {"run_name": run_name, "run_id": run_id, "status": run.info.status,
+            "url": f"{settings.mlflow_tracking_uri.rstrip('/')}/#/experiments/{run.info.experiment_id}"
+                   f"/runs/{run_id}",
+            "error": run.data.tags.get(ERROR_TAG), "checkpoints": list_checkpoints(client, run_id),
+            "exports": list_exports(client, run_id)}
+    if as_json:
+        click.echo(json.dumps(info, indent=2, default=str))
+        return
+    click.echo(f"{run_name}  {info['status']}  {info['url']}")
+    if info["error"]:
+        click.echo(f"  error: {info['error'][-500:]}")
+    for c in info["checkpoints"]:
+        metrics = " ".join(f"{k}={v:.4g}" for k, v in sorted(c["metrics"].items()))
+        click.echo(f"  checkpoint step {c['step']:>7}  {c['uri']}  {metrics}")
+    for e in info["exports"]:
+        click.echo(f"  export ({e['kind']})  {e['uri']}  {e['model_uri']}")
+    if not info["checkpoints"]:
+        click.echo("  no checkpoint recorded yet")
 
 
 @click.command(name="extract-codes")

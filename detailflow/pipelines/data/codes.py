@@ -265,7 +265,10 @@ def shuffled_codes_dataset(storage, version: str, split: str, seed: int, num_cpu
     ds = ds.map_batches(read_code_units, batch_size=1, batch_format="numpy", num_cpus=num_cpus,
                         fn_kwargs={"storage": storage, "sample": {"seed": int(seed), "num_views": num_views,
                                                                   "first_epoch": int(first_epoch)}})
-    return ds.sort("order")
+    ds = ds.sort("order")
+    # a training input: rank 0's Progress line is the progress; Ray Data's bars would interleave with it
+    ds.context.enable_progress_bars = False
+    return ds
 
 
 def _as_matrix(col) -> np.ndarray:

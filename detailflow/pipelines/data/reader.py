@@ -1,4 +1,4 @@
-"""Streaming reader: Parquet shards on S3 -> decode, crop, flip -> degraded micro-batches (Ray Data).
+"""Streaming reader: Parquet shards on S3 -> decode, crop, flip -> degraded micro-batches (Ray tasks).
 
 Usage:
     from detailflow.pipelines.data.reader import DegradedStream, ReaderConfig, build_degraded_dataset
@@ -19,7 +19,9 @@ key), or a centre crop), draws t (spec §1.6: one draw per micro-batch, from the
 shared_t from the step, equal on every rank) and degrades with degrade_to_prefix, emitting ONE row per
 micro-batch. Rank r reads its own windows (r, r + world, ...), so a rank's stream is deterministic and
 its (epoch, unit, batch) position is what a checkpoint records for exact resume. A DegradedStream
-chains chunk datasets of whole epochs, so nothing is planned for epochs not yet reached.
+plans chunks of whole epochs, so nothing is planned for epochs not yet reached, and runs each window
+as an ordered streaming Ray task (task_stream.py: no Ray Data executor spinning inside the training
+worker); build_degraded_dataset wraps the same window tasks in one Ray Dataset for one-pass readers.
 Rows carry flat bytes plus shape columns (batch, size, canvas), so micro-batches of different canvas
 sizes never meet Ray's fixed-shape tensor columns; iter_microbatches hides this. A t = N row ships no
 target bytes: the target is the image itself (degrade_to_prefix is the identity).
@@ -68,6 +70,8 @@ class ReaderConfig:
     jpeg_draft: bool = True  # let libjpeg scale down large JPEGs during decode (DCT scaling)
     window_groups: int = 16  # row groups per window = per Ray task; a micro-batch mixes all of them
     shared_t: bool = False  # draw t from (seed, step): every rank trains the same t (needed when world > 1)
+    prefetch_windows: int = 2  # DegradedStream: window tasks per rank at once (the one consumed + read-ahead)
+    prefetch_batches: int = 4  # DegradedStream: micro-batches a window task may hold unconsumed
 
     def __post_init__(self) -> None:
         if self.micro_batch < 1 or self.image_size < 1:
@@ -366,25 +370,55 @@ class DegradedStream:
             fn_kwargs={"storage": self.storage, "rmap": self.rmap, "cfg": self.cfg, "plan": self.plan,
                        "units": units})
         ds.context.execution_options.preserve_order = True  # exact resume needs the planned order
+        # every rank's stream would draw Ray Data's progress bars on the driver console, interleaved
+        # with each other; rank 0's Progress line (platform.tracking) is the training's progress
+        ds.context.enable_progress_bars = False
         # one block per micro-batch: Ray otherwise buffers a task's output up to 128 MB before the
         # first block leaves it, i.e. the first step waits for ~40 DetailFlow-16 micro-batches
         ds.context.target_max_block_size = 1
         return ds
 
-    def datasets(self) -> Iterator:
-        """Chunk datasets in order, until cfg.num_epochs epochs (forever when it is None)."""
+    def chunks(self) -> Iterator[ChunkUnits]:
+        """The plan's chunks in order, until cfg.num_epochs epochs (forever when it is None)."""
         epoch, step = self.start.epoch, self.start_step
         while self.end_epoch is None or epoch < self.end_epoch:
             units, step = self.chunk_units(epoch, step)
-            if not len(units.epoch):
+            if len(units.epoch):
+                yield units
+                epoch = int(units.epoch[-1]) + 1
+            else:
                 epoch += 1
-                continue
+
+    def datasets(self) -> Iterator:
+        """One Ray Dataset per chunk, in order (build_degraded_dataset takes the first)."""
+        for units in self.chunks():
             yield self.build(units)
-            epoch = int(units.epoch[-1]) + 1
+
+    def task_args(self) -> Iterator[tuple]:
+        """(chunk ref, unit index) per window task, in plan order; one object-store copy per chunk."""
+        import ray
+
+        for units in self.chunks():
+            chunk = ray.put((self.storage, self.rmap, self.cfg, self.plan, units))
+            for i in range(len(units.epoch)):
+                yield chunk, i
 
     def __iter__(self) -> Iterator[MicroBatch]:
-        for ds in self.datasets():
-            yield from iter_microbatches(ds, with_info=True)
+        """The rank's micro-batches in plan order, read by Ray tasks (task_stream: no Ray Data executor
+        in the training worker); memory: prefetch_windows x prefetch_batches micro-batches."""
+        from detailflow.pipelines.data.task_stream import ordered_task_stream
+
+        cfg = self.cfg
+        for out in ordered_task_stream(_window_rows, self.task_args(), num_cpus=cfg.num_cpus,
+                                       in_flight=cfg.prefetch_windows, buffered=cfg.prefetch_batches):
+            for i in range(len(out["t"])):
+                yield row_to_microbatch({k: v[i:i + 1] for k, v in out.items()})
+
+
+def _window_rows(chunk: tuple, i: int) -> Iterator[dict]:
+    """Ray task (a generator): window unit i of a chunk, one dict per micro-batch (window_task's rows)."""
+    storage, rmap, cfg, plan, units = chunk
+    yield from window_task({"id": np.array([i])}, storage=storage, rmap=rmap, cfg=cfg, plan=plan, units=units)
 
 
 def build_degraded_dataset(storage, name: str, split: str, cfg: ReaderConfig, rmap, *, rank: int = 0,
