@@ -101,3 +101,34 @@ def test_one_view_per_image_globally_shuffled_every_epoch(storage, mix_codes):
         mean, std = ref[k]
         assert abs(got[k] - mean) < 5 * std + 1e-9, (k, got[k], ref[k])
         assert abs(before[k] - mean) > 5 * std, k  # the measure does catch file-order batches
+
+
+def _rows(ds) -> list[tuple[int, int, int]]:
+    """(epoch, image, view) of every row of one pass, in order (one consumer)."""
+    out = []
+    for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        out += [(int(e), int(c[0]), int(c[1])) for e, c in zip(b["epoch"], b["clean"], strict=True)]
+    return out
+
+
+def test_epochs_chained_into_one_pass_equal_the_passes_one_epoch_each(storage, mix_codes):
+    """A small set chains K epochs into one execution: pass 0 of K = 2 is exactly epochs 0 and 1 of
+    K = 1 (same views, same order), pass 1 continues with epochs 2 and 3."""
+    one = codes.shuffled_codes_dataset(storage, "mix", "train", seed=4)
+    two = codes.shuffled_codes_dataset(storage, "mix", "train", seed=4, epochs_per_pass=2)
+    singles = [_rows(one) for _ in range(4)]
+    chained = [_rows(two) for _ in range(2)]
+    assert chained[0] == singles[0] + singles[1] and chained[1] == singles[2] + singles[3]
+    assert [sorted({e for e, _, _ in p}) for p in chained] == [[0, 1], [2, 3]]
+    for p in singles:  # each epoch: every image once
+        assert sorted(i for _, i, _ in p) == list(range(N_IMAGES))
+
+
+@pytest.mark.parametrize("rows,views,min_images,expected", [
+    (1600, 4, 1000, 3),             # 400 images: 3 epochs reach 1,000
+    (1600, 4, 400, 1),
+    (12_811_670, 10, 20_000, 1),    # ImageNet ten-crop codes: one epoch per pass
+    (640, 1, 20_000, 32),           # the demo's shapes set
+])
+def test_epochs_per_pass(rows, views, min_images, expected):
+    assert codes.epochs_per_pass({"num_rows": rows, "num_views": views}, min_images) == expected

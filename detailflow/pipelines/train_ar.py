@@ -64,6 +64,9 @@ class ARStageConfig(DistributedStageConfig):
     cfg_scale: float = 1.5  # classifier-free guidance of the PNG samples
     experiment: str = "detailflow-ar"  # MLflow experiment
     progress_every_s: float = 10.0  # seconds between rank 0's console progress lines
+    # epochs of a small code set are chained into one pass (one Ray Data execution) of at least this
+    # many images: each pass costs seconds (task start-up, the sort) that 10-step epochs would idle on
+    min_images_per_pass: int = 20000
 
 
 def ar_config(cfg: ARStageConfig):
@@ -73,9 +76,10 @@ def ar_config(cfg: ARStageConfig):
 
 
 def _stream(shard, cfg: ARStageConfig):
-    """Code batches forever. Each pass over the shard re-executes the dataset = one epoch: its own
-    view per image, its own global order, and its (input, target) draws, all from (seed, epoch) with
-    the epoch that the rows carry (codes.shuffled_codes_dataset)."""
+    """Code batches forever. Each pass over the shard re-executes the dataset = one epoch (or several
+    of a small set, min_images_per_pass): each epoch its own view per image, its own global order and
+    its (input, target) draws, all from (seed, epoch) with the epoch the rows carry
+    (codes.shuffled_codes_dataset)."""
     from detailflow.pipelines.data.codes import iter_code_batches
 
     epoch = 0
@@ -243,7 +247,7 @@ def _export_ema(model_cfg, ema_full: dict, cfg: ARStageConfig, ctx, config: dict
 
 def run(cfg: ARStageConfig, settings) -> dict:
     """Driver: read the code shards, check them against the model, fit. Returns {run_name, export_uri}."""
-    from detailflow.pipelines.data.codes import codes_prefix, shuffled_codes_dataset
+    from detailflow.pipelines.data.codes import codes_prefix, epochs_per_pass, shuffled_codes_dataset
     from detailflow.pipelines.exports import export_prefix, resolve_export
     from detailflow.pipelines.stage_config import run_name as make_run_name
     from detailflow.platform import raytrain
@@ -269,7 +273,8 @@ def run(cfg: ARStageConfig, settings) -> dict:
     name = make_run_name(STAGE, cfg.name, cfg.date, resolved)
     # one seeded view per image per epoch, globally shuffled per epoch (worker-side sort, no driver rows)
     ds = shuffled_codes_dataset(storage, version, "train", seed=cfg.seed,
-                                num_cpus=min(0.5, cfg.cpus_per_worker))
+                                num_cpus=min(0.5, cfg.cpus_per_worker),
+                                epochs_per_pass=epochs_per_pass(manifest, cfg.min_images_per_pass))
     use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and settings.resolved_device().startswith("cuda"))
     raytrain.launch(train_loop, {**resolved, "_tokenizer_ref": storage.uri(tok_key)}, settings, run_name=name,
                     num_workers=cfg.num_workers, use_gpu=use_gpu, cpus_per_worker=cfg.cpus_per_worker,

@@ -225,14 +225,18 @@ def read_code_units(units: dict, *, storage, sample: dict | None = None) -> Iter
         for c in TOKEN_COLUMNS:
             col = table[c].combine_chunks()  # flatten() honours slice offsets (.values would not)
             batch[c] = col.flatten().to_numpy().reshape(len(col), -1)
-        if sample is not None:
-            epoch = sample["first_epoch"] + _execution_epoch()
+        if sample is None:
+            yield batch
+            continue
+        per_pass = int(sample.get("epochs_per_pass", 1))
+        first = sample["first_epoch"] + _execution_epoch() * per_pass
+        for epoch in range(first, first + per_pass):
             view, order = view_choice(batch["key"], sample["seed"], epoch, sample["num_views"])
             keep = batch["view"] == view
-            batch = {k: v[keep] for k, v in batch.items()}
-            batch["order"] = order[keep]
-            batch["epoch"] = np.full(int(keep.sum()), epoch, np.int64)
-        yield batch
+            out = {k: v[keep] for k, v in batch.items()}
+            out["order"] = order[keep]
+            out["epoch"] = np.full(int(keep.sum()), epoch, np.int64)
+            yield out
 
 
 def read_codes_dataset(storage, version: str, split: str, num_cpus: float = 0.5,
@@ -247,10 +251,19 @@ def read_codes_dataset(storage, version: str, split: str, num_cpus: float = 0.5,
                           fn_kwargs={"storage": storage})
 
 
+def epochs_per_pass(manifest: dict, min_images_per_pass: int) -> int:
+    """Epochs chained into one pass (execution) so that a pass holds >= min_images_per_pass images."""
+    images = max(1, int(manifest["num_rows"]) // max(1, int(manifest.get("num_views") or 1)))
+    return max(1, -(-int(min_images_per_pass) // images))
+
+
 def shuffled_codes_dataset(storage, version: str, split: str, seed: int, num_cpus: float = 0.5,
-                           first_epoch: int = 0):
-    """Training order: per execution (= epoch first_epoch + i) one seeded view per image, sorted by a
-    seeded hash, i.e. globally shuffled; rows carry `epoch` (iter_code_batches uses it)."""
+                           first_epoch: int = 0, epochs_per_pass: int = 1):
+    """Training order: execution i holds epochs first_epoch + i*K ... + K - 1 (K = epochs_per_pass),
+    each with one seeded view per image, sorted by (epoch, seeded hash), i.e. every epoch globally
+    shuffled and the epochs in order; rows carry `epoch` (iter_code_batches uses it). K > 1 is for
+    small sets: re-executing the dataset (task start-up, the sort) costs seconds, which a pass of a
+    few steps would leave the trainers waiting for."""
     import ray.data
 
     if not hasattr(ray.data.DataContext.get_current(), "_execution_idx"):  # the epoch counter this relies on
@@ -264,8 +277,9 @@ def shuffled_codes_dataset(storage, version: str, split: str, seed: int, num_cpu
     ds = ray.data.from_items(units, override_num_blocks=len(units))
     ds = ds.map_batches(read_code_units, batch_size=1, batch_format="numpy", num_cpus=num_cpus,
                         fn_kwargs={"storage": storage, "sample": {"seed": int(seed), "num_views": num_views,
-                                                                  "first_epoch": int(first_epoch)}})
-    ds = ds.sort("order")
+                                                                  "first_epoch": int(first_epoch),
+                                                                  "epochs_per_pass": int(epochs_per_pass)}})
+    ds = ds.sort(["epoch", "order"])
     # a training input: rank 0's Progress line is the progress; Ray Data's bars would interleave with it
     ds.context.enable_progress_bars = False
     return ds
