@@ -2,6 +2,7 @@
 
     key = export_prefix("tokenizer-tiny-2026-11-28-1a2b3c4d")        # runs/<run>/export
     tok, cfg = load_tokenizer(storage, "tokenizer-tiny-...")           # or "s3://bucket/runs/.../export"
+    ar, cfg, uri = load_ar(storage, "ar-tiny-...")
 """
 
 from __future__ import annotations
@@ -43,17 +44,33 @@ def download_export(storage, key: str, directory) -> Path:
     return out
 
 
+def load_export(storage, ref: str, kind: str, build, device="cpu"):
+    """(module in eval mode, export config, export URI): download the export of a run name or URI,
+    refuse one of another kind, build(config) the module and load the weights with shape checks."""
+    key, _ = resolve_export(storage, ref)
+    with tempfile.TemporaryDirectory(prefix=f"df-{kind}-") as d:
+        download_export(storage, key, d)
+        config = read_config(d)
+        if config.get("kind") != kind:
+            raise ValueError(f"{storage.uri(key)} holds a {config.get('kind')!r} export, not a {kind} export")
+        model = build(config)
+        load_state_checked(model, d)
+    return model.to(device).eval(), config, storage.uri(key)
+
+
 def load_tokenizer(storage, ref: str, device="cpu"):
     """(DetailFlowTokenizer in eval mode, export config) from a tokenizer run name or URI."""
     from detailflow.models.configs import TokenizerConfig
     from detailflow.models.tokenizer import DetailFlowTokenizer
 
-    key, _ = resolve_export(storage, ref)
-    with tempfile.TemporaryDirectory(prefix="df-tok-") as d:
-        download_export(storage, key, d)
-        config = read_config(d)
-        if config.get("kind") != "tokenizer":
-            raise ValueError(f"{storage.uri(key)} holds a {config.get('kind')!r} export, not a tokenizer")
-        model = DetailFlowTokenizer(TokenizerConfig(**config["tokenizer"]))
-        load_state_checked(model, d)
-    return model.to(device).eval(), config
+    model, config, _ = load_export(storage, ref, "tokenizer",
+                                   lambda c: DetailFlowTokenizer(TokenizerConfig(**c["tokenizer"])), device)
+    return model, config
+
+
+def load_ar(storage, ref: str, device="cpu"):
+    """(DetailFlowGPT in eval mode, export config, export URI) from an AR run name or s3:// URI."""
+    from detailflow.models.ar import DetailFlowGPT
+    from detailflow.models.configs import ARConfig
+
+    return load_export(storage, ref, "ar", lambda c: DetailFlowGPT(ARConfig(**c["ar"])), device)

@@ -114,8 +114,9 @@ def tokenizer_rmap(storage, tok_uri: str):
 
 def evaluate_generator(cfg: GeneratorEvalConfig, settings, log=print) -> dict:
     """Run the evaluation (see the module docstring); returns the results dict."""
-    from detailflow.pipelines.evaluate.sampling import SamplerPool, load_ar
+    from detailflow.pipelines.evaluate.sampling import SamplerPool
     from detailflow.pipelines.evaluate.tracking import EvalRun
+    from detailflow.pipelines.exports import load_ar
     from detailflow.platform.storage import Storage
 
     if not cfg.ar:

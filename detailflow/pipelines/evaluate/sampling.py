@@ -8,7 +8,6 @@ API:
         chunk.images (uint8 B x R x R x 3), chunk.features (B x 2048), chunk.probs (B x C or None)
     feats = list(pool.map(image_batches))                       # reference images through the same actors
     pool.close()
-    model, config, uri = load_ar(storage, "ar-tiny-...")        # an AR export (safetensors + config.json)
 
 Determinism: chunk j draws its randomness from torch.Generator(CPU) seeded with a hash of (seed, j) and
 is computed by ONE actor with a fixed thread count (int(cpus_per_actor)), so the result depends on
@@ -23,7 +22,6 @@ would otherwise leave under READER_CPUS free for the reader tasks that stream th
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -44,24 +42,6 @@ def chunk_seed(seed: int, chunk: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(chunk), 0xE7A1]).generate_state(1, np.uint64)[0] >> 1)
 
 
-def load_ar(storage, ref: str, device="cpu"):
-    """(DetailFlowGPT in eval mode, export config, export URI) from an AR run name or s3:// URI."""
-    from detailflow.models.ar import DetailFlowGPT
-    from detailflow.models.configs import ARConfig
-    from detailflow.models.export import load_state_checked, read_config
-    from detailflow.pipelines.exports import download_export, resolve_export
-
-    key, _ = resolve_export(storage, ref)
-    with tempfile.TemporaryDirectory(prefix="df-ar-") as d:
-        download_export(storage, key, d)
-        config = read_config(d)
-        if config.get("kind") != "ar":
-            raise ValueError(f"{storage.uri(key)} holds a {config.get('kind')!r} export, not an AR model")
-        model = DetailFlowGPT(ARConfig(**config["ar"]))
-        load_state_checked(model, d)
-    return model.to(device).eval(), config, storage.uri(key)
-
-
 @dataclass
 class Chunk:
     index: int  # chunk number j (samples j*chunk_size ...)
@@ -77,7 +57,7 @@ class SamplingWorker:
     def __init__(self, settings, ar_uri: str, tok_uri: str, inception_cfg, classifier: tuple[str, str] | None,
                  device: str, threads: int):
         from detailflow.pipelines.evaluate import inception as inc
-        from detailflow.pipelines.exports import load_tokenizer
+        from detailflow.pipelines.exports import load_ar, load_tokenizer
         from detailflow.platform.storage import Storage
 
         torch.set_num_threads(max(1, threads))
