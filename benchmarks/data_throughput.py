@@ -135,7 +135,10 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=3000,
                     help="images to synthesise and stream (3000: ~10 s epochs, start-up and tail < 15%%)")
     ap.add_argument("--src-size", type=int, default=320, help="source JPEG side (ADM resizes to [256, 320])")
-    ap.add_argument("--task-cpus", type=float, default=1.0, help="Ray Data CPUs per task (1 = 1 per core)")
+    ap.add_argument("--task-cpus", type=float, default=1.0,
+                    help="CPUs per task of the one-pass Ray Dataset (1 = 1 per core)")
+    ap.add_argument("--stream-tasks", type=int, default=0,
+                    help="window tasks at once in the training stream (0: one per core)")
     ap.add_argument("--window-groups", type=int, default=16, help="row groups per window (= per Ray task)")
     ap.add_argument("--node-cores", type=int, default=96, help="cores of the GPU node to extrapolate to")
     ap.add_argument("--node-gpus", type=int, default=8, help="GPUs of that node")
@@ -200,6 +203,7 @@ def main() -> None:
 
         rmap = ResolutionMap.from_config(get_model_config("detailflow-16").tokenizer)
         cfg = ReaderConfig(image_size=256, micro_batch=32, degrade_prob=0.2, seed=0, num_cpus=args.task_cpus,
+                           prefetch_windows=args.stream_tasks or cores,
                            window_groups=args.window_groups)
         expect = (n_images // cfg.micro_batch) * cfg.micro_batch
 

@@ -261,3 +261,34 @@ def test_training_stream_equals_the_one_pass_dataset(shapes, storage, rmap, pref
     for a, b in zip(stream, one_pass, strict=True):
         assert (a.position, a.keys, a.t) == (b.position, b.keys, b.t)
         assert torch.equal(a.images, b.images) and torch.equal(a.targets, b.targets)
+
+
+def test_rank_streams_in_lockstep_need_no_free_cpu(shapes, storage, rmap):
+    """Ranks meet at every all-reduce, so a reader that must wait for a free CPU can deadlock them (the
+    read-ahead of one rank, paused by backpressure, holding the CPU the other rank's reader needs).
+    With every CPU of the cluster reserved, two rank streams consumed in lockstep still advance."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from detailflow.pipelines.data.reader import DegradedStream
+
+    pg = placement_group([{"CPU": ray.available_resources()["CPU"]}])  # trainers + others hold them all
+    ray.get(pg.ready(), timeout=60)
+    cfg = ReaderConfig(image_size=32, micro_batch=4, seed=1, num_epochs=None, window_groups=1,
+                       prefetch_windows=2, prefetch_batches=1)
+    steps = []
+
+    def lockstep():
+        ranks = [iter(DegradedStream(storage, "rshapes", "train", cfg, rmap, rank=r, world=2))
+                 for r in (0, 1)]
+        for _ in range(12):
+            steps.append([next(it).position for it in ranks])
+
+    worker = threading.Thread(target=lockstep, daemon=True)
+    try:
+        worker.start()
+        worker.join(timeout=120)
+        assert not worker.is_alive(), f"the streams stalled after {len(steps)} steps"
+        assert len(steps) == 12
+    finally:
+        remove_placement_group(pg)

@@ -58,7 +58,7 @@ class TokenizerStageConfig(DistributedStageConfig):
     eval_images: int = 6  # rows in the reconstruction PNG
     experiment: str = "detailflow-tokenizer"  # MLflow experiment
     window_groups: int = 16  # reader: row groups mixed into each micro-batch (one Ray task each)
-    reader_cpus: float = 0.5  # reader: CPUs per Ray Data task (fractional: trainers never starve it)
+    reader_tasks: int = 2  # reader: window tasks per rank at once (decode processes; reserve no Ray CPU)
     consumed_log: str = ""  # test hook: each rank appends "step epoch unit batch" per step to <path>.rank<r>
     progress_every_s: float = 10.0  # seconds between rank 0's console progress lines
 
@@ -126,7 +126,7 @@ def _stream(cfg: TokenizerStageConfig, ctx, rmap, state: dict):
 
     reader = ReaderConfig(image_size=rmap.image_size, micro_batch=cfg.micro_batch,
                           degrade_prob=tokenizer_config(cfg).degrade_prob, seed=cfg.seed, train=True,
-                          num_epochs=None, window_groups=cfg.window_groups, num_cpus=cfg.reader_cpus,
+                          num_epochs=None, window_groups=cfg.window_groups, prefetch_windows=cfg.reader_tasks,
                           shared_t=ctx.world > 1)
     pos = ctx.data_position(state)
     start = None

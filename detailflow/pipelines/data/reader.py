@@ -66,7 +66,8 @@ class ReaderConfig:
     max_scale: float = 1.25  # ADM short side uniform in [R, max_scale * R]
     flip: bool = True  # horizontal flip with p = 0.5 in train mode
     shuffle_files: bool = True  # train: shard order shuffled per epoch (seeded)
-    num_cpus: float = 0.5  # CPUs per Ray Data task: fractional so trainers never starve it (pitfall 3)
+    num_cpus: float = 0.5  # CPUs per task of the one-pass Dataset (build_degraded_dataset); fractional so
+    # trainers never starve it (pitfall 3). DegradedStream's tasks reserve none: see its __iter__
     jpeg_draft: bool = True  # let libjpeg scale down large JPEGs during decode (DCT scaling)
     window_groups: int = 16  # row groups per window = per Ray task; a micro-batch mixes all of them
     shared_t: bool = False  # draw t from (seed, step): every rank trains the same t (needed when world > 1)
@@ -405,11 +406,17 @@ class DegradedStream:
 
     def __iter__(self) -> Iterator[MicroBatch]:
         """The rank's micro-batches in plan order, read by Ray tasks (task_stream: no Ray Data executor
-        in the training worker); memory: prefetch_windows x prefetch_batches micro-batches."""
+        in the training worker); memory: prefetch_windows x prefetch_batches micro-batches.
+
+        The tasks reserve no CPU (like DataLoader worker processes; the stream bounds its own
+        concurrency to prefetch_windows per rank): the ranks meet at every collective, so a reserved
+        reader CPU is a cross-rank deadlock. Rank 0's read-ahead tasks, paused by backpressure, held
+        the demo's only free CPU while rank 1's first window waited for it, and rank 0 waited for
+        rank 1 at the first all-reduce (seen: the demo's tokenizer stopped at step 0)."""
         from detailflow.pipelines.data.task_stream import ordered_task_stream
 
         cfg = self.cfg
-        for out in ordered_task_stream(_window_rows, self.task_args(), num_cpus=cfg.num_cpus,
+        for out in ordered_task_stream(_window_rows, self.task_args(), num_cpus=0,
                                        in_flight=cfg.prefetch_windows, buffered=cfg.prefetch_batches):
             for i in range(len(out["t"])):
                 yield row_to_microbatch({k: v[i:i + 1] for k, v in out.items()})
