@@ -10,7 +10,7 @@
 # (gFID) -> deploy (Ray Serve). Running it again skips every finished stage (content hashes);
 # after a failure it continues from the failed stage.
 # Environment: DETAILFLOW (the CLI), DEMO_OUT (outputs, default out/demo), DEMO_PIPELINE (the pipeline
-# file), DEMO_CLASS (class of the sample grid), and every DETAILFLOW_*/AWS_*/MLFLOW_* setting (README).
+# file), DEMO_CLASS (class of the coarse-to-fine strip), and every DETAILFLOW_*/AWS_*/MLFLOW_* setting (README).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,8 +35,11 @@ stage() {
 
 stage services "$DF" services up
 stage pipeline "$DF" pipeline run "$PIPELINE"
-stage sample-grid "$DF" generate --class "$CLASS" --class $(((CLASS + 1) % 10)) --num 8 --seed 0 \
-  --out "$OUT/samples.png" --strip "$OUT/coarse-to-fine.png"
+# every class, one row of 8 samples each (rows in class order: 00_disc_warm ... 09_ring_cool)
+stage sample-grid "$DF" generate $(for c in 0 1 2 3 4 5 6 7 8 9; do printf -- '--class %d ' "$c"; done) \
+  --num 8 --seed 0 --out "$OUT/samples.png"
+stage coarse-to-fine "$DF" generate --class "$CLASS" --num 1 --seed 0 --out "$OUT/one.png" \
+  --strip "$OUT/coarse-to-fine.png"
 stage status "$DF" pipeline status "$PIPELINE"
 
 printf '\n==== where to look (demo took %ss)\n' $((SECONDS - T0))
