@@ -75,6 +75,23 @@ def test_serve_up_status_generate_down(services, storage, tmp_path):
                   timeout=120)
         assert gen.returncode == 0, gen.stdout + gen.stderr
         assert out.stat().st_size > 100 and f"v{version}" in gen.stdout
+
+        # more images than one request may hold: the CLI splits them, request j with seed + j; the grid
+        # equals the one built from the same two requests made directly
+        import numpy as np
+
+        from detailflow.platform.serving.client import Client, decode_images
+        from detailflow.platform.serving.images import grid_png
+
+        limit = Client(url, key).models()["data"][0]["max_images_per_request"]
+        big = tmp_path / "big.png"
+        gen = run(["generate", "--class", "0", "--class", "1", "--num", str(limit // 2 + 1), "--out",
+                   str(big), "--seed", "7", "--columns", "6"], env, timeout=240)
+        assert gen.returncode == 0 and "in 2 request(s)" in gen.stdout, gen.stdout + gen.stderr
+        ids = [0] * (limit // 2 + 1) + [1] * (limit // 2 + 1)
+        direct = [Client(url, key).generate(ids[:limit], 1, seed=7),
+                  Client(url, key).generate(ids[limit:], 1, seed=8)]
+        assert big.read_bytes() == grid_png(np.concatenate([decode_images(r) for r in direct]), 6)
     finally:
         down = run(["serve", "down"], env, timeout=120)
     assert down.returncode == 0 and "ray head stopped" in down.stdout, down.stdout + down.stderr

@@ -169,7 +169,10 @@ def _strip_png(previews: list, size: int) -> bytes:
 @click.option("--version", "version", default=None, help="--local: version (default: the champion).")
 def generate(class_ids, num_images, out, strip, cfg_scale, seed, tokens, temperature, top_k, top_p, columns,
              url, api_key, local, model, version):
-    """Generate a grid of images from the endpoint (or locally with --local)."""
+    """Generate a grid of images from the endpoint (or locally with --local).
+
+    More images than the endpoint takes in one request (GET /v1/models: max_images_per_request) are
+    asked for in consecutive requests, request j with seed + j."""
     from tqdm import tqdm
 
     from detailflow.platform.serving.images import grid_png
@@ -199,31 +202,44 @@ def generate(class_ids, num_images, out, strip, cfg_scale, seed, tokens, tempera
 
     default_url, default_key = _endpoint_defaults(settings)
     client = Client(url or default_url, api_key or default_key)
-    previews = []
+    try:
+        limit = int((client.models().get("data") or [{}])[0].get("max_images_per_request") or len(ids))
+    except ApiError as exc:
+        raise click.ClickException(str(exc)) from exc
+    # more images than one request may hold: consecutive requests of <= limit, request j with seed + j
+    # (so each part is reproducible on its own); previews (the strip) come from the first request
+    parts = [ids[i:i + limit] for i in range(0, len(ids), limit)]
+    previews, results = [], []
     bar = tqdm(total=None, desc="generate", unit="pass")
 
     def on_event(name, data):
         if name == "preview":
-            bar.total = data["steps"]
+            bar.total = data["steps"] * len(parts)
             bar.update()
-            bar.set_postfix_str(f"t={data['t']} {data['canvas']}px")
-            previews.append((data["grid"], data["canvas"], len(ids) > 1))
-        elif name == "done":
-            bar.update(max(0, (bar.total or 0) - bar.n))
+            bar.set_postfix_str(f"request {len(results) + 1}/{len(parts)} t={data['t']} {data['canvas']}px")
+            if not results:
+                previews.append((data["grid"], data["canvas"], len(parts[0]) > 1))
+        elif name == "done" and bar.total:  # the last pass (the final image) sends no preview
+            bar.update(max(0, bar.total // len(parts) * (len(results) + 1) - bar.n))
 
     try:
-        result = client.stream(ids, 1, on_event=on_event, cfg_scale=cfg_scale, seed=seed, tokens=tokens,
-                               temperature=temperature, top_k=top_k, top_p=top_p)
+        for j, part in enumerate(parts):
+            results.append(client.stream(part, 1, on_event=on_event, cfg_scale=cfg_scale, seed=seed + j,
+                                         tokens=tokens, temperature=temperature, top_k=top_k, top_p=top_p))
     except ApiError as exc:
         raise click.ClickException(str(exc)) from exc
     finally:
         bar.close()
+    import numpy as np
+
     from detailflow.platform.serving.client import decode_images
 
-    Path(out).write_bytes(grid_png(decode_images(result), columns))
-    msg = (f"wrote {out} ({len(ids)} images, {result['model']} v{result['model_version']}, "
-           f"seed {result['seed']})")
+    Path(out).write_bytes(grid_png(np.concatenate([decode_images(r) for r in results]), columns))
+    first = results[0]
+    seeds = f"{seed}..{seed + len(parts) - 1}" if len(parts) > 1 else f"{first['seed']}"
+    msg = (f"wrote {out} ({len(ids)} images in {len(parts)} request(s), {first['model']} "
+           f"v{first['model_version']}, seed {seeds})")
     if strip and previews:
-        Path(strip).write_bytes(_strip_png(previews, result["canvas"]))
+        Path(strip).write_bytes(_strip_png(previews, first["canvas"]))
         msg += f"; strip {strip} ({len(previews)} passes)"
     click.echo(msg)
