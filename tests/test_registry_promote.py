@@ -142,6 +142,35 @@ def test_concurrent_promotions_end_consistent(services, models):
 
 
 @integration
+def test_setting_one_new_alias_from_many_threads_at_once(services, models):
+    """MLflow's SQL store has no upsert for aliases: simultaneous first sets of one alias collide on
+    its unique key (a concurrent promotion failed with sqlite3.IntegrityError); set_alias absorbs it."""
+    from detailflow.platform.registry import Registry
+
+    name = f"a{uuid.uuid4().hex[:8]}"
+    reg, model = Registry(services.mlflow_tracking_uri), f"{name}-generator"
+    versions = [_register(services, name, models, lb) for lb in ("worst", "mid")]
+    for round_ in range(3):  # a fresh alias each round: only the first set of an alias inserts
+        alias = f"race{round_}"
+        barrier, errors = threading.Barrier(6, timeout=60), []
+
+        def worker(i, alias=alias, barrier=barrier, errors=errors):
+            try:
+                barrier.wait()
+                reg.set_alias(model, alias, versions[i % 2])
+            except Exception as exc:  # surfaced below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not errors, errors
+        assert reg.alias(model, alias) in versions
+
+
+@integration
 def test_lock_is_mutually_exclusive_and_breaks_stale_locks(services):
     from detailflow.platform.registry import LOCK_SUFFIX, Registry, RegistryError
 

@@ -218,8 +218,21 @@ class Registry:
     def champion(self, model: str) -> str | None:
         return self.alias(model, CHAMPION)
 
-    def set_alias(self, model: str, alias: str, version: str) -> None:
-        self.client.set_registered_model_alias(model, alias, str(version))
+    def set_alias(self, model: str, alias: str, version: str, attempts: int = 6) -> None:
+        """Point `alias` at `version`. MLflow's SQL store inserts a new alias row without an upsert,
+        so two callers setting the same new alias at once collide on its unique key (seen: two
+        promotions tagging `challenger`); the loser retries and then finds the row to update."""
+        from mlflow.exceptions import MlflowException
+
+        for attempt in range(attempts):
+            try:
+                self.client.set_registered_model_alias(model, alias, str(version))
+                return
+            except MlflowException as exc:
+                text = str(exc).lower()
+                if attempt == attempts - 1 or not ("unique constraint" in text or "integrityerror" in text):
+                    raise
+                time.sleep(0.05 * (attempt + 1))
 
     def delete_alias_if(self, model: str, alias: str, version: str) -> None:
         """Remove `alias` only while it still points at `version` (call under the lock)."""
