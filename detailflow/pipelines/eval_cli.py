@@ -18,11 +18,7 @@ import json
 
 import click
 
-
-def _settings():
-    from detailflow.platform.cli_settings import get_settings
-
-    return get_settings(click.get_current_context())
+from detailflow.platform.cli_settings import get_settings
 
 
 def _load(cls, config_file, overrides, options: dict):
@@ -37,7 +33,7 @@ def _load(cls, config_file, overrides, options: dict):
 
 def _run(fn, cfg):
     try:
-        res = fn(cfg, _settings())
+        res = fn(cfg, get_settings())
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
     click.echo(json.dumps(res, default=str))
@@ -102,7 +98,7 @@ def show(run_id):
 
     from detailflow.pipelines.evaluate.tracking import read_complete
 
-    res = read_complete(MlflowClient(_settings().mlflow_tracking_uri), run_id)
+    res = read_complete(MlflowClient(get_settings().mlflow_tracking_uri), run_id)
     if res is None:
         raise click.ClickException(f"run {run_id} is not a complete evaluation (running, failed or killed)")
     click.echo(json.dumps(res, indent=2))

@@ -17,17 +17,13 @@ import json
 
 import click
 
-
-def _settings():
-    from detailflow.platform.cli_settings import get_settings
-
-    return get_settings(click.get_current_context())
+from detailflow.platform.cli_settings import get_settings
 
 
 def _registry():
     from detailflow.platform.registry import Registry
 
-    return Registry(_settings().mlflow_tracking_uri)
+    return Registry(get_settings().mlflow_tracking_uri)
 
 
 def _model_name(reg, name: str) -> str:
@@ -124,7 +120,7 @@ def register_cmd(name, ar, tokenizer):
     from detailflow.pipelines.register import register
 
     try:
-        out = register(_settings(), name, ar, tokenizer)
+        out = register(get_settings(), name, ar, tokenizer)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
     state = "registered" if out["created"] else "already registered"
@@ -146,9 +142,9 @@ def promote_cmd(config_file, overrides):
         cfg = load_stage_config(PromoteConfig, config_file, list(overrides))
     except (ValueError, TypeError) as exc:
         raise click.UsageError(str(exc)) from exc
-    decision = promote(cfg, _settings())
+    decision = promote(cfg, get_settings())
     click.echo(json.dumps(decision, indent=2, default=str))
-    settings = _settings()
+    settings = get_settings()
     click.echo(f"MLflow UI: {settings.mlflow_tracking_uri}/#/models/{cfg.name}-generator")
     raise SystemExit(exit_code(decision))
 

@@ -22,26 +22,8 @@ import json
 
 import click
 
-
-def _settings():
-    from detailflow.platform.cli_settings import get_settings
-
-    return get_settings(click.get_current_context())
-
-
-def _ensure_ray(settings) -> None:
-    import ray
-
-    from detailflow.platform.raytrain import ray_runtime_env
-
-    if ray.is_initialized():
-        return
-    # log_to_driver (Ray's default) is what brings rank 0's progress lines to this console
-    if settings.ray_address == "local":
-        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
-                 runtime_env=ray_runtime_env())
-    else:
-        ray.init(address=settings.ray_address, runtime_env=ray_runtime_env())
+from detailflow.platform.cli_settings import get_settings
+from detailflow.platform.raytrain import ensure_ray
 
 
 def _load(kind: str, config_file, overrides):
@@ -69,8 +51,8 @@ def _stage_command(kind: str):
     @click.argument("overrides", nargs=-1)
     def command(config_file, overrides):
         cfg = _load(kind, config_file, overrides)
-        settings = _settings()
-        _ensure_ray(settings)
+        settings = get_settings()
+        ensure_ray(settings)
         if kind == "tokenizer":
             from detailflow.pipelines.train_tokenizer import run
         else:
@@ -129,7 +111,7 @@ def checkpoints_cmd(run_name, as_json):
 
     from detailflow.platform.tracking import ERROR_TAG, find_run_id, list_checkpoints, list_exports
 
-    settings = _settings()
+    settings = get_settings()
     client = MlflowClient(tracking_uri=settings.mlflow_tracking_uri)
     run_id = find_run_id(client, run_name)
     if run_id is None:
@@ -171,8 +153,8 @@ def extract_codes(tokenizer, dataset, split, views, batch_size, num_actors, use_
     from detailflow.pipelines.extract_codes import ExtractConfig
     from detailflow.pipelines.extract_codes import extract_codes as run
 
-    settings = _settings()
-    _ensure_ray(settings)
+    settings = get_settings()
+    ensure_ray(settings)
     info = run(ExtractConfig(tokenizer=tokenizer, dataset=dataset, split=split, views=views,
                              batch_size=batch_size, num_actors=num_actors, use_gpu=use_gpu, seed=seed,
                              force=force), settings)

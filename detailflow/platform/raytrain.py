@@ -80,6 +80,20 @@ def ray_runtime_env() -> dict:
     return {"worker_process_setup_hook": f"{__name__}.quiet_ray_logs"}
 
 
+def ensure_ray(settings) -> None:
+    """Start (settings.ray_address "local") or join Ray for a CLI driver, unless this process already
+    has; log_to_driver stays on (Ray's default): it brings rank 0's progress lines to the console."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if settings.ray_address in ("local", "", None):
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
+                 runtime_env=ray_runtime_env())
+    else:
+        ray.init(address=settings.ray_address, runtime_env=ray_runtime_env())
+
+
 def storage_path(settings) -> str:
     return f"{settings.s3_bucket}/runs"
 

@@ -14,11 +14,7 @@ import json
 
 import click
 
-
-def _settings():
-    from detailflow.platform.cli_settings import get_settings
-
-    return get_settings(click.get_current_context())
+from detailflow.platform.cli_settings import get_settings
 
 
 @click.group()
@@ -98,7 +94,7 @@ def ingest_cmd(src, name, split, shard_mb, labels, classes_from, seed, verify_ex
     cfg = IngestConfig(name=name, split=split, shard_mb=shard_mb, labels=labels,
                        classes_from=classes_from or None, shuffle_seed=seed, verify_existing=verify_existing,
                        use_ray=not local)
-    storage = Storage(_settings())
+    storage = Storage(get_settings())
     try:
         with tqdm(desc=f"ingest {name}/{split}", unit="img") as bar:
             manifest = ingest(storage, src, cfg, progress=bar.update)
@@ -119,7 +115,7 @@ def verify_cmd(name, split):
     from detailflow.pipelines.data.ingest import verify_dataset
     from detailflow.platform.storage import Storage
 
-    problems = verify_dataset(Storage(_settings()), name, split)
+    problems = verify_dataset(Storage(get_settings()), name, split)
     for p in problems:
         click.echo(p, err=True)
     if problems:
@@ -139,7 +135,7 @@ def show_cmd(name, split, out, per_class, as_json):
     from detailflow.pipelines.data.show import show
     from detailflow.platform.storage import Storage
 
-    storage = Storage(_settings())
+    storage = Storage(get_settings())
     if as_json:
         from detailflow.pipelines.data.ingest import dataset_prefix
 

@@ -17,15 +17,8 @@ import sys
 
 import click
 
-
-def _settings():
-    from detailflow.platform.settings import SettingsError, load_settings
-
-    root = click.get_current_context().find_root()
-    try:
-        return load_settings((root.obj or {}).get("config_file"))
-    except SettingsError as exc:
-        raise click.UsageError(str(exc)) from exc
+from detailflow.platform.cli_settings import get_settings
+from detailflow.platform.raytrain import ensure_ray
 
 
 def _load(path: str):
@@ -35,20 +28,6 @@ def _load(path: str):
         return load_pipeline(path)
     except PipelineError as exc:
         raise click.UsageError(str(exc)) from exc
-
-
-def _ensure_ray(settings) -> None:
-    import ray
-
-    from detailflow.platform.raytrain import ray_runtime_env
-
-    if ray.is_initialized():
-        return
-    if settings.ray_address in ("local", "", None):
-        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
-                 runtime_env=ray_runtime_env())
-    else:
-        ray.init(address=settings.ray_address, runtime_env=ray_runtime_env())
 
 
 @click.group()
@@ -77,8 +56,8 @@ def run(file, force):
     unknown = set(force) - {s.name for s in spec.stages}
     if unknown:
         raise click.UsageError(f"--force: no stage named {sorted(unknown)} in {file}")
-    settings = _settings()
-    _ensure_ray(settings)
+    settings = get_settings()
+    ensure_ray(settings)
     try:
         summary = run_pipeline(spec, settings, force=tuple(force), log=lambda m: click.echo(m, err=True))
     except StageFailed as exc:
@@ -99,7 +78,7 @@ def status(file_or_name, as_json):
 
     spec = _load(file_or_name) if Path(file_or_name).is_file() else None
     name = spec.name if spec else file_or_name
-    settings = _settings()
+    settings = get_settings()
     state = read_state(Storage(settings), name)
     rows = status_rows(state, spec, settings.mlflow_tracking_uri)
     if as_json:
