@@ -27,9 +27,9 @@ The last line is one JSON object with the figures.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -156,23 +156,18 @@ def main() -> None:
     from detailflow.pipelines.data import synth
     from detailflow.pipelines.data.ingest import IngestConfig, ingest
     from detailflow.pipelines.data.reader import DegradedStream, ReaderConfig
-    from detailflow.platform.services import LocalServices
-    from detailflow.platform.settings import load_settings
     from detailflow.platform.storage import Storage
-    from detailflow.platform.testing import pick_port_block
+    from detailflow.platform.testing import isolated_services
 
     torch.set_num_threads(1)
     cores = os.cpu_count() or 1
-    tmp = Path(tempfile.mkdtemp(prefix="df-bench-data-"))
-    base, mlflow_port = pick_port_block()
-    settings = load_settings(environ={"DETAILFLOW_STATE_DIR": str(tmp / "state"),
-                                      "DETAILFLOW_S3_PORT_BASE": str(base),
-                                      "DETAILFLOW_MLFLOW_PORT": str(mlflow_port)})
-    svc = LocalServices(settings)
-    try:
+    # undone last-in first-out: Ray, then the services, then their data (the temp dir)
+    with contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="df-bench-data-")))
         t0 = time.perf_counter()
-        svc.up()
+        settings = stack.enter_context(isolated_services(tmp / "state"))
         print(f"services up in {time.perf_counter() - t0:.1f}s ({settings.s3_endpoint_url})", flush=True)
+        stack.callback(lambda: ray.shutdown() if ray.is_initialized() else None)
         storage = Storage(settings)
 
         src = tmp / "src" / "train"
@@ -278,11 +273,6 @@ def main() -> None:
                           "ray_cold_images_per_s": round(cold["rate"], 1), "cores": cores, "images": n_images,
                           "per_gpu_images_per_s": round(per_gpu, 1), "node_cores": args.node_cores,
                           "node_gpus": args.node_gpus, "load_avg_1m": round(os.getloadavg()[0], 2)}))
-    finally:
-        if ray.is_initialized():
-            ray.shutdown()
-        svc.down()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
