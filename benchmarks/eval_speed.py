@@ -53,7 +53,7 @@ def log(msg: str) -> None:
 
 def publish(storage, run_name: str, module, config: dict) -> str:
     from detailflow.models.export import save_pretrained
-    from detailflow.pipelines.exports import export_prefix
+    from detailflow.pipelines.train.exports import export_prefix
 
     with tempfile.TemporaryDirectory() as d:
         save_pretrained(module, config, d)

@@ -6,7 +6,7 @@ Usage:
 
 Setup: its own SeaweedFS + MLflow (platform.testing.isolated_services) and Ray (4 logical CPUs); a
 random-init model of the named config (default tiny: N = 32, 11 passes) registered through
-pipelines.register and served by the real app (one Generator replica, torch_threads 1, max_batch_size
+pipelines.registry.register and served by the real app (one Generator replica, torch_threads 1, max_batch_size
 16, backend batch). Every request is one image, CFG 1.5, its own seed, format json (base64 PNG).
   1. in-process: sampling.BatchJob over 16 such requests back to back (what one @serve.batch call
      runs), on one torch thread: images/s;
@@ -53,7 +53,7 @@ def random_models(name: str, seed: int = 0):
 
 def register(settings, storage, name: str, model: str) -> str:
     from detailflow.models.export import save_pretrained
-    from detailflow.pipelines.register import register as register_pair
+    from detailflow.pipelines.registry.register import register as register_pair
     from detailflow.platform.serving.testing import promote_now
 
     mc, tok, ar = random_models(model)

@@ -57,7 +57,7 @@ from detailflow.models.export import load_state_checked, read_config, save_pretr
 from detailflow.models.extraction import extract_triplets
 from detailflow.models.sampler import sample
 from detailflow.models.tokenizer import DetailFlowTokenizer, to_model_range
-from detailflow.pipelines.visuals import grid_png
+from detailflow.pipelines.evaluate.visuals import grid_png
 from detailflow.platform.deepspeed_glue import ar_lr, set_lr, tokenizer_lr
 
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"

@@ -70,7 +70,7 @@ def _ar_ema_times(config: dict, rank: int) -> dict[str, list[float]]:
     from detailflow.models.ar import DetailFlowGPT
     from detailflow.models.configs import get_model_config
     from detailflow.models.ema import EMA, ShardedEMA
-    from detailflow.pipelines.loop_common import StepAdapter, zero3_external
+    from detailflow.pipelines.train.loop_common import StepAdapter, zero3_external
     from detailflow.platform import deepspeed_glue as dsg
 
     cfg = get_model_config(config["model"]).ar
@@ -111,7 +111,7 @@ def cpu_worker(config: dict) -> None:
 
     from detailflow.models.configs import get_model_config
     from detailflow.models.tokenizer import DetailFlowTokenizer
-    from detailflow.pipelines.loop_common import StepAdapter
+    from detailflow.pipelines.train.loop_common import StepAdapter
     from detailflow.platform import deepspeed_glue as dsg
 
     torch.set_num_threads(1)  # 2 workers on 2 cores: no intra-op oversubscription
@@ -200,7 +200,7 @@ def gpu_main(args) -> dict:
     from detailflow.models.ar import DetailFlowGPT
     from detailflow.models.configs import get_model_config
     from detailflow.models.tokenizer import DetailFlowTokenizer
-    from detailflow.pipelines.loop_common import StepAdapter
+    from detailflow.pipelines.train.loop_common import StepAdapter
     from detailflow.platform import deepspeed_glue as dsg
 
     if not torch.cuda.is_available():

@@ -29,10 +29,10 @@ from detailflow.platform.runtime import apply_runtime_env
 # name -> (module, attribute, one-line help). The module defines a click group/command.
 PLUGIN_GROUPS: dict[str, tuple[str, str, str]] = {
     "data": ("detailflow.pipelines.data.cli", "data", "Datasets: synthesise, import, ingest to S3, show."),
-    "train": ("detailflow.pipelines.train_cli", "train", "Train the tokenizer / AR model (Ray + DeepSpeed)."),
-    "extract-codes": ("detailflow.pipelines.train_cli", "extract_codes", "Extract AR code triplets."),
-    "eval": ("detailflow.pipelines.eval_cli", "eval", "Evaluate tokenizers and generators."),
-    "registry": ("detailflow.pipelines.registry_cli", "registry", "Registry: list, promote, rollback."),
+    "train": ("detailflow.pipelines.train.cli", "train", "Train the tokenizer / AR model (Ray + DeepSpeed)."),
+    "extract-codes": ("detailflow.pipelines.train.cli", "extract_codes", "Extract AR code triplets."),
+    "eval": ("detailflow.pipelines.evaluate.cli", "eval", "Evaluate tokenizers and generators."),
+    "registry": ("detailflow.pipelines.registry.cli", "registry", "Registry: list, promote, rollback."),
     "serve": ("detailflow.platform.serving.cli", "serve", "Ray Serve generation endpoint."),
     "generate": ("detailflow.platform.serving.cli", "generate",
                  "Sample images from the endpoint (or --local)."),

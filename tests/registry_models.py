@@ -130,7 +130,7 @@ def expected_rmse(models, label: str, spec: dict) -> float:
 
 
 class PixelEval:
-    """Evaluator for pipelines.promote: see the module docstring. fail_halfway raises after the
+    """Evaluator for pipelines.registry.promote: see the module docstring. fail_halfway raises after the
     first half is scored (the run ends FAILED, partial metric logged); leave_partial returns the id
     of a run that never completed. `calls` records (version, run_id) per call."""
 

@@ -3,7 +3,7 @@
     version = register_smoke(services, storage, name, seed=1, champion=True)
 
 The random-init smoke tokenizer + AR(seed) pair (platform.serving.testing.smoke_modules) is exported
-to S3 where the training stages write theirs and registered through pipelines.register, the
+to S3 where the training stages write theirs and registered through pipelines.registry.register, the
 registry's own path, so the Generator loads it exactly as it loads trained models.
 """
 
@@ -18,7 +18,7 @@ from detailflow.platform.serving.testing import promote_now, smoke_modules
 
 def register_smoke(settings, storage, name: str, seed: int, champion: bool = False) -> str:
     """Upload a smoke tokenizer + AR(seed) export pair, register `<name>-generator`; returns the version."""
-    from detailflow.pipelines.register import register
+    from detailflow.pipelines.registry.register import register
 
     mc, tok, ar = smoke_modules(seed)
     prefix = f"tests/serving/{name}"

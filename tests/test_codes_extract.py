@@ -21,7 +21,7 @@ from detailflow.models.tokenizer import DetailFlowTokenizer
 from detailflow.pipelines.data import codes
 from detailflow.pipelines.data.ingest import IngestConfig, ingest
 from detailflow.pipelines.data.reader import read_manifest_checked, read_units
-from detailflow.pipelines.extract_codes import ExtractConfig, decode_originals, extract_codes
+from detailflow.pipelines.train.extract_codes import ExtractConfig, decode_originals, extract_codes
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_torch_thread")]
 R, SIDE = 32, 35  # smoke tokenizer resolution and int(1.1 * R)
@@ -123,7 +123,7 @@ def _shard_rows(storage, manifest):
 
 
 def test_extraction_writes_tencrop_codes_of_the_original(storage, ray_session, originals, tokenizer_ref):
-    from detailflow.pipelines.exports import load_tokenizer
+    from detailflow.pipelines.train.exports import load_tokenizer
 
     cfg = ExtractConfig(tokenizer=tokenizer_ref, dataset="codes-orig", views="tencrop", batch_size=4,
                         shard_rows=25, version="v-tencrop")

@@ -42,7 +42,7 @@ def _split_images(per_class: int, split_id: int) -> tuple[torch.Tensor, torch.Te
 
 def _publish(storage, run_name: str, module, config: dict) -> str:
     from detailflow.models.export import save_pretrained
-    from detailflow.pipelines.exports import export_prefix
+    from detailflow.pipelines.train.exports import export_prefix
 
     with tempfile.TemporaryDirectory() as d:
         save_pretrained(module, config, d)
@@ -98,7 +98,7 @@ def models(services, storage, ray_session, tmp_path_factory):
     from detailflow.pipelines.data import codes as codes_mod
     from detailflow.pipelines.data import synth
     from detailflow.pipelines.data.ingest import IngestConfig, ingest
-    from detailflow.pipelines.exports import export_prefix
+    from detailflow.pipelines.train.exports import export_prefix
 
     root = tmp_path_factory.mktemp("eval-shapes")
     synth.write_folder(root, size=32, per_class=PER_CLASS, val_per_class=VAL_PER_CLASS, seed=0)

@@ -27,7 +27,7 @@ def models(services, storage):
 
 
 def _cfg(name: str, **kw):
-    from detailflow.pipelines.promote import PromoteConfig
+    from detailflow.pipelines.registry.promote import PromoteConfig
 
     base = dict(name=name, metric="pixel_rmse", higher_is_better=False, margin=0.0, eval_samples=20,
                 eval_seed=0, eval_cfg_scale=1.5, evaluator="registry_models:PixelEval")
@@ -35,7 +35,7 @@ def _cfg(name: str, **kw):
 
 
 def _register(services, name: str, models, label: str) -> str:
-    from detailflow.pipelines.register import register
+    from detailflow.pipelines.registry.register import register
 
     return register(services, name, models.ar_uris[label])["generator_version"]
 
@@ -45,7 +45,7 @@ def _name() -> str:
 
 
 def test_register_links_training_runs_and_is_idempotent(services, storage, models):
-    from detailflow.pipelines.register import register
+    from detailflow.pipelines.registry.register import register
     from detailflow.platform.registry import Registry
 
     name, reg = _name(), Registry(services.mlflow_tracking_uri)
@@ -73,7 +73,7 @@ def test_register_links_training_runs_and_is_idempotent(services, storage, model
 
 
 def test_gate_rejects_worse_and_accepts_better(services, models):
-    from detailflow.pipelines.promote import promote
+    from detailflow.pipelines.registry.promote import promote
     from detailflow.platform.registry import Registry
 
     name, reg = _name(), Registry(services.mlflow_tracking_uri)
@@ -118,7 +118,7 @@ def test_rollback_restores_previous_champion(services, models):
     from click.testing import CliRunner
 
     from detailflow.cli import main
-    from detailflow.pipelines.promote import promote
+    from detailflow.pipelines.registry.promote import promote
     from detailflow.platform.registry import Registry
 
     name, reg = _name(), Registry(services.mlflow_tracking_uri)
@@ -174,7 +174,7 @@ FRESH = textwrap.dedent("""
 
 
 def test_pyfunc_loads_by_alias_in_fresh_process(services, models, tmp_path):
-    from detailflow.pipelines.promote import promote
+    from detailflow.pipelines.registry.promote import promote
 
     name = _name()
     version = _register(services, name, models, "mid")

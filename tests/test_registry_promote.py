@@ -14,7 +14,7 @@ from registry_models import PixelEval, build_models, expected_rmse
 
 
 def test_gate_rule():
-    from detailflow.pipelines.promote import apply_gate
+    from detailflow.pipelines.registry.promote import apply_gate
 
     lower = {"metric": "fid", "higher_is_better": False, "margin": 0.5}
     assert apply_gate(lower, {"fid": 10.0}, None)["passed"]  # no champion yet
@@ -42,7 +42,7 @@ def models(services, storage):
 
 
 def _cfg(name: str, **kw):
-    from detailflow.pipelines.promote import PromoteConfig
+    from detailflow.pipelines.registry.promote import PromoteConfig
 
     base = dict(name=name, metric="pixel_rmse", higher_is_better=False, margin=0.0, eval_samples=20,
                 eval_seed=1, eval_cfg_scale=1.0, evaluator="registry_models:PixelEval")
@@ -50,7 +50,7 @@ def _cfg(name: str, **kw):
 
 
 def _register(services, name, models, label) -> str:
-    from detailflow.pipelines.register import register
+    from detailflow.pipelines.registry.register import register
 
     return register(services, name, models.ar_uris[label])["generator_version"]
 
@@ -58,7 +58,7 @@ def _register(services, name, models, label) -> str:
 @integration
 @pytest.mark.usefixtures("one_torch_thread")
 def test_failed_or_partial_evaluation_never_promotes(services, models):
-    from detailflow.pipelines.promote import EVAL_TAG, promote, spec_key
+    from detailflow.pipelines.registry.promote import EVAL_TAG, promote, spec_key
     from detailflow.platform.registry import Registry
 
     name = f"t{uuid.uuid4().hex[:8]}"
@@ -96,7 +96,7 @@ def test_failed_or_partial_evaluation_never_promotes(services, models):
 @integration
 @pytest.mark.usefixtures("one_torch_thread")
 def test_concurrent_promotions_end_consistent(services, models):
-    from detailflow.pipelines.promote import promote
+    from detailflow.pipelines.registry.promote import promote
     from detailflow.platform.registry import LOCK_SUFFIX, Registry
 
     name = f"t{uuid.uuid4().hex[:8]}"

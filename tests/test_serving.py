@@ -1,6 +1,6 @@
 """The serving app on real Serve (local Ray, 4 logical CPUs), real MLflow + SeaweedFS, real HTTP.
 
-One application per module ("dftest" at /): smoke models registered through pipelines.register,
+One application per module ("dftest" at /): smoke models registered through pipelines.registry.register,
 Generator autoscaling 1..2 with short delays, simulated 30 ms per forward pass so requests overlap.
 """
 

@@ -19,8 +19,13 @@ import torch
 from torch import nn
 
 from detailflow.models.ema import ShardedEMA
-from detailflow.pipelines.loop_common import StepAdapter, WorkerContext, resolved_config, stage_from_config
-from detailflow.pipelines.stage_config import run_name
+from detailflow.pipelines.train.loop_common import (
+    StepAdapter,
+    WorkerContext,
+    resolved_config,
+    stage_from_config,
+)
+from detailflow.pipelines.train.stage_config import run_name
 from detailflow.platform import checkpoints, raytrain
 from detailflow.platform import deepspeed_glue as dsg
 

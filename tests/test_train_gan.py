@@ -25,8 +25,8 @@ def _gan_cfg():
 def _engines(cfg):
     from detailflow.models.losses import Discriminator
     from detailflow.models.tokenizer import DetailFlowTokenizer
-    from detailflow.pipelines.loop_common import StepAdapter
-    from detailflow.pipelines.train_tokenizer import DiscriminatorStep
+    from detailflow.pipelines.train.loop_common import StepAdapter
+    from detailflow.pipelines.train.tokenizer import DiscriminatorStep
     from detailflow.platform import deepspeed_glue as dsg
 
     # no clipping: the discriminator update is then exactly -lr * its gradient (SGD)
@@ -46,7 +46,7 @@ def _disc_update_vs_own_loss(model, gen, disc, d_eng, cfg, img, *, freeze: bool)
     """One generator step then one D step through the ZeRO-2 engines; returns the largest difference
     between D's actual update and -lr * (gradient of D's own loss alone), computed on a plain copy."""
     from detailflow.models.losses import Discriminator, discriminator_step
-    from detailflow.pipelines.train_tokenizer import generator_step
+    from detailflow.pipelines.train.tokenizer import generator_step
 
     if freeze:
         generator_step(gen, disc, img, img, cfg.num_tokens, 0)
@@ -97,8 +97,8 @@ DATASET = "gan-shapes"
 def gan_run(services, storage, ray_session, tmp_path_factory):
     from detailflow.pipelines.data import synth
     from detailflow.pipelines.data.ingest import IngestConfig, ingest
-    from detailflow.pipelines.stage_config import load_stage_config
-    from detailflow.pipelines.train_tokenizer import TokenizerStageConfig, run
+    from detailflow.pipelines.train.stage_config import load_stage_config
+    from detailflow.pipelines.train.tokenizer import TokenizerStageConfig, run
 
     root = tmp_path_factory.mktemp("gan-shapes")
     synth.write_folder(root, size=32, per_class=8, val_per_class=1, seed=1)  # 80 train images
@@ -136,7 +136,7 @@ def test_tokenizer_export_is_logged_on_the_run_as_a_model(services, storage, gan
     import numpy as np
     from mlflow.tracking import MlflowClient
 
-    from detailflow.pipelines.exports import load_tokenizer
+    from detailflow.pipelines.train.exports import load_tokenizer
     from detailflow.platform.tracking import find_run_id, list_exports
 
     cfg, info = gan_run

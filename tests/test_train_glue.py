@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from detailflow.pipelines.stage_config import config_hash, load_stage_config, run_name
+from detailflow.pipelines.train.stage_config import config_hash, load_stage_config, run_name
 from detailflow.platform import deepspeed_glue as dsg
 from detailflow.platform.tracking import flatten
 
@@ -159,8 +159,8 @@ def _fake_weight_overrides(tmp_path) -> list[str]:
                                   "configs/ar-tiny.yaml", "configs/ar-smoke.yaml",
                                   *[f"configs/ar-detailflow-{n}.yaml" for n in (16, 32, 64)]])
 def test_stage_config_files_load(path, tmp_path):
-    from detailflow.pipelines.train_ar import ARStageConfig, ar_config
-    from detailflow.pipelines.train_tokenizer import TokenizerStageConfig, tokenizer_config
+    from detailflow.pipelines.train.ar import ARStageConfig, ar_config
+    from detailflow.pipelines.train.tokenizer import TokenizerStageConfig, tokenizer_config
 
     if "tokenizer" in path:
         paper = "detailflow" in path
@@ -182,7 +182,7 @@ def test_stage_config_files_load(path, tmp_path):
 @pytest.mark.parametrize("n", [16, 32, 64])
 def test_paper_tokenizer_recipes_name_the_weights_they_need(n, tmp_path):
     from detailflow.models.configs import WEIGHT_FILES
-    from detailflow.pipelines.train_tokenizer import TokenizerStageConfig
+    from detailflow.pipelines.train.tokenizer import TokenizerStageConfig
 
     path = f"configs/tokenizer-detailflow-{n}.yaml"
     with pytest.raises(ValueError) as err:

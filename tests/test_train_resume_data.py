@@ -10,8 +10,8 @@ import os
 import pytest
 
 from detailflow.pipelines.data.plan import Position
-from detailflow.pipelines.stage_config import load_stage_config
-from detailflow.pipelines.train_tokenizer import TokenizerStageConfig
+from detailflow.pipelines.train.stage_config import load_stage_config
+from detailflow.pipelines.train.tokenizer import TokenizerStageConfig
 
 pytestmark = pytest.mark.integration
 
@@ -42,7 +42,7 @@ def _read_log(path: str) -> list[tuple[int, Position]]:
 
 def test_killed_worker_resumes_at_the_next_microbatch(services, storage, ray_session, dataset, tmp_path):
     from detailflow.pipelines.data.reader import ReaderConfig, epoch_plan
-    from detailflow.pipelines.train_tokenizer import run
+    from detailflow.pipelines.train.tokenizer import run
 
     log = str(tmp_path / "consumed")
     cfg = load_stage_config(TokenizerStageConfig, "configs/tokenizer-smoke.yaml", [

@@ -25,7 +25,7 @@ WORKER = textwrap.dedent("""
     from detailflow.models.configs import get_model_config
     from detailflow.models.degrade import degrade_to_prefix
     from detailflow.models.tokenizer import DetailFlowTokenizer
-    from detailflow.pipelines.loop_common import StepAdapter
+    from detailflow.pipelines.train.loop_common import StepAdapter
     from detailflow.platform import deepspeed_glue as dsg
     torch.manual_seed(0)
     model = DetailFlowTokenizer(get_model_config("smoke").tokenizer)

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from detailflow.pipelines.stage_config import load_stage_config
-from detailflow.pipelines.train_tokenizer import TokenizerStageConfig
+from detailflow.pipelines.train.stage_config import load_stage_config
+from detailflow.pipelines.train.tokenizer import TokenizerStageConfig
 from detailflow.platform import checkpoints
 
 pytestmark = pytest.mark.integration
@@ -33,7 +33,7 @@ def dataset(storage, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tokenizer_run(services, storage, ray_session, dataset):
-    from detailflow.pipelines.train_tokenizer import run
+    from detailflow.pipelines.train.tokenizer import run
 
     cfg = load_stage_config(TokenizerStageConfig, "configs/tokenizer-smoke.yaml",
                             [f"dataset={dataset}", "name=stage-test"])
@@ -65,7 +65,7 @@ def test_tokenizer_two_workers_zero2_streams_from_s3(services, storage, tokenize
 
 
 def test_tokenizer_export_equals_consolidated_checkpoint(services, storage, tokenizer_run):
-    from detailflow.pipelines.exports import load_tokenizer
+    from detailflow.pipelines.train.exports import load_tokenizer
 
     cfg, info = tokenizer_run
     tok, config = load_tokenizer(storage, info["run_name"])
@@ -81,7 +81,7 @@ def test_tokenizer_export_equals_consolidated_checkpoint(services, storage, toke
 
 @pytest.fixture(scope="module")
 def codes_version(services, storage, ray_session, dataset, tokenizer_run):
-    from detailflow.pipelines.extract_codes import ExtractConfig, extract_codes
+    from detailflow.pipelines.train.extract_codes import ExtractConfig, extract_codes
 
     _, info = tokenizer_run
     return extract_codes(ExtractConfig(tokenizer=info["run_name"], dataset=dataset, views="tiny",
@@ -96,7 +96,7 @@ def test_extraction_clean_codes_equal_direct_tokenizer_call(storage, dataset, to
     from detailflow.models.extraction import make_views
     from detailflow.pipelines.data.codes import codes_prefix
     from detailflow.pipelines.data.reader import read_manifest_checked
-    from detailflow.pipelines.exports import load_tokenizer
+    from detailflow.pipelines.train.exports import load_tokenizer
 
     manifest = storage.read_manifest(codes_prefix(codes_version["version"], "train"))
     assert manifest["num_rows"] == 80 * 4  # 4 "tiny" views per image
@@ -120,7 +120,7 @@ def test_extraction_clean_codes_equal_direct_tokenizer_call(storage, dataset, to
 def test_ar_training_zero3_on_codes_with_self_correction(services, storage, tokenizer_run, codes_version):
     from mlflow.tracking import MlflowClient
 
-    from detailflow.pipelines.train_ar import ARStageConfig, run
+    from detailflow.pipelines.train.ar import ARStageConfig, run
     from detailflow.platform.tracking import RUN_NAME_TAG
 
     cfg = load_stage_config(ARStageConfig, "configs/ar-smoke.yaml",

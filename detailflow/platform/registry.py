@@ -1,6 +1,6 @@
 """MLflow model-registry adapter: the generator pyfunc, versions, aliases, tags, the promotion lock,
 the champion history and rollback. Policy (what gets evaluated, the gate) lives in
-pipelines/promote.py; this module only talks to MLflow.
+pipelines/registry/promote.py; this module only talks to MLflow.
 
     reg = Registry(settings.mlflow_tracking_uri)
     model_id = log_generator(tok_dir, ar_dir, run_id=run_id, tags={...})     # pyfunc on a run

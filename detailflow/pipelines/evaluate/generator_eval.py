@@ -93,7 +93,7 @@ class GeneratorEvalConfig:
 
 
 def resolve_tokenizer(storage, cfg: GeneratorEvalConfig, ar_config: dict) -> str:
-    from detailflow.pipelines.exports import resolve_export
+    from detailflow.pipelines.train.exports import resolve_export
 
     ref = cfg.tokenizer or ar_config.get("tokenizer") or ""
     if not ref:
@@ -106,7 +106,7 @@ def tokenizer_rmap(storage, tok_uri: str):
     from detailflow.models.configs import TokenizerConfig
     from detailflow.models.export import CONFIG_NAME
     from detailflow.models.resolution import ResolutionMap
-    from detailflow.pipelines.exports import resolve_export
+    from detailflow.pipelines.train.exports import resolve_export
 
     key, _ = resolve_export(storage, tok_uri)
     return ResolutionMap.from_config(TokenizerConfig(**storage.get_json(f"{key}/{CONFIG_NAME}")["tokenizer"]))
@@ -116,7 +116,7 @@ def evaluate_generator(cfg: GeneratorEvalConfig, settings, log=print) -> dict:
     """Run the evaluation (see the module docstring); returns the results dict."""
     from detailflow.pipelines.evaluate.sampling import SamplerPool
     from detailflow.pipelines.evaluate.tracking import EvalRun
-    from detailflow.pipelines.exports import load_ar
+    from detailflow.pipelines.train.exports import load_ar
     from detailflow.platform.storage import Storage
 
     if not cfg.ar:
@@ -224,7 +224,7 @@ def _score(cfg: GeneratorEvalConfig, pool, real: np.ndarray, scale: float, n: in
 
 def _log_grid(ev, images_NHW3: np.ndarray, num_classes: int, image_size: int) -> None:
     """Rows = classes, columns = that class's first samples (sample i has class i % C)."""
-    from detailflow.pipelines.visuals import grid_png
+    from detailflow.pipelines.evaluate.visuals import grid_png
 
     x = torch.from_numpy(images_NHW3).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     rows = [[x[i] for i in range(c, len(x), num_classes)] for c in range(min(num_classes, len(x)))]
@@ -247,7 +247,7 @@ def _log_sweep_plot(ev, sweep: dict, n: int) -> None:
 def heldout_nll(storage, ar_model, tok_uri: str, cfg: GeneratorEvalConfig, log) -> dict | None:
     """Mean per-token CE of the clean held-out codes (nats and bits), or None without such codes."""
     from detailflow.pipelines.data.codes import codes_prefix, iter_code_batches, read_codes_dataset
-    from detailflow.pipelines.exports import resolve_export
+    from detailflow.pipelines.train.exports import resolve_export
 
     if not cfg.nll_split:
         return None

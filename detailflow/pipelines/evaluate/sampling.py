@@ -57,7 +57,7 @@ class SamplingWorker:
     def __init__(self, settings, ar_uri: str, tok_uri: str, inception_cfg, classifier: tuple[str, str] | None,
                  device: str, threads: int):
         from detailflow.pipelines.evaluate import inception as inc
-        from detailflow.pipelines.exports import load_ar, load_tokenizer
+        from detailflow.pipelines.train.exports import load_ar, load_tokenizer
         from detailflow.platform.storage import Storage
 
         torch.set_num_threads(max(1, threads))

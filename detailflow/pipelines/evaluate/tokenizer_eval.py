@@ -98,7 +98,7 @@ def evaluate_tokenizer(cfg: TokenizerEvalConfig, settings, log=print) -> dict:
 
     if not cfg.tokenizer:
         raise ValueError("set tokenizer=<tokenizer run name or s3:// export URI>")
-    from detailflow.pipelines.exports import load_tokenizer, resolve_export
+    from detailflow.pipelines.train.exports import load_tokenizer, resolve_export
     from detailflow.platform.storage import Storage
 
     storage = Storage(settings)
@@ -127,7 +127,7 @@ def _evaluate(cfg: TokenizerEvalConfig, storage, tok, ev, log) -> dict:
     from detailflow.pipelines.evaluate.artifacts import curves_png
     from detailflow.pipelines.evaluate.inception import InceptionFeatures
     from detailflow.pipelines.evaluate.metrics import codebook_stats, distribution_metrics
-    from detailflow.pipelines.visuals import grid_png, strip_prefixes
+    from detailflow.pipelines.evaluate.visuals import grid_png, strip_prefixes
 
     rmap, r, n_tok = tok.rmap, tok.cfg.image_size, tok.cfg.num_tokens
     total = read_manifest_checked(storage, cfg.dataset, cfg.split).get("num_images") or 0

@@ -39,7 +39,7 @@ class Kind:
 
 
 def _stage_config(cls, params: dict, ctx: StageContext, extra: dict):
-    from detailflow.pipelines.stage_config import load_stage_config
+    from detailflow.pipelines.train.stage_config import load_stage_config
 
     overrides = {**(params.get("overrides") or {}), **extra}
     items = [f"{k}={_as_text(v)}" for k, v in overrides.items()]
@@ -105,7 +105,7 @@ def ingest(params: dict, ctx: StageContext) -> dict:
 
 
 def train_tokenizer(params: dict, ctx: StageContext) -> dict:
-    from detailflow.pipelines.train_tokenizer import TokenizerStageConfig, run
+    from detailflow.pipelines.train.tokenizer import TokenizerStageConfig, run
 
     cfg = _stage_config(TokenizerStageConfig, params, ctx, _training_resources(ctx))
     info = run(cfg, ctx.settings)
@@ -113,8 +113,8 @@ def train_tokenizer(params: dict, ctx: StageContext) -> dict:
 
 
 def extract_codes(params: dict, ctx: StageContext) -> dict:
-    from detailflow.pipelines.extract_codes import ExtractConfig
-    from detailflow.pipelines.extract_codes import extract_codes as run_extract
+    from detailflow.pipelines.train.extract_codes import ExtractConfig
+    from detailflow.pipelines.train.extract_codes import extract_codes as run_extract
 
     r = ctx.resources
     extra = {"num_actors": r["num_actors"]} if "num_actors" in r else {}
@@ -131,7 +131,7 @@ def extract_codes(params: dict, ctx: StageContext) -> dict:
 
 
 def train_ar(params: dict, ctx: StageContext) -> dict:
-    from detailflow.pipelines.train_ar import ARStageConfig, run
+    from detailflow.pipelines.train.ar import ARStageConfig, run
 
     cfg = _stage_config(ARStageConfig, params, ctx, _training_resources(ctx))
     info = run(cfg, ctx.settings)
@@ -170,8 +170,8 @@ def evaluate_generator(params: dict, ctx: StageContext) -> dict:
 def promote(params: dict, ctx: StageContext) -> dict:
     """Register + gated promotion. A gate rejection is a finished stage (a decision, recorded on the
     version); an evaluation that failed is a failed stage (the champion stays where it was)."""
-    from detailflow.pipelines.promote import PromoteConfig
-    from detailflow.pipelines.promote import promote as run_promote
+    from detailflow.pipelines.registry.promote import PromoteConfig
+    from detailflow.pipelines.registry.promote import promote as run_promote
 
     cfg = _stage_config(PromoteConfig, params, ctx, {})
     decision = run_promote(cfg, ctx.settings)

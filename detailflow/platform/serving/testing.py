@@ -6,7 +6,7 @@
     deploy_app(sf, port=port); url = f"http://127.0.0.1:{http_port()}"
 
 Models are random-init smoke modules; the tests (tests/serving_models.py) export them to S3 where the
-training stages write theirs and register them through pipelines.register, so the Generator loads
+training stages write theirs and register them through pipelines.registry.register, so the Generator loads
 them exactly as it loads trained ones (this module is platform code: it never imports pipelines).
 The AR head is re-initialised with a larger std than training's zero init, so samples depend on
 class, CFG and seed (a zero head samples uniformly).

@@ -27,12 +27,12 @@ from detailflow.platform.raytrain import ensure_ray
 
 
 def _load(kind: str, config_file, overrides):
-    from detailflow.pipelines.stage_config import load_stage_config
+    from detailflow.pipelines.train.stage_config import load_stage_config
 
     if kind == "tokenizer":
-        from detailflow.pipelines.train_tokenizer import TokenizerStageConfig as cls
+        from detailflow.pipelines.train.tokenizer import TokenizerStageConfig as cls
     else:
-        from detailflow.pipelines.train_ar import ARStageConfig as cls
+        from detailflow.pipelines.train.ar import ARStageConfig as cls
     try:
         return load_stage_config(cls, config_file, list(overrides))
     except (ValueError, TypeError) as exc:
@@ -54,9 +54,9 @@ def _stage_command(kind: str):
         settings = get_settings()
         ensure_ray(settings)
         if kind == "tokenizer":
-            from detailflow.pipelines.train_tokenizer import run
+            from detailflow.pipelines.train.tokenizer import run
         else:
-            from detailflow.pipelines.train_ar import run
+            from detailflow.pipelines.train.ar import run
         try:
             info = run(cfg, settings)
         except Exception as exc:  # the config loaded: what fails now is the run (exit 1), not usage (2)
@@ -68,7 +68,7 @@ def _stage_command(kind: str):
 
 def _failure(kind: str, cfg, settings, exc: Exception, limit: int = 2000) -> str:
     """The stage, the run, the error (its tail: Ray puts the root cause last) and where to look."""
-    from detailflow.pipelines.stage_config import run_name
+    from detailflow.pipelines.train.stage_config import run_name
     from detailflow.platform.raytrain import logs_hint
 
     text = f"{type(exc).__name__}: {exc}"
@@ -92,7 +92,7 @@ train.add_command(_stage_command("ar"))
 @click.argument("overrides", nargs=-1)
 def show(kind, config_file, overrides):
     """Print the resolved stage config and its deterministic run name."""
-    from detailflow.pipelines.stage_config import run_name
+    from detailflow.pipelines.train.stage_config import run_name
 
     cfg = _load(kind, config_file, overrides)
     resolved = dataclasses.asdict(cfg)
@@ -150,8 +150,8 @@ def checkpoints_cmd(run_name, as_json):
 @click.option("--force", is_flag=True, help="Re-extract even if the codes are already published.")
 def extract_codes(tokenizer, dataset, split, views, batch_size, num_actors, use_gpu, seed, force):
     """Extract clean/input/target code triplets with a frozen tokenizer (spec §2.3)."""
-    from detailflow.pipelines.extract_codes import ExtractConfig
-    from detailflow.pipelines.extract_codes import extract_codes as run
+    from detailflow.pipelines.train.extract_codes import ExtractConfig
+    from detailflow.pipelines.train.extract_codes import extract_codes as run
 
     settings = get_settings()
     ensure_ray(settings)

@@ -5,7 +5,7 @@ Usage:
     detailflow train ar --config configs/ar-tiny.yaml tokenizer=<tokenizer run>
     detailflow train ar --config configs/ar-smoke.yaml tokenizer=<run> num_workers=0        # in-process
 
-    from detailflow.pipelines.train_ar import ARStageConfig, run
+    from detailflow.pipelines.train.ar import ARStageConfig, run
     info = run(ARStageConfig(model="smoke", tokenizer="tokenizer-smoke-..."), settings)
 
 Data: the code shards the pointer s3://<bucket>/codes/<tokenizer run>/train/_manifest.json lists (one
@@ -30,14 +30,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from detailflow.pipelines.loop_common import (
+from detailflow.pipelines.train.loop_common import (
     StepAdapter,
     WorkerContext,
     resolved_config,
     stage_from_config,
     zero3_external,
 )
-from detailflow.pipelines.stage_config import DistributedStageConfig
+from detailflow.pipelines.train.stage_config import DistributedStageConfig
 
 STAGE = "ar"
 EMA_FILE = "ema.safetensors"
@@ -129,7 +129,7 @@ def sample_png(model_cfg, ema_full: dict, tokenizer, cfg: ARStageConfig, device)
     """Rows = classes; columns = decodes of the prefixes after each group, coarse to fine."""
     from detailflow.models.ar import DetailFlowGPT
     from detailflow.models.sampler import sample
-    from detailflow.pipelines.visuals import grid_png, strip_prefixes
+    from detailflow.pipelines.evaluate.visuals import grid_png, strip_prefixes
 
     net = DetailFlowGPT(model_cfg).to(device)
     _load_ema(net, ema_full)
@@ -177,7 +177,7 @@ def train_loop(config: dict) -> None:
         tracker.log_metrics({"resumed_from_step": start}, step=start)
     tokenizer = None
     if ctx.rank == 0:
-        from detailflow.pipelines.exports import load_tokenizer
+        from detailflow.pipelines.train.exports import load_tokenizer
         from detailflow.platform.storage import Storage
 
         tokenizer, _ = load_tokenizer(Storage(ctx.settings), config["_tokenizer_ref"])
@@ -228,7 +228,7 @@ def _export_ema(model_cfg, ema_full: dict, cfg: ARStageConfig, ctx, config: dict
     """Rank 0: the EMA weights as the AR export, uploaded and logged on the MLflow run as a model."""
     from detailflow.models.ar import DetailFlowGPT
     from detailflow.models.export import save_pretrained
-    from detailflow.pipelines.exports import export_prefix
+    from detailflow.pipelines.train.exports import export_prefix
     from detailflow.platform.storage import Storage
 
     net = DetailFlowGPT(model_cfg)
@@ -248,8 +248,8 @@ def _export_ema(model_cfg, ema_full: dict, cfg: ARStageConfig, ctx, config: dict
 def run(cfg: ARStageConfig, settings) -> dict:
     """Driver: read the code shards, check them against the model, fit. Returns {run_name, export_uri}."""
     from detailflow.pipelines.data.codes import codes_prefix, epochs_per_pass, shuffled_codes_dataset
-    from detailflow.pipelines.exports import export_prefix, resolve_export
-    from detailflow.pipelines.stage_config import run_name as make_run_name
+    from detailflow.pipelines.train.exports import export_prefix, resolve_export
+    from detailflow.pipelines.train.stage_config import run_name as make_run_name
     from detailflow.platform import raytrain
     from detailflow.platform.storage import Storage
 

@@ -5,7 +5,7 @@ Usage:
     detailflow train tokenizer --config configs/tokenizer-smoke.yaml steps=10 num_workers=0   # in-process
     detailflow train tokenizer --config configs/tokenizer-detailflow-16.yaml                 # GPUs, bf16
 
-    from detailflow.pipelines.train_tokenizer import TokenizerStageConfig, run
+    from detailflow.pipelines.train.tokenizer import TokenizerStageConfig, run
     info = run(TokenizerStageConfig(model="smoke", dataset="shapes"), settings)
 
 Each worker streams its own part of the data plan (DegradedStream, rank r of world) and each step
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from detailflow.pipelines.loop_common import (
+from detailflow.pipelines.train.loop_common import (
     StepAdapter,
     WorkerContext,
     resolved_config,
@@ -36,7 +36,7 @@ from detailflow.pipelines.loop_common import (
     to_float,
     zero3_external,
 )
-from detailflow.pipelines.stage_config import DistributedStageConfig
+from detailflow.pipelines.train.stage_config import DistributedStageConfig
 
 STAGE = "tokenizer"
 
@@ -142,7 +142,7 @@ def _stream(cfg: TokenizerStageConfig, ctx, rmap, state: dict):
 @torch.no_grad()
 def reconstruction_png(model, img_BCHW: torch.Tensor) -> tuple[bytes, float]:
     """Rows: original, then decodes of growing prefixes (coarse to fine). Returns (png, full-N mse)."""
-    from detailflow.pipelines.visuals import grid_png, strip_prefixes
+    from detailflow.pipelines.evaluate.visuals import grid_png, strip_prefixes
 
     was = model.training
     model.eval()
@@ -255,8 +255,8 @@ def run(cfg: TokenizerStageConfig, settings) -> dict:
     from detailflow.models.tokenizer import DetailFlowTokenizer
     from detailflow.pipelines.data.plan import EpochPlan, RowGroups
     from detailflow.pipelines.data.reader import read_manifest_checked
-    from detailflow.pipelines.exports import export_prefix
-    from detailflow.pipelines.stage_config import run_name as make_run_name
+    from detailflow.pipelines.train.exports import export_prefix
+    from detailflow.pipelines.train.stage_config import run_name as make_run_name
     from detailflow.platform import checkpoints, raytrain
     from detailflow.platform.storage import Storage
     from detailflow.platform.tracking import Tracker

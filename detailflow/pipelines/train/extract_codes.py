@@ -4,7 +4,7 @@ Usage:
     detailflow extract-codes --tokenizer tokenizer-tiny-2026-11-28-1a2b3c4d --dataset shapes
     detailflow extract-codes --tokenizer s3://detailflow/runs/<run>/export --dataset imagenet --views tencrop
 
-    from detailflow.pipelines.extract_codes import ExtractConfig, extract_codes
+    from detailflow.pipelines.train.extract_codes import ExtractConfig, extract_codes
     info = extract_codes(ExtractConfig(tokenizer=run, dataset="shapes"), settings)
 
 Pipeline (all data moves worker -> S3; the driver holds O(row groups + shards) small dicts):
@@ -98,7 +98,7 @@ class TripletExtractor:
     def __init__(self, settings, tokenizer_ref: str, views: str, seed: int, use_gpu: bool):
         import torch
 
-        from detailflow.pipelines.exports import load_tokenizer
+        from detailflow.pipelines.train.exports import load_tokenizer
         from detailflow.platform.storage import Storage
 
         torch.set_num_threads(1)
@@ -145,7 +145,7 @@ def extract_codes(cfg: ExtractConfig, settings) -> dict:
     from detailflow.models.extraction import view_input_size
     from detailflow.pipelines.data.codes import codes_prefix, new_run_id, publish_codes, run_prefix
     from detailflow.pipelines.data.reader import read_manifest_checked, read_units
-    from detailflow.pipelines.exports import load_tokenizer, resolve_export
+    from detailflow.pipelines.train.exports import load_tokenizer, resolve_export
     from detailflow.platform.storage import Storage
 
     storage = Storage(settings)

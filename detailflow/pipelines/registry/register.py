@@ -3,7 +3,7 @@
     detailflow registry register --name smoke --ar <AR run name | run id | s3://.../export> \
         [--tokenizer <tokenizer run name | run id | s3://.../export>]
 
-    from detailflow.pipelines.register import register
+    from detailflow.pipelines.registry.register import register
     out = register(settings, "smoke", ar="ar-smoke-2026-11-28-1a2b3c4d")
     out["generator_version"], out["tokenizer_version"], out["created"]
 
@@ -75,7 +75,7 @@ def _find_run(client, ref: str):
 
 def resolve_ref(client, storage, ref: str, kind: str, directory) -> ExportRef:
     """A run id, run name, s3:// URI or key -> ExportRef with the export downloaded into directory."""
-    from detailflow.pipelines.exports import download_export, export_prefix, resolve_export
+    from detailflow.pipelines.train.exports import download_export, export_prefix, resolve_export
     from detailflow.platform.tracking import RUN_NAME_TAG
 
     run = _find_run(client, ref)

@@ -117,7 +117,7 @@ def show(name, version, as_json):
 @click.option("--tokenizer", default=None, help="Tokenizer ref (default: the one the AR export names).")
 def register_cmd(name, ar, tokenizer):
     """Register a tokenizer + AR pair (the generator pyfunc); re-registering returns the same versions."""
-    from detailflow.pipelines.register import register
+    from detailflow.pipelines.registry.register import register
 
     try:
         out = register(get_settings(), name, ar, tokenizer)
@@ -135,8 +135,8 @@ def register_cmd(name, ar, tokenizer):
 @click.argument("overrides", nargs=-1)
 def promote_cmd(config_file, overrides):
     """Register (unless version=N) -> challenger -> evaluate -> gate -> champion; key=value overrides."""
-    from detailflow.pipelines.promote import PromoteConfig, exit_code, promote
-    from detailflow.pipelines.stage_config import load_stage_config
+    from detailflow.pipelines.registry.promote import PromoteConfig, exit_code, promote
+    from detailflow.pipelines.train.stage_config import load_stage_config
 
     try:
         cfg = load_stage_config(PromoteConfig, config_file, list(overrides))

@@ -22,7 +22,7 @@ from detailflow.platform.cli_settings import get_settings
 
 
 def _load(cls, config_file, overrides, options: dict):
-    from detailflow.pipelines.stage_config import load_stage_config
+    from detailflow.pipelines.train.stage_config import load_stage_config
 
     items = [f"{k}={v}" for k, v in options.items() if v is not None] + list(overrides)
     try:

@@ -2,13 +2,13 @@
 
     detailflow registry promote --config configs/promote-smoke.yaml ar=<AR run | s3://.../export>
     detailflow registry promote --config configs/promote-tiny.yaml version=4 margin=0.5
-    python -m detailflow.pipelines.promote --config configs/promote-smoke.yaml ar=...   # same thing
+    python -m detailflow.pipelines.registry.promote --config configs/promote-smoke.yaml ar=...   # same thing
 
-    from detailflow.pipelines.promote import PromoteConfig, promote
+    from detailflow.pipelines.registry.promote import PromoteConfig, promote
     decision = promote(PromoteConfig(name="smoke", ar="ar-smoke-..."), settings)   # evaluator injectable
     decision["decision"]        # "promoted" | "rejected" | "failed" | "already-champion"
 
-Steps: (1) register the pair unless `version` is given (pipelines/register.py); (2) point
+Steps: (1) register the pair unless `version` is given (pipelines/registry/register.py); (2) point
 `challenger` at the version; (3) evaluate it, and the champion too unless the champion already
 has a complete evaluation with the same spec (dataset, split, seed, sample count, CFG, evaluator);
 (4) the gate: pass when there is no champion yet, or the challenger's `metric` beats the champion's
@@ -65,7 +65,7 @@ class PromoteConfig:
     eval_samples: int = 1000  # generated samples per evaluation
     eval_cfg_scale: float = 1.5  # classifier-free guidance scale while sampling
     eval_options: dict = dataclasses.field(default_factory=dict)  # extra evaluator fields (e.g. inception)
-    evaluator: str = "detailflow.pipelines.promote:default_evaluator"  # module:function
+    evaluator: str = "detailflow.pipelines.registry.promote:default_evaluator"  # module:function
     max_regates: int = 3  # gate re-runs allowed when the champion moves during a promotion
     lock_wait_s: float = 120.0  # how long to wait for another promotion's decision to finish
 
@@ -214,7 +214,7 @@ def promote(cfg: PromoteConfig, settings, evaluator: Callable[[EvalRequest], dic
     if not version:
         if not cfg.ar:
             raise ValueError("set version=<generator version> or ar=<AR run / export> to register first")
-        from detailflow.pipelines.register import register
+        from detailflow.pipelines.registry.register import register
 
         version = register(settings, cfg.name, cfg.ar, cfg.tokenizer or None)["generator_version"]
     reg.version(model, version)  # fails early on an unknown version
@@ -265,7 +265,7 @@ def promote(cfg: PromoteConfig, settings, evaluator: Callable[[EvalRequest], dic
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from detailflow.pipelines.stage_config import load_stage_config
+    from detailflow.pipelines.train.stage_config import load_stage_config
     from detailflow.platform.runtime import apply_runtime_env
     from detailflow.platform.settings import load_settings
 

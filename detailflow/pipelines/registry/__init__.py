@@ -1,0 +1,1 @@
+"""Registry: register exports, promote by alias, rollback."""

@@ -1,0 +1,1 @@
+"""Training stages: tokenizer, AR, code extraction, the shared loop, stage configs, exports."""
