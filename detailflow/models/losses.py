@@ -28,10 +28,10 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.utils.parametrizations import spectral_norm
 
 from detailflow.models.diffaug import diff_augment
 from detailflow.models.featurenets import ConvFeatureNet, FrozenNet, ViTFeatureNet, load_feature_net
+from detailflow.models.fp32_state import BatchNorm1dFp32, Fp32Buffers, spectral_norm
 
 
 def _f(x: torch.Tensor) -> float:
@@ -91,11 +91,11 @@ class DiscHead(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         self.inp = nn.Sequential(
-            spectral_norm(nn.Conv1d(channels, channels, 1)), nn.BatchNorm1d(channels), nn.LeakyReLU(0.2)
+            spectral_norm(nn.Conv1d(channels, channels, 1)), BatchNorm1dFp32(channels), nn.LeakyReLU(0.2)
         )
         self.res = nn.Sequential(
             spectral_norm(nn.Conv1d(channels, channels, 9, padding=4, padding_mode="circular")),
-            nn.BatchNorm1d(channels),
+            BatchNorm1dFp32(channels),
             nn.LeakyReLU(0.2),
         )
         self.out = spectral_norm(nn.Conv1d(channels, 1, 1))
@@ -106,8 +106,12 @@ class DiscHead(nn.Module):
         return self.out(x).flatten(1)
 
 
-class Discriminator(nn.Module):
-    """Trainable 1D-conv heads over the token features of a frozen backbone; logits B x (layers * L)."""
+class Discriminator(Fp32Buffers, nn.Module):
+    """Trainable 1D-conv heads over the token features of a frozen backbone; logits B x (layers * L).
+    Under a bf16/fp16 cast the heads run in that dtype; spectral-norm vectors, BatchNorm statistics and
+    the LeCAM EMAs stay float32 (fp32_state)."""
+
+    fp32_buffers = ("ema_real", "ema_fake")
 
     def __init__(self, cfg, backbone: nn.Module | None = None):
         super().__init__()
@@ -139,13 +143,13 @@ class Discriminator(nn.Module):
 
     @torch.no_grad()
     def update_lecam(self, real_mean: torch.Tensor, fake_mean: torch.Tensor, decay: float = 0.999) -> None:
-        if not bool(self.ema_started):
-            self.ema_real.copy_(real_mean)
-            self.ema_fake.copy_(fake_mean)
-            self.ema_started.fill_(True)
-        else:
-            self.ema_real.mul_(decay).add_(real_mean * (1 - decay))
-            self.ema_fake.mul_(decay).add_(fake_mean * (1 - decay))
+        """EMA of the mean logits in float32, initialised by the first update (no host sync)."""
+        self.ensure_fp32()
+        started = self.ema_started
+        for ema, mean in ((self.ema_real, real_mean), (self.ema_fake, fake_mean)):
+            mean = mean.detach().float()
+            ema.copy_(torch.where(started, ema * decay + mean * (1 - decay), mean))
+        self.ema_started.fill_(True)
 
 
 def hinge_d(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
@@ -180,7 +184,7 @@ def generator_adv_loss(
 ) -> torch.Tensor:
     """Hinge generator loss -mean D(aug(fake)) (unweighted)."""
     x = diff_augment(fake_BCHW, cutout_ratio=0.2, prob=0.5, generator=generator) if cfg.diffaug else fake_BCHW
-    return -disc(x).mean()
+    return -disc(x).float().mean()
 
 
 def discriminator_step(
@@ -205,10 +209,10 @@ def discriminator_step(
         if cfg.diffaug
         else (lambda x: x)
     )
-    lr, lf = disc(aug(real_BCHW)), disc(aug(fake_BCHW))
+    lr, lf = disc(aug(real_BCHW)).float(), disc(aug(fake_BCHW)).float()  # losses in fp32 under bf16
     hinge = hinge_d(lr, lf)
     if disc.training:
-        disc.update_lecam(lr.mean().detach().float(), lf.mean().detach().float())
+        disc.update_lecam(lr.mean(), lf.mean())
     lecam = lecam_reg(lr, lf, disc.ema_real, disc.ema_fake) if cfg.disc_lecam_weight > 0 else lr.new_zeros(())
     loss = cfg.gan_weight * (hinge + cfg.disc_lecam_weight * lecam)
     logs = {
@@ -219,7 +223,7 @@ def discriminator_step(
     }
     if cfg.disc_cr_weight > 0:
         strong = lambda x: diff_augment(x, cutout_ratio=0.5, prob=1.0, generator=generator)  # noqa: E731
-        strong_logits = torch.cat([disc(strong(real_BCHW)), disc(strong(fake_BCHW))])
+        strong_logits = torch.cat([disc(strong(real_BCHW)), disc(strong(fake_BCHW))]).float()
         cr = F.mse_loss(strong_logits, torch.cat([lr, lf]))
         loss = loss + cfg.disc_cr_weight * cr
         logs["d_cr"] = _f(cr)
