@@ -181,3 +181,20 @@ def test_cuda_kv_equals_recompute_and_bf16():
     model = model.to(torch.bfloat16)
     codes = sample(model, cls, cfg_scale=1.5, top_k=10, generator=gen())
     assert codes.shape == (4, 16) and codes.max() < 48
+
+
+@pytest.mark.parametrize("scale", [0.0, 1.0, 1.5, 3.0, -0.5])
+def test_guide_matches_the_cfg_closed_form_on_hand_made_logits(scale):
+    """CFG (spec §3): uncond + s (cond - uncond), written out per entry by hand, never via guide.
+    s = 0 gives the unconditional logits, s = 1 the conditional ones."""
+    cond = [[[2.0, -1.0, 0.5], [0.0, 3.0, -2.0]]]  # 1 x 2 x 3 (B x L x V)
+    uncond = [[[1.0, 1.0, -0.5], [4.0, -3.0, 0.25]]]
+    want = [[[u + scale * (c - u) for c, u in zip(cr, ur, strict=True)]
+             for cr, ur in zip(cb, ub, strict=True)] for cb, ub in zip(cond, uncond, strict=True)]
+    got = guide(torch.tensor(cond + uncond), scale)  # the batch is [cond; uncond]
+    assert got.shape == (1, 2, 3)
+    assert torch.allclose(got, torch.tensor(want), atol=1e-6), (got.tolist(), want)
+    if scale == 0.0:
+        assert got.tolist() == uncond
+    if scale == 1.0:
+        assert got.tolist() == cond
