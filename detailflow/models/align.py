@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from detailflow.models.featurenets import FrozenNet, load_feature_net
+from detailflow.models.featurenets import FrozenNet, FrozenPlacement, load_feature_net
 
 
 class ThumbnailTeacher:
@@ -28,8 +28,8 @@ class ThumbnailTeacher:
 class NetworkTeacher:
     """Mean-pooled, l2-normalised last features of a frozen network."""
 
-    def __init__(self, net: nn.Module, image_size: int):
-        self.net = FrozenNet(net)
+    def __init__(self, net: nn.Module, image_size: int, where: FrozenPlacement | None = None):
+        self.net = FrozenNet(net, where)
         with torch.no_grad():
             self.dim = int(self._pool(self.net(torch.zeros(1, 3, image_size, image_size))).shape[-1])
 
@@ -43,8 +43,9 @@ class NetworkTeacher:
             return F.normalize(self._pool(self.net(img_BCHW)), dim=-1)
 
 
-def build_teacher(cfg) -> ThumbnailTeacher | NetworkTeacher | None:
-    """The teacher named by cfg.align_teacher, or None when alignment is off."""
+def build_teacher(cfg, where: FrozenPlacement | None = None) -> ThumbnailTeacher | NetworkTeacher | None:
+    """The teacher named by cfg.align_teacher, or None when alignment is off; a network teacher is
+    loaded onto where.device and probed at the micro-batch where.batch."""
     kind = cfg.align_teacher
     if cfg.align_weight == 0 or kind == "none":
         return None
@@ -56,7 +57,9 @@ def build_teacher(cfg) -> ThumbnailTeacher | NetworkTeacher | None:
                 "align_teacher='siglip2' needs align_teacher_path (a local file; nothing is "
                 "downloaded); use align_teacher='thumbnail' or 'none' without pretrained weights"
             )
-        return NetworkTeacher(load_feature_net(cfg.align_teacher_path), cfg.image_size)
+        batches = where.batches() if where else ()
+        net = load_feature_net(cfg.align_teacher_path, where, cfg.image_size, batches)
+        return NetworkTeacher(net, cfg.image_size, where)
     raise ValueError(f"unknown align_teacher {kind!r}; expected 'siglip2', 'thumbnail' or 'none'")
 
 

@@ -11,15 +11,24 @@ Files accepted by load_feature_net(path):
     network following the interface above: the route for foreign weights such as the SigLIP2 vision
     tower (trace/export it offline where transformers is available, point align_teacher_path at it).
 
+Placement (FrozenPlacement): a file is loaded straight onto its device (map_location / safetensors
+device; a torch.export program is moved by torch.export's move_to_device_pass, device constants
+included), then probed there at the TRAINING batch sizes: a graph that fails there, or answers with
+another batch size (a trace that baked the probe's batch), is refused at load, naming the file and batch.
+On CUDA the nets run under bf16 autocast with TF32 matmuls; on CPU in fp32 unless autocast is asked for.
+
 Usage:
     net = ViTFeatureNet(image_size=32, patch_size=4, width=32, depth=2, heads=2, mlp=64)
     save_feature_net(net, "teacher.safetensors"); net2 = load_feature_net("teacher.safetensors")
+    where = FrozenPlacement(device="cuda:0", batch=32)        # the worker's device and micro-batch
+    net3 = load_feature_net("dino.pt", where, image_size=224, batches=where.batches())
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -95,10 +104,27 @@ def save_feature_net(net: nn.Module, path: str) -> None:
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, path, metadata=meta)
 
 
-def _build(arch: str, config: dict, state: dict, path: str) -> nn.Module:
+@dataclass(frozen=True)
+class FrozenPlacement:
+    """Where the frozen nets live and the batch sizes training calls them with."""
+
+    device: str = "cpu"  # loaded straight onto it (map_location) and run there ("cuda:0", "cpu")
+    batch: int = 2  # the training micro-batch: every net is probed at it at load (2 = the old probe only)
+    autocast: bool | None = None  # bf16 autocast; None: on for CUDA, off (fp32) for CPU
+
+    def batches(self, *factors: int) -> tuple[int, ...]:
+        """The batch sizes to probe: the micro-batch times each factor (1 when none given)."""
+        return tuple(sorted({self.batch * f for f in (factors or (1,))}))
+
+    def use_autocast(self) -> bool:
+        return torch.device(self.device).type == "cuda" if self.autocast is None else self.autocast
+
+
+def _build(arch: str, config: dict, state: dict, path: str, device: torch.device) -> nn.Module:
     if arch not in ARCHS:
         raise ValueError(f"{path}: unknown feature-net arch {arch!r}; known: {sorted(ARCHS)}")
-    net = ARCHS[arch](**config)
+    with device:  # built on its device: no CPU copy of the weights
+        net = ARCHS[arch](**config)
     try:
         missing, unexpected = net.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatches
@@ -110,35 +136,65 @@ def _build(arch: str, config: dict, state: dict, path: str) -> nn.Module:
     return net
 
 
-def load_feature_net(path: str) -> nn.Module:
-    """Load a frozen feature network from a local file (see module docstring for the formats)."""
-    if not path or not os.path.isfile(path):
-        raise FileNotFoundError(f"feature network file not found: {path!r} (nothing is downloaded)")
+def _load(path: str, device: torch.device) -> nn.Module:
     if path.endswith(".pt2"):  # torch.export archive (fixed input shape unless exported with dynamic dims)
-        net = torch.export.load(path).module()
-    elif path.endswith(".safetensors"):
+        from torch.export.passes import move_to_device_pass
+
+        return move_to_device_pass(torch.export.load(path), device).module()
+    if path.endswith(".safetensors"):
         with safe_open(path, framework="pt") as fh:
             meta = fh.metadata() or {}
         if "arch" not in meta:
             raise ValueError(
                 f"{path}: safetensors metadata lacks 'arch'/'config' (write it with save_feature_net)"
             )
-        net = _build(meta["arch"], json.loads(meta.get("config", "{}")), load_file(path), path)
-    else:
+        state = load_file(path, device=str(device))
+        return _build(meta["arch"], json.loads(meta.get("config", "{}")), state, path, device)
+    try:
+        return torch.jit.load(path, map_location=device)
+    except Exception:  # not TorchScript: a plain torch weights file
+        pass
+    try:
+        obj = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"{path}: neither a torch weights file nor a TorchScript archive") from exc
+    if not isinstance(obj, dict) or not {"arch", "config", "state_dict"} <= set(obj):
+        raise ValueError(f"{path}: torch file must hold a dict with 'arch', 'config', 'state_dict'")
+    return _build(obj["arch"], obj["config"], obj["state_dict"], path, device)
+
+
+def load_feature_net(
+    path: str,
+    where: FrozenPlacement | None = None,
+    image_size: int | None = None,
+    batches: tuple[int, ...] = (),
+) -> nn.Module:
+    """Load a frozen feature network from a local file (formats: module docstring) onto where.device;
+    with image_size, probe it there at each batch size in `batches` (see check_batches)."""
+    if not path or not os.path.isfile(path):
+        raise FileNotFoundError(f"feature network file not found: {path!r} (nothing is downloaded)")
+    where = where or FrozenPlacement()
+    net = freeze(_load(path, torch.device(where.device)))
+    if image_size is not None and batches:
+        check_batches(FrozenNet(net, where), path, image_size, batches)
+    return net
+
+
+def check_batches(net: FrozenNet, path: str, image_size: int, batches: tuple[int, ...]) -> None:
+    """Run `net` on zeros at every batch size; refuse a net that fails or returns another batch size
+    (a traced graph keeps the batch size it was traced with wherever it was turned into a constant)."""
+    for b in batches:
         try:
-            net = torch.jit.load(path, map_location="cpu")
-            return freeze(net)
-        except Exception:  # not TorchScript: a plain torch weights file
-            pass
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            with torch.no_grad():
+                feats = net(torch.zeros(b, 3, image_size, image_size, device=net.where.device))
         except Exception as exc:
-            raise ValueError(f"{path}: neither a torch weights file nor a TorchScript archive") from exc
-        else:
-            if not isinstance(obj, dict) or not {"arch", "config", "state_dict"} <= set(obj):
-                raise ValueError(f"{path}: torch file must hold a dict with 'arch', 'config', 'state_dict'")
-            net = _build(obj["arch"], obj["config"], obj["state_dict"], path)
-    return freeze(net)
+            raise ValueError(f"{path}: the network fails at the training batch size {b} "
+                             f"({image_size}x{image_size} images on {net.where.device}): {exc}") from exc
+        wrong = [tuple(f.shape) for f in feats if f.shape[0] != b]
+        if wrong:
+            raise ValueError(f"{path}: at the training batch size {b} the network returns features of "
+                             f"shapes {wrong} (batch dim != {b}): was it traced at a fixed batch size? "
+                             "Export it with a dynamic batch dimension")
 
 
 def freeze(net: nn.Module) -> nn.Module:
@@ -153,19 +209,39 @@ def freeze(net: nn.Module) -> nn.Module:
 
 class FrozenNet:
     """Holds a frozen net OUTSIDE the owning module's parameters/state dict (so checkpoints and
-    optimisers never see it) and follows the input's device lazily. Gradients still flow to the input."""
+    optimisers never see it). Runs on where.device (bf16 autocast + TF32 on CUDA; fp32 on CPU unless
+    where.autocast asks), moving an input from elsewhere there and the features back; without a
+    placement it follows the input's device. Gradients still flow to the input."""
 
-    def __init__(self, net: nn.Module):
+    def __init__(self, net: nn.Module, where: FrozenPlacement | None = None):
         self.net = freeze(net)
+        self.where = where
+        if where is not None and torch.device(where.device).type == "cuda":
+            _tf32_on()
 
     def __call__(self, img_BCHW: torch.Tensor) -> list[torch.Tensor]:
-        feats = self.net(img_BCHW.to(self._move(img_BCHW.device)))
-        return [feats] if isinstance(feats, torch.Tensor) else list(feats)
+        where = self.where or self._follow(img_BCHW.device)
+        device = torch.device(where.device)
+        x = img_BCHW.to(device=device, dtype=self._dtype())
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=where.use_autocast()):
+            feats = self.net(x)
+        feats = [feats] if isinstance(feats, torch.Tensor) else list(feats)
+        return [f.to(img_BCHW.device) for f in feats]
 
-    def _move(self, device: torch.device) -> torch.dtype:
+    def _follow(self, device: torch.device) -> FrozenPlacement:
         ref = next(iter(self.net.parameters()), None)
-        if ref is None:
-            return torch.float32
-        if ref.device != device:
+        if ref is not None and ref.device != device:
             self.net.to(device)
-        return ref.dtype
+            if device.type == "cuda":
+                _tf32_on()
+        return FrozenPlacement(device=str(device))
+
+    def _dtype(self) -> torch.dtype:
+        ref = next(iter(self.net.parameters()), None)
+        return torch.float32 if ref is None else ref.dtype
+
+
+def _tf32_on() -> None:
+    """TF32 matmuls/convolutions (the spec's training setting) for whatever autocast leaves in fp32."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True

@@ -30,7 +30,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from detailflow.models.diffaug import diff_augment
-from detailflow.models.featurenets import ConvFeatureNet, FrozenNet, ViTFeatureNet, load_feature_net
+from detailflow.models.featurenets import (
+    ConvFeatureNet,
+    FrozenNet,
+    FrozenPlacement,
+    ViTFeatureNet,
+    load_feature_net,
+)
 from detailflow.models.fp32_state import BatchNorm1dFp32, Fp32Buffers, spectral_norm
 
 
@@ -54,17 +60,20 @@ def _missing_weights(field: str, wants: str) -> ValueError:
 
 
 class PerceptualLoss:
-    """LPIPS-style distance: channel-normalised feature differences, averaged, summed over layers."""
+    """LPIPS-style distance: channel-normalised feature differences, averaged, summed over layers.
+    `where`: device and training micro-batch; the net is probed at B and 2B (self-correction doubles
+    the decoded batch)."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, where: FrozenPlacement | None = None):
         if cfg.perceptual_net_path:
-            net = load_feature_net(cfg.perceptual_net_path)
+            batches = where.batches(1, 2) if where else ()
+            net = load_feature_net(cfg.perceptual_net_path, where, cfg.image_size, batches)
         elif cfg.random_feature_nets:
-            net = ConvFeatureNet(seed=0)
+            net = ConvFeatureNet(seed=0).to(where.device if where else "cpu")
         else:
             raise _missing_weights("perceptual_net_path", "the perceptual network (LPIPS VGG16 features)")
         self.size = getattr(net, "image_size", None)
-        self.net = FrozenNet(net)
+        self.net = FrozenNet(net, where)
 
     def __call__(self, x_BCHW: torch.Tensor, y_BCHW: torch.Tensor) -> torch.Tensor:
         fx = self.net(_fit(x_BCHW.float(), self.size))
@@ -72,6 +81,7 @@ class PerceptualLoss:
             fy = self.net(_fit(y_BCHW.float(), self.size))
         total = x_BCHW.new_zeros((), dtype=torch.float32)
         for a, b in zip(fx, fy, strict=True):
+            a, b = a.float(), b.float()  # bf16 under the nets' CUDA autocast
             a = a / (a.norm(dim=1, keepdim=True) + 1e-10)
             b = b / (b.norm(dim=1, keepdim=True) + 1e-10)
             total = total + (a - b).pow(2).sum(dim=1).mean()
@@ -113,10 +123,11 @@ class Discriminator(Fp32Buffers, nn.Module):
 
     fp32_buffers = ("ema_real", "ema_fake")
 
-    def __init__(self, cfg, backbone: nn.Module | None = None):
+    def __init__(self, cfg, backbone: nn.Module | None = None, where: FrozenPlacement | None = None):
         super().__init__()
-        if backbone is None and cfg.disc_net_path:
-            backbone = load_feature_net(cfg.disc_net_path)
+        if backbone is None and cfg.disc_net_path:  # probed at the micro-batch (real, fake: separate calls)
+            batches = where.batches() if where else ()
+            backbone = load_feature_net(cfg.disc_net_path, where, cfg.image_size, batches)
         if backbone is None and not cfg.random_feature_nets:
             raise _missing_weights("disc_net_path", "the frozen discriminator backbone (DINO ViT-S/16)")
         if backbone is None:
@@ -124,8 +135,9 @@ class Discriminator(Fp32Buffers, nn.Module):
             torch.manual_seed(1234)  # the stand-in backbone is the same random net in every process
             backbone = ViTFeatureNet(cfg.image_size, cfg.patch_size, width=32, depth=2, heads=2, mlp=64)
             torch.random.set_rng_state(gen_state)
+            backbone = backbone.to(where.device if where else "cpu")
         self.size = getattr(backbone, "image_size", cfg.image_size)
-        self.backbone = FrozenNet(backbone)
+        self.backbone = FrozenNet(backbone, where)
         with torch.no_grad():
             feats = self.backbone(torch.zeros(2, 3, self.size, self.size))
         self.heads = nn.ModuleList([DiscHead(f.shape[1]) for f in feats])

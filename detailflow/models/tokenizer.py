@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from detailflow.models.align import AlignHead, align_loss, build_teacher
+from detailflow.models.featurenets import FrozenPlacement
 from detailflow.models.losses import PerceptualLoss, gan_active, generator_adv_loss, perceptual_weight
 from detailflow.models.masks import encoder_mask
 from detailflow.models.quantizer import QuantOut, VectorQuantizer
@@ -109,7 +110,9 @@ class Decoder(nn.Module):
 
 
 class DetailFlowTokenizer(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, frozen: FrozenPlacement | None = None):
+        """frozen: device + training micro-batch of the frozen teacher/perceptual nets (loaded onto the
+        device and probed at that batch); None: CPU load, following the input's device."""
         super().__init__()
         self.cfg = cfg
         self.rmap = ResolutionMap.from_config(cfg)
@@ -122,11 +125,11 @@ class DetailFlowTokenizer(nn.Module):
         self.decoder = Decoder(cfg)
         init_siglip(self.quant_conv)
         init_siglip(self.refine_proj)
-        self.teacher = build_teacher(cfg)  # frozen, kept outside the state dict
+        self.teacher = build_teacher(cfg, frozen)  # frozen, kept outside the state dict
         self.align_head = (
             AlignHead(cfg.code_dim, cfg.align_hidden, self.teacher.dim) if self.teacher else None
         )
-        self.perceptual = PerceptualLoss(cfg) if cfg.perceptual_weight > 0 else None
+        self.perceptual = PerceptualLoss(cfg, frozen) if cfg.perceptual_weight > 0 else None
         self.last_reconstruction: torch.Tensor | None = None  # detached, for the discriminator step
         self.last_target: torch.Tensor | None = None
         if cfg.encoder_init_path:
