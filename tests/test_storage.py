@@ -132,3 +132,23 @@ def test_wrong_credentials_rejected(services):
     bad = Storage(dataclasses.replace(services, aws_secret_access_key="wrong-secret", s3_max_attempts=1))
     with pytest.raises(ClientError):
         bad.list_keys("")
+
+
+def test_conditional_writes_create_once_and_follow_the_etag(storage, prefix):
+    """If-None-Match: * creates once; If-Match writes/deletes only at the ETag read (SeaweedFS 412s)."""
+    from detailflow.platform.storage import PreconditionFailed
+
+    key = f"{prefix}/lease.json"
+    assert storage.get_json_etag(key) == (None, None)
+    etag1 = storage.put_json_if(key, {"n": 1}, None)
+    with pytest.raises(PreconditionFailed, match="already exists"):
+        storage.put_json_if(key, {"n": 2}, None)
+    etag2 = storage.put_json_if(key, {"n": 3}, etag1)
+    assert storage.get_json_etag(key) == ({"n": 3}, etag2) and etag2 != etag1
+    with pytest.raises(PreconditionFailed, match="changed since"):
+        storage.put_json_if(key, {"n": 4}, etag1)  # a writer holding the old ETag loses
+    with pytest.raises(PreconditionFailed):
+        storage.delete_if(key, etag1)
+    assert storage.get_json(key) == {"n": 3}
+    storage.delete_if(key, etag2)
+    assert not storage.exists(key)

@@ -40,6 +40,10 @@ class ChecksumMismatch(Exception):
     """The bytes read do not hash to the recorded/expected sha256."""
 
 
+class PreconditionFailed(Exception):
+    """A conditional write lost: the object exists (If-None-Match: *) or changed (If-Match ETag)."""
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -96,6 +100,17 @@ def _is_transient(exc: BaseException) -> bool:
         code = exc.response.get("Error", {}).get("Code", "")
         return status >= 500 or code in ("SlowDown", "RequestTimeout", "Throttling")
     return False
+
+
+def _precondition(exc: BaseException) -> bool:
+    from botocore.exceptions import ClientError
+
+    if not isinstance(exc, ClientError):
+        return False
+    code = exc.response.get("Error", {}).get("Code", "")
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    # 409 ConditionalRequestConflict: AWS's answer to two conditional writes racing on one key
+    return code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412)
 
 
 def with_retries(fn: Callable[[], _T], attempts: int, what: str, base_delay: float = 0.2) -> _T:
@@ -205,6 +220,47 @@ class Storage:
 
     def get_json(self, key: str, expected_sha256: str | None = None):
         return json.loads(self.get_bytes(key, expected_sha256))
+
+    # ---- conditional writes (S3 If-None-Match / If-Match; SeaweedFS and AWS both honour them) ----
+    def get_json_etag(self, key: str) -> tuple[object, str] | tuple[None, None]:
+        """(object, ETag) of a JSON object, or (None, None) when it does not exist."""
+        from botocore.exceptions import ClientError
+
+        try:
+            resp = with_retries(lambda: self.client.get_object(Bucket=self.bucket, Key=key),
+                                self.settings.s3_max_attempts, f"get {key}")
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None, None
+            raise
+        return json.loads(resp["Body"].read()), resp["ETag"]
+
+    def put_json_if(self, key: str, obj, etag: str | None) -> str:
+        """Write JSON only if the object is still at ``etag`` (If-Match), or, with ``etag=None``,
+        only if it does not exist (If-None-Match: *). Returns the new ETag; PreconditionFailed when
+        another writer got there first. Not retried on 412 (a retry would be a blind overwrite)."""
+        body = json.dumps(obj, indent=2, sort_keys=True).encode()
+        cond = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
+        try:
+            resp = with_retries(lambda: self.client.put_object(
+                Bucket=self.bucket, Key=key, Body=body, ContentType="application/json",
+                Metadata={SHA_META: sha256_bytes(body)}, **cond),
+                self.settings.s3_max_attempts, f"conditional put {key}")
+        except Exception as exc:
+            if _precondition(exc):
+                raise PreconditionFailed(f"{self.uri(key)} changed since ETag {etag}" if etag
+                                         else f"{self.uri(key)} already exists") from exc
+            raise
+        return resp["ETag"]
+
+    def delete_if(self, key: str, etag: str) -> None:
+        """Delete only if the object is still at ``etag``; PreconditionFailed otherwise."""
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=key, IfMatch=etag)
+        except Exception as exc:
+            if _precondition(exc):
+                raise PreconditionFailed(f"{self.uri(key)} changed since ETag {etag}") from exc
+            raise
 
     def upload_file(self, path: str | os.PathLike, key: str) -> str:
         """Upload a local file (multipart above the threshold); returns its sha256."""
