@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from detailflow.pipelines.runner import stages as stages_mod
-from detailflow.pipelines.runner.runner import StageFailed, read_state, run_pipeline, stage_hash
+from detailflow.pipelines.runner.identity import code_version, stage_identity
+from detailflow.pipelines.runner.runner import StageFailed, read_state, run_pipeline
 from detailflow.pipelines.runner.spec import PipelineError, load_pipeline, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,15 +69,51 @@ def test_resolve_keeps_types_and_interpolates_strings():
     }
 
 
-def test_stage_hash_follows_config_file_content(tmp_path):
+def test_stage_identity_follows_config_content_code_and_attempt(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("steps: 1\n")
     params = {"config": str(cfg), "overrides": {"a": 1}}
-    h1 = stage_hash("train-tokenizer", params, {}, tmp_path)
-    assert h1 == stage_hash("train-tokenizer", dict(params), {}, tmp_path)
+    code = {"package": "0.1.0", "commit": "abc", "image": ""}
+
+    def ident(p=params, res=None, attempt=0, c=code):
+        return stage_identity("train-tokenizer", p, res or {}, tmp_path, attempt=attempt, code=c)
+
+    h1 = ident()
+    assert h1 == ident(dict(params))
+    assert ident(attempt=1) != h1  # --force: a new attempt
+    assert ident(c={**code, "commit": "abd"}) != h1  # a code fix
+    assert ident(c={**code, "image": "sha256:1"}) != h1  # another image
+    assert ident({**params, "overrides": {"a": 1, "dataset_version": "v2"}}) != h1  # new data
+    assert ident(res={"num_workers": 4}) != h1
     cfg.write_text("steps: 2\n")
-    assert stage_hash("train-tokenizer", params, {}, tmp_path) != h1  # same name, new content
-    assert stage_hash("train-tokenizer", params, {"num_workers": 4}, tmp_path) != h1
+    assert ident() != h1  # same file name, new content
+
+
+def test_code_version_reads_the_checkout_and_the_image_digest(monkeypatch):
+    import subprocess
+
+    cv = code_version()
+    commit = cv["commit"].split("+")[0]  # a commit of this checkout (HEAD when computed)
+    assert len(commit) == 40 and cv["package"] != "unknown"
+    assert subprocess.run(["git", "cat-file", "-e", f"{commit}^{{commit}}"], cwd=ROOT).returncode == 0
+    monkeypatch.setenv("DETAILFLOW_IMAGE_DIGEST", "sha256:feed")
+    assert code_version()["image"] == "sha256:feed"
+
+
+def test_pipeline_run_names_derive_from_identity_and_checkpoint_layout_not_the_date():
+    from detailflow.pipelines.train.stage_config import run_name
+
+    base = {"identity": "0123456789abcdef", "dataset_version": "v1", "micro_batch": 8, "grad_accum": 1,
+            "num_workers": 2, "date": "2026-01-01", "steps": 10}
+    name = run_name("tokenizer", "tiny", None, base)
+    assert name.startswith("tokenizer-tiny-") and "2026" not in name
+    assert run_name("tokenizer", "tiny", "2027-05-05", {**base, "date": "2027-05-05"}) == name  # other day
+    for change in ({"identity": "fedcba9876543210"}, {"dataset_version": "v2"}, {"num_workers": 4},
+                   {"grad_accum": 2}, {"micro_batch": 4}, {"steps": 11}):
+        assert run_name("tokenizer", "tiny", None, {**base, **change}) != name, change
+    # outside a pipeline (no identity): the CLI's date-pinned name, as before
+    assert run_name("tokenizer", "tiny", "2026-01-01", {**base, "identity": None}).startswith(
+        "tokenizer-tiny-2026-01-01-")
 
 
 @pytest.mark.integration
@@ -120,7 +157,7 @@ def test_rerun_skips_done_stages_and_a_failed_stage_resumes(
     version = state["stages"]["ingest"]["outputs"]["version"]
 
     summary = run_pipeline(spec, services, log=lambda m: None)
-    # synth is skipped by hash; ingest is volatile (runs, resumes by markers: same version); check resumes
+    # synth is skipped by identity; ingest is volatile (runs, resumes by markers: same version); check resumes
     assert {k: v["status"] for k, v in summary.items()} == {
         "data": "skipped",
         "ingest": "ran",
@@ -149,4 +186,5 @@ def test_rerun_skips_done_stages_and_a_failed_stage_resumes(
 
 
 def test_stage_context_is_a_dataclass():  # the kinds' contract stays explicit
-    assert {f.name for f in dataclasses.fields(stages_mod.StageContext)} >= {"settings", "date", "resources"}
+    fields = {f.name for f in dataclasses.fields(stages_mod.StageContext)}
+    assert fields >= {"settings", "identity", "resources"}

@@ -3,7 +3,9 @@
 Usage:
     detailflow pipeline validate configs/pipelines/tiny.yaml
     detailflow pipeline run configs/pipelines/tiny.yaml                  # skips what is done
-    detailflow pipeline run configs/pipelines/tiny.yaml --force tokenizer  # re-run one stage anyway
+    detailflow pipeline run configs/pipelines/tiny.yaml --force tokenizer  # a new attempt (+ all after)
+    detailflow pipeline run configs/pipelines/tiny.yaml --from ar          # ar and every stage after
+    detailflow pipeline history tiny                                     # past invocations
     detailflow pipeline status configs/pipelines/tiny.yaml               # state, time, MLflow link
     detailflow pipeline submit configs/pipelines/detailflow-16.yaml --address http://head:8265
         # a Ray Job (working dir = this checkout, or --no-working-dir when the image has the code),
@@ -47,22 +49,30 @@ def validate(file):
 
 @pipeline.command("run")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
-@click.option("--force", multiple=True, help="stage name to run even if it is done (repeatable)")
-def run(file, force):
-    """Run FILE against the current settings; finished stages with the same inputs are skipped."""
-    from detailflow.pipelines.runner.runner import StageFailed, run_pipeline
+@click.option("--force", multiple=True,
+              help="stage to run as a new attempt (new run name) even if done; stages after it follow")
+@click.option("--from", "from_stage", default=None, help="re-run this stage and every stage after it")
+def run(file, force, from_stage):
+    """Run FILE against the current settings; finished stages with the same identity are skipped."""
+    from detailflow.pipelines.runner.lease import LeaseHeld
+    from detailflow.pipelines.runner.runner import StageFailed, Terminated, run_pipeline
 
     spec = _load(file)
-    unknown = set(force) - {s.name for s in spec.stages}
+    unknown = (set(force) | ({from_stage} if from_stage else set())) - {s.name for s in spec.stages}
     if unknown:
-        raise click.UsageError(f"--force: no stage named {sorted(unknown)} in {file}")
+        raise click.UsageError(f"--force/--from: no stage named {sorted(unknown)} in {file}")
     settings = get_settings()
     ensure_ray(settings)
     try:
-        summary = run_pipeline(spec, settings, force=tuple(force), log=lambda m: click.echo(m, err=True))
-    except StageFailed as exc:
+        summary = run_pipeline(spec, settings, force=tuple(force), from_stage=from_stage,
+                               log=lambda m: click.echo(m, err=True))
+    except (StageFailed, LeaseHeld) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
+    except (Terminated, KeyboardInterrupt) as exc:
+        click.echo(f"error: stopped by {exc or 'SIGINT'}; the stage is recorded failed, re-run to resume",
+                   err=True)
+        sys.exit(143 if isinstance(exc, Terminated) else 130)
     click.echo(json.dumps({k: v["status"] for k, v in summary.items()}))
 
 
@@ -92,6 +102,28 @@ def status(file_or_name, as_json):
             click.echo(f"      error: {r['error'][:200]}")
     if any(r["status"] == "failed" for r in rows):
         sys.exit(1)
+
+
+@pipeline.command("history")
+@click.argument("file_or_name")
+@click.option("--limit", default=20, show_default=True, help="newest first")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable")
+def history(file_or_name, limit, as_json):
+    """Past invocations of a pipeline (who, when, code version, what ran, how it ended)."""
+    from pathlib import Path
+
+    from detailflow.pipelines.runner.events import list_history
+    from detailflow.platform.storage import Storage
+
+    name = _load(file_or_name).name if Path(file_or_name).is_file() else file_or_name
+    rows = list_history(Storage(get_settings()), name, limit)
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    for r in rows:
+        ran = ",".join(k for k, v in r.get("stages", {}).items() if v != "skipped") or "-"
+        click.echo(f"{r['started']}  {r['status']:<8} {r['host']}:{r['pid']}  code {r['code_version']}  "
+                   f"ran: {ran}" + (f"  error: {r['error'][:120]}" if r.get("error") else ""))
 
 
 @pipeline.command("submit")

@@ -92,13 +92,13 @@ class PipelineSpec:
         raise KeyError(name)
 
 
-def _refs(obj) -> list[tuple[str, str]]:
+def refs(obj) -> list[tuple[str, str]]:
     if isinstance(obj, str):
         return REF.findall(obj)
     if isinstance(obj, dict):
-        return [r for v in obj.values() for r in _refs(v)]
+        return [r for v in obj.values() for r in refs(v)]
     if isinstance(obj, list):
-        return [r for v in obj for r in _refs(v)]
+        return [r for v in obj for r in refs(v)]
     return []
 
 
@@ -132,7 +132,7 @@ def load_pipeline(path: str | Path, kinds: dict | None = None) -> PipelineSpec:
             raise PipelineError(
                 f"{path}: stages/{i}/kind: unknown kind {st.kind!r}; known: {', '.join(kinds)}"
             )
-        for ref_stage, key in _refs(st.params):
+        for ref_stage, key in refs(st.params):
             if ref_stage not in seen:
                 raise PipelineError(
                     f"{path}: stages/{i} ({st.name}): ${{stages.{ref_stage}.{key}}} refers to "

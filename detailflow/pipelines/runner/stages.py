@@ -25,9 +25,10 @@ class StageContext:
     settings: object  # platform Settings
     pipeline: str  # pipeline name
     stage: str  # stage name
-    date: str  # run-name date pinned at the stage's first attempt (so a retry resumes its runs)
+    identity: str  # the stage's content identity (runner.identity): training runs are named by it
     resources: dict  # the stage's resources block
     log: Callable[[str], None] = print  # progress lines
+    code_version: str = ""  # package@commit[#image] this pipeline runs (lineage)
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class Kind:
     outputs: tuple[str, ...]  # keys of the outputs dict
     volatile: bool = False  # always run (input outside the pipeline); otherwise skipped by content hash
     config_keys: tuple[str, ...] = ("config",)  # params naming files whose CONTENT enters the hash
+    exists: Callable[[dict, StageContext], bool] | None = None  # outputs still there? (None: assume so)
 
 
 def _stage_config(cls, params: dict, ctx: StageContext, extra: dict):
@@ -53,7 +55,7 @@ def _as_text(value) -> str:
 
 
 def _training_resources(ctx: StageContext) -> dict:
-    r, out = ctx.resources, {"date": ctx.date}
+    r, out = ctx.resources, {"identity": ctx.identity, "code_version": ctx.code_version}
     if "num_workers" in r:
         out["num_workers"] = r["num_workers"]
     if "cpus_per_worker" in r:
@@ -104,10 +106,45 @@ def ingest(params: dict, ctx: StageContext) -> dict:
     }
 
 
+def _check_dataset_version(cfg, ctx: StageContext, split: str = "train") -> None:
+    """Training reads the dataset's pointer: refuse when it moved off the version the pipeline
+    recorded (another ingest since), instead of training on data the lineage does not name."""
+    from detailflow.pipelines.data.reader import read_manifest_checked
+    from detailflow.platform.storage import Storage
+
+    if not cfg.dataset_version:
+        return
+    now = read_manifest_checked(Storage(ctx.settings), cfg.dataset, split).get("version")
+    if now != cfg.dataset_version:
+        raise RuntimeError(
+            f"dataset {cfg.dataset}/{split} now points at version {now}, not {cfg.dataset_version} that "
+            f"this pipeline ingested (another ingest ran since); re-run the pipeline to train on {now}")
+
+
+def _s3_exists(ctx: StageContext, uri: str) -> bool:
+    from detailflow.platform.storage import Storage
+
+    st = Storage(ctx.settings)
+    prefix = f"s3://{st.bucket}/"
+    return uri.startswith(prefix) and bool(st.list_keys(uri[len(prefix):].rstrip("/") + "/"))
+
+
+def _export_exists(out: dict, ctx: StageContext) -> bool:
+    return _s3_exists(ctx, out.get("export_uri", ""))
+
+
+def _codes_exist(out: dict, ctx: StageContext) -> bool:
+    from detailflow.pipelines.data.codes import codes_prefix
+    from detailflow.platform.storage import Storage
+
+    return Storage(ctx.settings).read_manifest(codes_prefix(out["version"], "train")) is not None
+
+
 def train_tokenizer(params: dict, ctx: StageContext) -> dict:
     from detailflow.pipelines.train.tokenizer import TokenizerStageConfig, run
 
     cfg = _stage_config(TokenizerStageConfig, params, ctx, _training_resources(ctx))
+    _check_dataset_version(cfg, ctx)
     info = run(cfg, ctx.settings)
     return {"run_name": info["run_name"], "export_uri": info["export_uri"], "dataset": cfg.dataset}
 
@@ -228,11 +265,12 @@ def deploy(params: dict, ctx: StageContext) -> dict:
 
 
 KINDS: dict[str, Kind] = {
-    "synth": Kind(synth, ("path", "train_images", "val_images")),
+    "synth": Kind(synth, ("path", "train_images", "val_images"),
+                  exists=lambda out, ctx: Path(out["path"]).is_dir()),
     "ingest": Kind(ingest, ("name", "split", "version", "num_images", "num_rejected"), volatile=True),
-    "train-tokenizer": Kind(train_tokenizer, ("run_name", "export_uri", "dataset")),
-    "extract-codes": Kind(extract_codes, ("version", "num_rows", "tokenizer", "run")),
-    "train-ar": Kind(train_ar, ("run_name", "export_uri", "tokenizer")),
+    "train-tokenizer": Kind(train_tokenizer, ("run_name", "export_uri", "dataset"), exists=_export_exists),
+    "extract-codes": Kind(extract_codes, ("version", "num_rows", "tokenizer", "run"), exists=_codes_exist),
+    "train-ar": Kind(train_ar, ("run_name", "export_uri", "tokenizer"), exists=_export_exists),
     "evaluate-tokenizer": Kind(evaluate_tokenizer, ("mlflow_run_id", "metrics", "tokenizer")),
     "evaluate-generator": Kind(evaluate_generator, ("mlflow_run_id", "metrics", "ar")),
     "promote": Kind(promote, ("model", "version", "decision", "champion")),

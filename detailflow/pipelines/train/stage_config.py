@@ -7,8 +7,9 @@ Usage:
     resolved = dataclasses.asdict(cfg)
     name = run_name("tokenizer", cfg.name, cfg.date, resolved)   # tokenizer-tiny-2026-11-28-1a2b3c4d
 
-The run name is deterministic (same config + same date -> same name), which is what makes a
-resubmitted job find its own checkpoints and MLflow run.
+The run name is deterministic (same config + same date -> same name; in a pipeline, same content
+identity -> same name, see run_name), which is what makes a resubmitted job find its own
+checkpoints and MLflow run.
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ class DistributedStageConfig:
     date: str | None = None  # run-name date (default today: resubmitting the same day resumes)
     fail_at_step: int = -1  # fault injection for tests: rank 1 exits at this step on the first attempt
     fail_marker: str = ""  # file that makes the injected failure one-shot
+    identity: str | None = None  # the pipeline stage's content identity: names the run (no date)
+    dataset_version: str | None = None  # dataset version this run reads (lineage; names the run)
+    code_version: str | None = None  # package@commit the pipeline ran (lineage; in the identity)
 
 # Fields that change where/how a run executes, not what it computes: excluded from the run hash,
 # so e.g. re-running with more workers or in-process still resumes the same run.
@@ -111,8 +115,23 @@ def config_hash(resolved: dict) -> str:
     return hashlib.sha256(json.dumps(core, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
+def checkpoint_layout(resolved: dict) -> dict:
+    """The fields a checkpoint's shape depends on: world size and global batch."""
+    world = max(1, int(resolved.get("num_workers") or 1))
+    micro, accum = int(resolved.get("micro_batch") or 1), int(resolved.get("grad_accum") or 1)
+    return {"world_size": world, "global_batch": micro * accum * world}
+
+
 def run_name(stage: str, config_name: str, date: str | None, resolved: dict) -> str:
-    """`<stage>-<config>-<date>-<hash>`, e.g. tokenizer-smoke-2026-11-28-1a2b3c4d."""
+    """`<stage>-<config>-<date>-<hash>`, e.g. tokenizer-smoke-2026-11-28-1a2b3c4d; with a pipeline
+    `identity` in the config: `<stage>-<config>-<12 hex>` over the identity, the config, the dataset
+    version and the checkpoint layout (world size, global batch) — no date, so new data or code on
+    the same day is a new run, and a retry on another day resumes."""
+    if resolved.get("identity"):
+        blob = json.dumps({"identity": resolved["identity"], "config": config_hash(resolved),
+                           "dataset_version": resolved.get("dataset_version"),
+                           **checkpoint_layout(resolved)}, sort_keys=True)
+        return f"{stage}-{config_name}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
     return f"{stage}-{config_name}-{date or today()}-{config_hash(resolved)}"
 
 
