@@ -16,7 +16,7 @@ from detailflow.platform.settings import ENV_NAMES, all_env_names, load_settings
 from detailflow.platform.storage import storage_env
 
 ROOT = Path(__file__).resolve().parents[1]
-SCHEMA = ROOT.parent / "shared" / "schemas" / "compose-spec.json"
+SCHEMA = ROOT / "tests" / "data" / "schemas" / "compose-spec.json"  # published, see its README
 # Third-party variables the stack may set besides the settings' own.
 EXTERNAL_ENV = set(storage_env(load_settings(environ={}))) | set(RUNTIME_ENV) | {
     "MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "DS_ACCELERATOR"}
@@ -44,7 +44,7 @@ def test_validates_against_compose_spec(compose):
     import jsonschema
 
     if not SCHEMA.exists():
-        pytest.fail(f"compose schema missing at {SCHEMA} (shared/ must sit beside the repository)")
+        pytest.fail(f"compose schema missing at {SCHEMA} (tests/data/schemas/README.md names its source)")
     schema = json.loads(SCHEMA.read_text())
     jsonschema.Draft7Validator(schema).validate(compose)  # the spec declares draft-07
 

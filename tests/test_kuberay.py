@@ -1,5 +1,5 @@
 """KubeRay manifests (infra/k8s/): each validates against its CRD's OpenAPI v3 schema from
-../shared/schemas/kuberay/, the checked-in files equal a fresh render, secrets are only referenced,
+tests/data/schemas/kuberay/ (published, shipped with the project), the checked-in files equal a fresh render, secrets are only referenced,
 the RayService embeds the same serve config the local endpoint uses, and the env names are settings
 the code really reads."""
 
@@ -16,7 +16,7 @@ from detailflow.platform import kuberay
 from detailflow.platform.settings import all_env_names
 
 ROOT = Path(__file__).resolve().parents[1]
-SCHEMAS = ROOT.parent / "shared" / "schemas" / "kuberay"
+SCHEMAS = ROOT / "tests" / "data" / "schemas" / "kuberay"  # published CRDs, see its README
 K8S = ROOT / "infra" / "k8s"
 CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml",
              "RayCronJob": "ray.io_raycronjobs.yaml", "RayService": "ray.io_rayservices.yaml"}
