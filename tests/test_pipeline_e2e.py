@@ -52,7 +52,8 @@ def pipeline_file(tmp_path):
         kind: train-tokenizer
         params:
           config: configs/tokenizer-smoke.yaml
-          overrides: {{dataset: "${{stages.ingest-train.name}}", steps: 4, checkpoint_every: 4, name: e2e}}
+          overrides: {{dataset: "${{stages.ingest-train.name}}", steps: 4, checkpoint_every: 4, name: e2e,
+                       dataset_version: "${{stages.ingest-train.version}}"}}
         resources: {{num_workers: 2, cpus_per_worker: 0.5}}
       - name: codes
         kind: extract-codes
@@ -121,6 +122,18 @@ def test_one_pipeline_file_runs_the_whole_life_and_reruns_skip(services, storage
         champion = client.get_model_version_by_alias("e2e-generator", "champion")
         assert champion.version == out["promote"]["champion"]
         assert "metrics" in out["eval-tokenizer"] and out["eval-tokenizer"]["mlflow_run_id"]
+
+        # lineage: the registered version names the dataset version, the code and both training runs
+        from detailflow.pipelines.runner.identity import code_version_text
+
+        tags = champion.tags
+        assert tags["detailflow.lineage.dataset_version"] == out["ingest-train"]["version"]
+        assert tags["detailflow.lineage.code_version"] == code_version_text()
+        tok_run = client.get_run(tags["detailflow.lineage.tokenizer_run_id"])
+        assert tok_run.info.run_name == out["tokenizer"]["run_name"]
+        shown = _cli("registry", "show", f"e2e-generator/{champion.version}", timeout=120)
+        assert shown.returncode == 0 and out["ingest-train"]["version"] in shown.stdout, shown.stderr
+        print(shown.stdout)  # the closing note's `registry show`
 
         # HTTP: the deployed endpoint serves the champion as PNGs
         from detailflow.platform.serving.auth import first_key

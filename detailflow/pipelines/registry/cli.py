@@ -75,7 +75,9 @@ def _version_row(v, aliases: dict) -> dict:
             "reason": tags.get("detailflow.promotion.reason"),
             "evaluations": {k: {f: e.get(f) for f in ("status", "run_id", "metrics", "error")}
                             for k, e in evals.items()},
-            "rolled_back": tags.get("detailflow.rollback.reason"), "tags": tags}
+            "rolled_back": tags.get("detailflow.rollback.reason"), "tags": tags,
+            "lineage": {k.removeprefix("detailflow.lineage."): t for k, t in tags.items()
+                        if k.startswith("detailflow.lineage.")}}
 
 
 @registry.command("show")
@@ -83,13 +85,25 @@ def _version_row(v, aliases: dict) -> dict:
 @click.option("--version", "version", default=None, help="Show one version with all its tags.")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def show(name, version, as_json):
-    """A model's aliases, champion history and versions (decisions, evaluations)."""
+    """A model's aliases, champion history and versions (decisions, evaluations, lineage).
+    NAME/VERSION (or --version) shows one version with all its tags."""
+    if "/" in name and version is None:
+        name, version = name.rsplit("/", 1)
     reg = _registry()
     model = _model_name(reg, name)
     aliases = reg.aliases(model)
     if version is not None:
-        row = _version_row(reg.version(model, version), aliases)
-        click.echo(json.dumps(row, indent=2, default=str))
+        row = _version_row(reg.version(model, version.removeprefix("v")), aliases)
+        if as_json:
+            click.echo(json.dumps(row, indent=2, default=str))
+            return
+        click.echo(f"{model} v{row['version']}  {' '.join('@' + a for a in row['aliases']) or ''}")
+        click.echo(f"  decision: {row['decision'] or 'undecided'} {row['reason'] or ''}")
+        for key, value in sorted(row["lineage"].items()):
+            click.echo(f"  {key:18s} {value}")
+        for key, value in sorted(row["tags"].items()):
+            if not key.startswith(("detailflow.lineage.", "detailflow.eval.")):
+                click.echo(f"  tag {key} = {value[:120]}")
         return
     data = {"name": model, "aliases": aliases, "history": reg.history(model),
             "versions": [_version_row(v, aliases) for v in reg.versions(model)]}
@@ -104,6 +118,11 @@ def show(name, version, as_json):
         mark = ",".join(row["aliases"])
         decision = row["decision"] or "undecided"
         click.echo(f"  v{row['version']:<4} {mark:20s} {decision:16s} {row['reason'] or ''}")
+        if row["lineage"]:
+            lin = row["lineage"]
+            click.echo(f"        data {lin.get('dataset')}@{lin.get('dataset_version')}  code "
+                       f"{lin.get('code_version')}  runs tok {lin.get('tokenizer_run_id')} "
+                       f"ar {lin.get('ar_run_id')}")
         for key, e in row["evaluations"].items():
             metrics = " ".join(f"{k}={v:.4g}" for k, v in sorted((e["metrics"] or {}).items())[:6])
             click.echo(f"        eval {key} {e['status']}: {metrics or e['error'] or ''}")

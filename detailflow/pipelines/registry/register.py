@@ -16,6 +16,9 @@ Where each part comes from:
     training run) when the training stage logged it; otherwise the export is logged here first;
   * `<name>-generator`: no training run owns both parts, so the bundle is logged on a registration
     run (experiment "detailflow-registry") whose tags link both training runs and both exports.
+Lineage: both versions carry detailflow.lineage.* tags read from the training runs' logged
+configs: the dataset and its version, the code version, and the upstream training run ids
+(`detailflow registry show NAME/VERSION` prints them).
 Versions carry the sha256 of what they bundle; registering the same pair again returns the
 existing versions (created False), so a resubmitted pipeline does not pile up copies.
 """
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import re
 import tempfile
 from pathlib import Path
@@ -121,6 +125,27 @@ def _part_tags(prefix: str, ref: ExportRef) -> dict:
     return tags
 
 
+LINEAGE_PREFIX = "detailflow.lineage."
+
+
+def lineage_tags(client, tok: ExportRef, ar: ExportRef) -> dict:
+    """Dataset + version, code version and upstream run ids, from the training runs' params."""
+    def params(ref):
+        return client.get_run(ref.run_id).data.params if ref.run_id else {}
+
+    tp, ap = params(tok), params(ar)
+
+    def known(v):
+        return v not in (None, "", "None")
+
+    code = ap.get("code_version") if known(ap.get("code_version")) else tp.get("code_version")
+    out = {"dataset": tp.get("dataset"), "dataset_version": tp.get("dataset_version"), "code_version": code,
+           "tokenizer_run_id": tok.run_id, "ar_run_id": ar.run_id,
+           "codes_version": ap.get("codes_version") or tok.config.get("run_name"),
+           "upstream_runs": json.dumps({"tokenizer": tok.run_id, "ar": ar.run_id})}
+    return {LINEAGE_PREFIX + k: str(v) if known(v) else "unknown" for k, v in out.items()}
+
+
 def register(settings, name: str, ar: str, tokenizer: str | None = None) -> dict:
     """Register `<name>-tokenizer` and `<name>-generator`; see the module docstring. Returns
     {generator, generator_version, tokenizer, tokenizer_version, registration_run_id, created}."""
@@ -148,6 +173,7 @@ def register(settings, name: str, ar: str, tokenizer: str | None = None) -> dict
         tok_version = reg.find_version(tok_model, WEIGHTS_TAG, tok_ref.sha256)
         gen_version = reg.find_version(gen_model, BUNDLE_TAG, bundle)
         created = gen_version is None
+        lineage = lineage_tags(reg.client, tok_ref, ar_ref)
         run_id = None
         if tok_version is None or gen_version is None:
             run_id = _registration_run(reg.client, name, bundle, tok_ref, ar_ref)
@@ -158,11 +184,11 @@ def register(settings, name: str, ar: str, tokenizer: str | None = None) -> dict
                 source = "models:/" + tracker.log_export(str(tok_ref.directory), tok_ref.config,
                                                          uri=tok_ref.export_uri)
             tok_version = reg.create_version(tok_model, source, tags={
-                WEIGHTS_TAG: tok_ref.sha256, **_part_tags("detailflow.tokenizer", tok_ref)})
+                WEIGHTS_TAG: tok_ref.sha256, **_part_tags("detailflow.tokenizer", tok_ref), **lineage})
         if gen_version is None:
             tags = {BUNDLE_TAG: bundle, "detailflow.registration_run_id": run_id,
                     "detailflow.tokenizer.version": tok_version,
-                    "detailflow.model": ar_ref.config.get("model", ""),
+                    "detailflow.model": ar_ref.config.get("model", ""), **lineage,
                     **_part_tags("detailflow.tokenizer", tok_ref), **_part_tags("detailflow.ar", ar_ref)}
             model_id = reg.log_generator_model(tok_ref.directory, ar_ref.directory, run_id=run_id, tags=tags)
             gen_version = reg.create_version(gen_model, f"models:/{model_id}", tags=tags, description=(
