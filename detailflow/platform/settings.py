@@ -49,6 +49,9 @@ class Settings:
     s3_bucket: str = "detailflow"  # every dataset, checkpoint and MLflow artefact lives here
     aws_access_key_id: str = DEV_ACCESS_KEY_ID  # S3 credentials (secret: masked when printed)
     aws_secret_access_key: str = DEV_SECRET_ACCESS_KEY
+    # static: the two keys above; chain: boto3/pyarrow's default chain (IRSA / workload identity
+    # web-identity token, instance role, or AWS_* keys if set) - what KubeRay pods on AWS use
+    s3_credentials: str = "static"
     mlflow_tracking_uri: str = ""  # MLflow server; defaults to the local one on mlflow_port
     mlflow_artifact_prefix: str = "mlflow"  # server-proxied artefacts go to s3://<bucket>/<this>
     ray_address: str = "local"  # "local" = in-process Ray; or "ray://host:10001" / "host:6379"
@@ -122,6 +125,7 @@ ENV_NAMES: dict[str, tuple[str, ...]] = {
     "s3_bucket": ("DETAILFLOW_S3_BUCKET",),
     "aws_access_key_id": ("AWS_ACCESS_KEY_ID",),
     "aws_secret_access_key": ("AWS_SECRET_ACCESS_KEY",),
+    "s3_credentials": ("DETAILFLOW_S3_CREDENTIALS",),
     "mlflow_tracking_uri": ("MLFLOW_TRACKING_URI",),
     "mlflow_artifact_prefix": ("DETAILFLOW_MLFLOW_ARTIFACT_PREFIX",),
     "ray_address": ("DETAILFLOW_RAY_ADDRESS",),
@@ -230,6 +234,9 @@ def _validate(s: Settings) -> None:
     if min(s.multipart_threshold_mb, s.multipart_chunk_mb) < 5:
         raise SettingsError("multipart_threshold_mb and multipart_chunk_mb must be >= 5 "
                             "(the S3 minimum part size)")
+    if s.s3_credentials not in ("static", "chain"):
+        raise SettingsError(
+            f"Invalid {_where('s3_credentials')}: {s.s3_credentials!r}; expected static or chain")
     if s.s3_max_attempts < 1:
         raise SettingsError(f"Invalid {_where('s3_max_attempts')}: must be >= 1")
 

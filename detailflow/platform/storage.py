@@ -58,14 +58,20 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 def storage_env(settings: Settings) -> dict[str, str]:
     """Env vars MLflow, pyarrow, boto3 and the aws CLI read to reach this S3 store."""
+    keys = {"AWS_ACCESS_KEY_ID": settings.aws_access_key_id,
+            "AWS_SECRET_ACCESS_KEY": settings.aws_secret_access_key} if _static(settings) else {}
     return {
-        "AWS_ACCESS_KEY_ID": settings.aws_access_key_id,
-        "AWS_SECRET_ACCESS_KEY": settings.aws_secret_access_key,
+        **keys,
         "AWS_DEFAULT_REGION": settings.s3_region,
         "AWS_ENDPOINT_URL_S3": settings.s3_endpoint_url,
         "MLFLOW_S3_ENDPOINT_URL": settings.s3_endpoint_url,
         "AWS_S3_ADDRESSING_STYLE": "path",
     }
+
+
+def _static(settings: Settings) -> bool:
+    """Pass the settings' keys explicitly? Not with s3_credentials=chain (IRSA, instance role)."""
+    return settings.s3_credentials == "static"
 
 
 def s3_client(settings: Settings, max_attempts: int | None = None, connect_timeout: float = 5,
@@ -84,9 +90,10 @@ def s3_client(settings: Settings, max_attempts: int | None = None, connect_timeo
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
     )
+    static = _static(settings)
     return boto3.client("s3", endpoint_url=settings.s3_endpoint_url, config=cfg,
-                        aws_access_key_id=settings.aws_access_key_id,
-                        aws_secret_access_key=settings.aws_secret_access_key)
+                        aws_access_key_id=settings.aws_access_key_id if static else None,
+                        aws_secret_access_key=settings.aws_secret_access_key if static else None)
 
 
 def _is_transient(exc: BaseException) -> bool:
@@ -157,8 +164,10 @@ class Storage:
 
             s = self.settings
             parts = urlsplit(s.s3_endpoint_url)
+            keys = (dict(access_key=s.aws_access_key_id, secret_key=s.aws_secret_access_key)
+                    if _static(s) else {})
             self._fs = pafs.S3FileSystem(
-                access_key=s.aws_access_key_id, secret_key=s.aws_secret_access_key, region=s.s3_region,
+                **keys, region=s.s3_region,
                 endpoint_override=parts.netloc, scheme=parts.scheme, force_virtual_addressing=False,
                 retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=s.s3_max_attempts))
         return self._fs
