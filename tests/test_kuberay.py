@@ -312,3 +312,65 @@ def test_chain_credentials_reach_the_clients_not_the_dev_keys(monkeypatch):
     assert "AWS_ACCESS_KEY_ID" not in storage_env(chain) and "AWS_ACCESS_KEY_ID" in storage_env(static)
     with pytest.raises(ValueError, match="DETAILFLOW_S3_CREDENTIALS"):
         load_settings(environ={**base, "DETAILFLOW_S3_CREDENTIALS": "irsa"})
+
+
+def test_cluster_pipelines_end_by_checking_the_rayservice_not_deploying_serve():
+    """No Serve inside the RayJob: the GPU pipelines' last stage checks the RayService's endpoint
+    (the in-cluster Service KubeRay creates for the rendered RayService) for the new champion."""
+    from detailflow.pipelines.runner.spec import load_pipeline
+
+    for path in sorted((ROOT / "configs" / "pipelines").glob("detailflow-*.yaml")):
+        pipe = load_pipeline(path)
+        kinds = [s.kind for s in pipe.stages]
+        assert "deploy" not in kinds and kinds[-1] == "check-rayservice", (path.name, kinds)
+        params = pipe.stages[-1].params
+        assert params["version"] == "${stages.promote.champion}"
+        if path.name == "detailflow-16.yaml":
+            assert params["url"] == kuberay.serve_url(kuberay.ClusterSpec())
+
+
+def _readyz_server(answers: list):
+    """A stand-in for the serving app's GET /readyz (same JSON contract as serving/app.py): it
+    answers the given (status, body) pairs in turn, the last one forever."""
+    import http.server
+    import json
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            status, body = answers.pop(0) if len(answers) > 1 else answers[0]
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def test_check_rayservice_waits_for_the_champion_and_fails_naming_what_it_served():
+    from types import SimpleNamespace
+
+    from detailflow.pipelines.runner.stages import KINDS
+
+    kind = KINDS["check-rayservice"]
+    ctx = SimpleNamespace(log=lambda line: None)
+    old = {"status": "ready", "model": "detailflow-16-generator", "model_version": "3"}
+    new = dict(old, model_version="4")
+    server, url = _readyz_server([(503, {"detail": "no model loaded yet"}), (200, old), (200, new)])
+    try:
+        out = kind.fn({"url": url, "model": "detailflow-16", "version": "4", "poll_s": 0.05,
+                       "timeout_s": 10}, ctx)
+        assert out == {"url": url, "model": "detailflow-16", "version": "4"}
+        with pytest.raises(RuntimeError, match=r"does not serve detailflow-16-generator v5.*'4'"):
+            kind.fn({"url": url, "model": "detailflow-16", "version": "5", "poll_s": 0.05,
+                     "timeout_s": 0.3}, ctx)
+    finally:
+        server.shutdown()
+    assert kind.volatile, "serving is outside the pipeline: every run checks it"

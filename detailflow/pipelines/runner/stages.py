@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from detailflow.pipelines.runner.stage_rayservice import check_rayservice
+
 
 @dataclass
 class StageContext:
@@ -275,4 +277,5 @@ KINDS: dict[str, Kind] = {
     "evaluate-generator": Kind(evaluate_generator, ("mlflow_run_id", "metrics", "ar")),
     "promote": Kind(promote, ("model", "version", "decision", "champion")),
     "deploy": Kind(deploy, ("url", "playground", "model"), volatile=True),
+    "check-rayservice": Kind(check_rayservice, ("url", "model", "version"), volatile=True),
 }
