@@ -60,12 +60,27 @@ def test_required_services_and_pinned_images(compose):
     assert "--artifacts-destination=s3://" in mlflow_cmd
 
 
-def test_gpu_worker_and_shared_memory(compose):
-    worker = compose["services"]["ray-worker"]
-    devices = worker["deploy"]["resources"]["reservations"]["devices"]
-    assert any("gpu" in d["capabilities"] for d in devices)
-    for name in ("ray-head", "ray-worker"):
-        assert compose["services"][name].get("shm_size"), f"{name}: Ray needs shm_size"
+def _needs_gpu(svc: dict) -> bool:
+    devices = (((svc.get("deploy") or {}).get("resources") or {}).get("reservations") or {}).get("devices")
+    return any("gpu" in d.get("capabilities", []) or d.get("driver") == "nvidia" for d in devices or [])
+
+
+def test_cpu_host_by_default_gpu_worker_in_a_profile(compose):
+    """`docker compose up` on a CPU-only host starts every default service: none reserves a GPU
+    (the NVIDIA runtime would be required), a CPU worker gives the 0-CPU head somewhere to run
+    tasks, and the GPU worker (its image a CUDA build) comes only with `--profile gpu`."""
+    services = compose["services"]
+    default = {n: s for n, s in services.items() if not s.get("profiles")}
+    assert REQUIRED_SERVICES <= set(default)
+    for name, svc in default.items():
+        assert not _needs_gpu(svc), f"{name} needs the NVIDIA runtime but runs without a profile"
+        assert svc.get("environment", {}).get("DETAILFLOW_DEVICE", "cpu") == "cpu", name
+        assert "cpu" in str((svc.get("build") or {}).get("args", {}).get("TORCH_CUDA", "cpu")), name
+    gpu = [n for n, s in services.items() if _needs_gpu(s)]
+    assert gpu == ["ray-worker-gpu"] and services["ray-worker-gpu"]["profiles"] == ["gpu"]
+    assert services["ray-worker-gpu"]["build"]["args"]["TORCH_CUDA"].startswith("cu")
+    for name in ("ray-head", "ray-worker", "ray-worker-gpu"):
+        assert services[name].get("shm_size"), f"{name}: Ray needs shm_size"
 
 
 def test_env_names_match_settings(compose):
@@ -112,6 +127,27 @@ def test_dockerfile_builds_from_pinned_ray(compose):
     assert re.search(r"ARG BASE_IMAGE=rayproject/ray:\d+\.\d+\.\d+-py311", text)
     assert "pip install" in text and "detailflow" in text
     assert compose["services"]["ray-head"]["build"]["dockerfile"] == "infra/Dockerfile"
+
+
+def test_image_installs_from_the_constraints_with_torch_cuda_matched(compose):
+    """The image installs infra/constraints-gpu.txt (every runtime dependency pinned ==), torch's
+    CUDA build is the base image's CUDA, and the pins are what the tests run with (Ray = the base)."""
+    from importlib.metadata import requires, version
+
+    text = (ROOT / "infra" / "Dockerfile").read_text()
+    assert "-c /tmp/constraints.txt" in text and "infra/constraints-gpu.txt" in text
+    pins = {}
+    for line in (ROOT / "infra" / "constraints-gpu.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, pin = line.split("==")
+            pins[re.sub(r"\[.*\]", "", name).lower()] = pin
+    deps = {re.split(r"[<>=\[ ;]", r)[0].lower() for r in requires("detailflow") if "extra ==" not in r}
+    assert deps <= set(pins), f"unpinned in the image: {sorted(deps - set(pins))}"
+    base_cuda = re.search(r"ARG BASE_IMAGE=rayproject/ray:([\d.]+)-py311-(cu\d+)", text)
+    torch_ver, torch_cuda = pins["torch"].split("+")
+    assert base_cuda.group(2) == torch_cuda == re.search(r"ARG TORCH_CUDA=(\w+)", text).group(1)
+    assert base_cuda.group(1) == pins["ray"] == version("ray")
+    assert torch_ver == version("torch").split("+")[0] and pins["deepspeed"] == version("deepspeed")
 
 
 def test_settings_table_mentions_each_env_var():
