@@ -8,7 +8,7 @@
 
 Exit codes: 0 ok, 1 runtime failure, 2 usage or configuration error.
 
-Stage groups (data, train, eval, registry, serve, generate, pipeline) live in their own modules
+Stage groups (data, train, eval, registry, serve, generate, pipeline, weights) live in their own modules
 and are loaded lazily from PLUGIN_GROUPS, so a module being written cannot break the rest of the
 CLI. A plugin command gets the resolved settings with
 ``detailflow.platform.cli_settings.get_settings()`` (never from this module: layers import one way).
@@ -40,6 +40,8 @@ PLUGIN_GROUPS: dict[str, tuple[str, str, str]] = {
                  "Run a pipeline file end to end (resumable)."),
     "infra": ("detailflow.platform.infra_cli", "infra",
               "Render KubeRay manifests (RayCluster/Job/CronJob/Service)."),
+    "weights": ("detailflow.pipelines.registry.weights_cli", "weights",
+                "Import released DetailFlow checkpoints; convert SigLIP2 towers to the encoder init."),
 }
 
 
