@@ -168,3 +168,13 @@ def test_heads_follow_the_authors_tower_names():
     bad = dict(MANIFEST["tokenizer_config_json"], encoder_model="clip")
     with pytest.raises(ReleaseOptionError, match="encoder_model='clip'"):
         tokenizer_config_from_release(bad, MANIFEST["tokenizer_config_yaml"], tok_state())
+
+
+def test_released_pipeline_file_runs_import_then_the_trained_model_gates():
+    from detailflow.pipelines.runner.spec import load_pipeline
+    from detailflow.pipelines.runner.stages import KINDS
+
+    path = Path(__file__).parent.parent / "configs" / "pipelines" / "released-detailflow-16.yaml"
+    spec = load_pipeline(path, KINDS)
+    assert [s.kind for s in spec.stages] == ["import-released", "evaluate-generator", "promote", "deploy"]
+    assert spec.stages[2].params["overrides"]["ar"] == "${stages.import.ar}"

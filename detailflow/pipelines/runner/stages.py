@@ -232,6 +232,20 @@ def promote(params: dict, ctx: StageContext) -> dict:
     }
 
 
+def import_released(params: dict, ctx: StageContext) -> dict:
+    """`detailflow weights import detailflow`: released tokenizer + GPT checkpoints -> platform exports
+    runs/<name>-tokenizer/export and runs/<name>-ar/export (pipelines.registry.weights_import)."""
+    from detailflow.pipelines.registry.weights_import import import_detailflow
+    from detailflow.platform.storage import Storage
+
+    out = import_detailflow(Storage(ctx.settings), str(params["tokenizer"]), str(params["generator"]),
+                            str(params["name"]), "ema" if params.get("ema", True) else "model")
+    for note in out["notes"]:
+        ctx.log(f"[import] {note}")
+    return {"tokenizer": out["tokenizer"]["uri"], "export_uri": out["ar"]["uri"], "ar": out["ar"]["uri"],
+            "sha256": out["ar"]["sha256"]}
+
+
 def deploy(params: dict, ctx: StageContext) -> dict:
     """`detailflow serve up` in a child process: locally it starts its own Ray head so the endpoint
     outlives this pipeline process (whose in-process Ray ends with it); on a cluster it deploys there.
@@ -276,6 +290,8 @@ KINDS: dict[str, Kind] = {
     "evaluate-tokenizer": Kind(evaluate_tokenizer, ("mlflow_run_id", "metrics", "tokenizer")),
     "evaluate-generator": Kind(evaluate_generator, ("mlflow_run_id", "metrics", "ar")),
     "promote": Kind(promote, ("model", "version", "decision", "champion")),
+    "import-released": Kind(import_released, ("tokenizer", "export_uri", "ar", "sha256"),
+                            exists=_export_exists),
     "deploy": Kind(deploy, ("url", "playground", "model"), volatile=True),
     "check-rayservice": Kind(check_rayservice, ("url", "model", "version"), volatile=True),
 }
