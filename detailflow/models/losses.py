@@ -40,10 +40,6 @@ from detailflow.models.featurenets import (
 from detailflow.models.fp32_state import BatchNorm1dFp32, Fp32Buffers, spectral_norm
 
 
-def _f(x: torch.Tensor) -> float:
-    return float(x.detach())
-
-
 def _fit(img_BCHW: torch.Tensor, size: int | None) -> torch.Tensor:
     """Resize to a frozen net's working size: bicubic up, area down."""
     if size is None or img_BCHW.shape[-1] == size:
@@ -206,15 +202,16 @@ def discriminator_step(
     step: int,
     cfg,
     generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """D loss = gan_weight * (hinge + lecam_w * LeCAM) + cr_w * CR, all zero before cfg.disc_start.
+    Logs are detached 0-dim tensors (no host sync here): host.host_floats converts them in one transfer.
 
     CR is ONE mean squared error over the real and fake logits together (spec §1.10: weight 4.0 on
     "the MSE between the logits and those of strongly augmented copies"), i.e. the mean of the real
     and fake MSEs (equal batch sizes), not their sum, which would double the effective weight."""
     if not gan_active(cfg, step):
         zero = sum(p.sum() for p in disc.trainable_parameters()) * 0.0  # keeps the graph (DDP-friendly)
-        return zero, {"d_loss": 0.0}
+        return zero, {"d_loss": zero.detach()}
     fake_BCHW = fake_BCHW.detach()
     aug = (
         (lambda x: diff_augment(x, cutout_ratio=0.2, prob=0.5, generator=generator))
@@ -228,16 +225,16 @@ def discriminator_step(
     lecam = lecam_reg(lr, lf, disc.ema_real, disc.ema_fake) if cfg.disc_lecam_weight > 0 else lr.new_zeros(())
     loss = cfg.gan_weight * (hinge + cfg.disc_lecam_weight * lecam)
     logs = {
-        "d_hinge": _f(hinge),
-        "d_lecam": _f(lecam),
-        "logits_real": _f(lr.mean()),
-        "logits_fake": _f(lf.mean()),
+        "d_hinge": hinge.detach(),
+        "d_lecam": lecam.detach(),
+        "logits_real": lr.mean().detach(),
+        "logits_fake": lf.mean().detach(),
     }
     if cfg.disc_cr_weight > 0:
         strong = lambda x: diff_augment(x, cutout_ratio=0.5, prob=1.0, generator=generator)  # noqa: E731
         strong_logits = torch.cat([disc(strong(real_BCHW)), disc(strong(fake_BCHW))]).float()
         cr = F.mse_loss(strong_logits, torch.cat([lr, lf]))
         loss = loss + cfg.disc_cr_weight * cr
-        logs["d_cr"] = _f(cr)
-    logs["d_loss"] = _f(loss)
+        logs["d_cr"] = cr.detach()
+    logs["d_loss"] = loss.detach()
     return loss, logs
