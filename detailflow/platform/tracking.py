@@ -29,16 +29,28 @@ import contextlib
 import io
 import json
 import math
+import os
+import tempfile
 import time
+import uuid
+from pathlib import Path
 from typing import Any
 
+from detailflow.platform.tracking_buffer import TrackingBuffer
+from detailflow.platform.tracking_records import (  # noqa: F401  (re-exported: callers import them here)
+    CHECKPOINT_METRIC_PREFIX,
+    CHECKPOINT_MODEL_TYPE,
+    ERROR_TAG,
+    KIND_TAG,
+    PREVIOUS_ERROR_TAG,
+    _logged_models,
+    apply_records,
+)
+
 RUN_NAME_TAG = "detailflow.run_name"
-ERROR_TAG = "detailflow.error"  # set with status FAILED when a run gives up
-PREVIOUS_ERROR_TAG = "detailflow.previous_error"  # the error of the attempt a resumed run recovered from
-KIND_TAG = "detailflow.kind"  # "checkpoint" | "export" on the run's logged models
-CHECKPOINT_MODEL_TYPE = "detailflow-checkpoint"
-CHECKPOINT_METRIC_PREFIX = "checkpoint/"  # a checkpoint's metrics, on its logged model and the run
 MAX_TAG_LEN = 5000  # tag values are capped (MLflow's limit is 8000 characters)
+LINK_TAG_PREFIX = "detailflow.artifact."  # <artifact path>.uri/.sha256/.bytes of a file stored on S3
+LINK_BYTES = 4 * 1024 * 1024  # files above this go to S3 directly, not through the tracking server
 MAX_PARAM_LEN = 6000  # MLflow's limit on a param value (keeps long lists from failing log_batch)
 
 
@@ -56,12 +68,22 @@ def flatten(d: dict, prefix: str = "", sep: str = ".") -> dict[str, str]:
 
 
 class Tracker:
-    """One MLflow run, written by rank 0; a disabled tracker ignores every call."""
+    """One MLflow run, written by rank 0; a disabled tracker ignores every call.
 
-    def __init__(self, client=None, run_id: str | None = None, tracking_uri: str | None = None):
+    A started tracker is write-behind (tracking_buffer.py): log_metrics / log_params / set_tags /
+    log_png / log_dict / log_checkpoint / finish append to a local spool and return at once, a
+    thread sends them; finish() flushes with a deadline (`flush_deadline_s`) and then writes the
+    end status; whatever stays unsent is backfilled by the next tracker on the same run. An
+    attached tracker (the driver's) writes synchronously."""
+
+    flush_deadline_s = float(os.environ.get("DETAILFLOW_TRACKING_FLUSH_DEADLINE_S", "60"))
+
+    def __init__(self, client=None, run_id: str | None = None, tracking_uri: str | None = None,
+                 buffer: TrackingBuffer | None = None):
         self.client = client
         self.run_id = run_id
         self.tracking_uri = tracking_uri
+        self.buffer = buffer
         self.last_checkpoint: tuple[int, str] | None = None  # (step, uri) of the newest one logged
 
     @property
@@ -80,102 +102,133 @@ class Tracker:
     @classmethod
     def start(cls, tracking_uri: str, *, experiment: str, run_name: str, run_id: str | None = None,
               params: dict | None = None, tags: dict | None = None, enabled: bool = True) -> Tracker:
+        """A new run, or the run `run_id` / named `run_name` resumed (back to RUNNING, the old error
+        kept as history). With a known run_id nothing waits on the server (the resume is spooled)."""
         if not enabled:
             return cls()
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(tracking_uri=tracking_uri)
-        exp = client.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+        fresh = False
         if run_id is None:
+            exp = client.get_experiment_by_name(experiment)
+            exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
             run_id = find_run_id(client, run_name, [exp_id])
-        fresh = run_id is None
-        if fresh:
-            run_id = client.create_run(exp_id, run_name=run_name,
-                                       tags={RUN_NAME_TAG: run_name,
-                                             **{k: str(v) for k, v in (tags or {}).items()}}).info.run_id
-        else:  # a resumed or resubmitted run: back to RUNNING, the old error kept as history
-            client.update_run(run_id, status="RUNNING")
-            error = client.get_run(run_id).data.tags.get(ERROR_TAG)
-            if error is not None:
-                client.set_tag(run_id, PREVIOUS_ERROR_TAG, error)
-                client.delete_tag(run_id, ERROR_TAG)
-        tracker = cls(client, run_id, tracking_uri)
-        if fresh and params:
+            fresh = run_id is None
+            if fresh:
+                run_id = client.create_run(exp_id, run_name=run_name,
+                                           tags={RUN_NAME_TAG: run_name,
+                                                 **{k: str(v) for k, v in (tags or {}).items()}}).info.run_id
+        tracker = cls(client, run_id, tracking_uri, TrackingBuffer(tracking_uri, run_id, apply_records))
+        if not fresh:
+            tracker._record({"op": "resume"})
+        elif params:
             tracker.log_params(params)
         return tracker
 
-    def log_params(self, params: dict) -> None:
-        if not self.enabled:
-            return
-        from mlflow.entities import Param
+    def _record(self, record: dict) -> None:
+        """Spool the record (buffered) or send it now (attached)."""
+        if self.buffer is not None:
+            self.buffer.append(record)
+        else:
+            apply_records(self.client, self.run_id, record["op"], [record])
 
-        flat = [Param(k, v) for k, v in flatten(params).items()]
-        for i in range(0, len(flat), 100):  # log_batch accepts at most 100 params per call
-            self.client.log_batch(self.run_id, params=flat[i:i + 100])
+    def flush(self, deadline_s: float | None = None) -> bool:
+        """Wait (up to the deadline) until every record so far is in MLflow; True when it is."""
+        if self.buffer is None:
+            return True
+        return self.buffer.flush(self.flush_deadline_s if deadline_s is None else deadline_s)
+
+    def log_params(self, params: dict) -> None:
+        if self.enabled:
+            self._record({"op": "params", "params": flatten(params)})
 
     def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
         if not self.enabled:
             return
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        rows = [Metric(k, float(v), now, step) for k, v in metrics.items()
+        now = int(time.time() * 1000)  # stamped here: a replayed record is the same MLflow row
+        rows = [[k, float(v), now, int(step)] for k, v in metrics.items()
                 if isinstance(v, int | float) and math.isfinite(float(v))]
         if rows:
-            self.client.log_batch(self.run_id, metrics=rows)
+            self._record({"op": "metrics", "rows": rows})
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        for k, v in tags.items():
-            self.client.set_tag(self.run_id, k, str(v))
+        if self.enabled and tags:
+            self._record({"op": "tags", "tags": {k: str(v) for k, v in tags.items()}})
 
     def log_png(self, png: bytes, artifact_file: str) -> None:
         """Log PNG bytes (or a PIL image) as an artefact at artifact_file ("dir/name.png")."""
         if not self.enabled:
             return
-        from PIL import Image
-
-        image = png if hasattr(png, "save") else Image.open(io.BytesIO(png))
-        self.client.log_image(self.run_id, image, artifact_file=artifact_file)
+        if hasattr(png, "save"):
+            out = io.BytesIO()
+            png.save(out, format="PNG")
+            png = out.getvalue()
+        self._log_blob(png, artifact_file)
 
     def log_dict(self, data: dict, artifact_file: str) -> None:
         if self.enabled:
-            self.client.log_dict(self.run_id, data, artifact_file)
+            self._log_blob(json.dumps(data, indent=2, default=str).encode(), artifact_file)
 
-    def finish(self, status: str = "FINISHED") -> None:
-        if self.enabled:
-            self.client.set_terminated(self.run_id, status=status)
-
-    def _experiment_id(self) -> str:
-        return self.client.get_run(self.run_id).info.experiment_id
-
-    def log_checkpoint(self, uri: str, *, step: int, metrics: dict[str, Any] | None = None) -> str | None:
-        """Record a checkpoint: an MLflow 3 logged model linked to the run at `step` (no files are
-        copied: the multi-GB shards stay in the Ray storage path, the model carries their URI), its
-        metrics on the model, and the run's latest-checkpoint tags. Returns the model id."""
+    def log_file(self, path: str | os.PathLike, artifact_dir: str | None = None) -> str | None:
+        """A local file as a run artefact. Up to LINK_BYTES it goes through the server (spooled);
+        a larger one (an .npz sample batch, an export) is uploaded to S3 directly and the run gets
+        the link: tags detailflow.artifact.<artifact path>.uri / .sha256 / .bytes. Returns the
+        s3:// URI of a linked file, else None."""
         if not self.enabled:
             return None
-        from mlflow.entities import LoggedModelOutput, Metric
+        path = Path(path)
+        rel = f"{artifact_dir}/{path.name}" if artifact_dir else path.name
+        size = path.stat().st_size
+        if size <= LINK_BYTES:
+            self._log_blob(path.read_bytes(), rel)
+            return None
+        from detailflow.platform.settings import load_settings
+        from detailflow.platform.storage import Storage
 
-        tags = {KIND_TAG: "checkpoint", "detailflow.checkpoint_uri": uri, "detailflow.step": str(step)}
-        model = self.client.create_logged_model(self._experiment_id(), name=f"checkpoint-step-{step}",
-                                                source_run_id=self.run_id, tags=tags,
-                                                model_type=CHECKPOINT_MODEL_TYPE)
-        self.client.log_outputs(self.run_id, [LoggedModelOutput(model.model_id, step=step)])
+        storage = Storage(load_settings())
+        key = f"tracking-artifacts/{self.run_id}/{rel}"
+        digest = storage.upload_file(path, key)
+        uri = storage.uri(key)
+        self.set_tags({f"{LINK_TAG_PREFIX}{rel}.uri": uri, f"{LINK_TAG_PREFIX}{rel}.sha256": digest,
+                       f"{LINK_TAG_PREFIX}{rel}.bytes": size})
+        return uri
+
+    def _log_blob(self, data: bytes, artifact_file: str) -> None:
+        """Small artefact bytes: kept beside the spool until sent (attached: a temp file)."""
+        if self.buffer is not None:
+            blob = self.buffer.dir / "blobs" / uuid.uuid4().hex / Path(artifact_file).name
+        else:
+            blob = Path(tempfile.mkdtemp(prefix="df-artifact-")) / Path(artifact_file).name
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        self._record({"op": "artifact", "path": str(blob), "dir": str(Path(artifact_file).parent)})
+
+    def finish(self, status: str = "FINISHED") -> bool:
+        """End status written after everything before it; returns False when the flush missed its
+        deadline (the rest, status included, stays spooled for the next tracker on this run)."""
+        if not self.enabled:
+            return True
+        self._record({"op": "status", "status": status})
+        if self.buffer is None:
+            return True
+        done = self.buffer.close(self.flush_deadline_s)
+        if not done:
+            print(f"[tracking] MLflow unreachable ({self.buffer.last_error}); run {self.run_id}: "
+                  f"unsent records kept in {self.buffer.dir} for backfill", flush=True)
+        return done
+
+    def log_checkpoint(self, uri: str, *, step: int, metrics: dict[str, Any] | None = None) -> None:
+        """Record a checkpoint: an MLflow 3 logged model linked to the run at `step` (no files are
+        copied: the multi-GB shards stay in the Ray storage path, the model carries their URI), its
+        metrics on the model, and the run's latest-checkpoint tags (apply_records: "checkpoint")."""
+        if not self.enabled:
+            return
         now = int(time.time() * 1000)
-        # A model's metrics are run metrics too: the prefix keeps them out of the loop's own series
-        # ("loss" at step 3 from the loop, "checkpoint/loss" at step 4 from the checkpoint after it).
-        rows = [Metric(f"{CHECKPOINT_METRIC_PREFIX}{k}", float(v), now, step, model_id=model.model_id)
-                for k, v in (metrics or {}).items()
+        rows = [[k, float(v), now, int(step)] for k, v in (metrics or {}).items()
                 if k != "step" and isinstance(v, int | float) and math.isfinite(float(v))]
-        if rows:
-            self.client.log_batch(self.run_id, metrics=rows)
-        self.client.finalize_logged_model(model.model_id, "READY")
-        self.set_tags({"detailflow.checkpoint.latest_uri": uri, "detailflow.checkpoint.latest_step": step})
+        self._record({"op": "checkpoint", "uri": uri, "step": int(step), "rows": rows})
         self.last_checkpoint = (step, uri)
-        return model.model_id
 
     def log_export(self, directory: str, export_config: dict, *, uri: str, step: int | None = None,
                    checkpoint_uri: str | None = None) -> str | None:
@@ -189,6 +242,7 @@ class Tracker:
 
         from detailflow.platform import export_model
 
+        self.flush()  # the run's status and tags as the loop left them
         status = self.client.get_run(self.run_id).info.status
         kind = export_config.get("kind", "model")
         tags = {KIND_TAG: "export", "detailflow.export_uri": uri,
@@ -202,8 +256,8 @@ class Tracker:
             self.client.update_run(self.run_id, status="RUNNING")
         else:
             self.client.set_terminated(self.run_id, status=status)
-        self.set_tags({"detailflow.export.uri": uri,
-                       "detailflow.export.model_uri": f"models:/{info.model_id}"})
+        tags = {"detailflow.export.uri": uri, "detailflow.export.model_uri": f"models:/{info.model_id}"}
+        apply_records(self.client, self.run_id, "tags", [{"tags": tags}])  # at once: callers read it
         return info.model_id
 
 
@@ -288,19 +342,6 @@ def mark_failed(tracking_uri: str, run_name: str, error: BaseException | str,
     client.set_tag(run_id, ERROR_TAG, text[-MAX_TAG_LEN:])  # the tail holds the root cause
     client.set_terminated(run_id, status="FAILED")
     return run_id
-
-
-def _logged_models(client, run_id: str, kind: str) -> list:
-    exp_id = client.get_run(run_id).info.experiment_id
-    models, token = [], None
-    while True:
-        page = client.search_logged_models(
-            [exp_id], filter_string=f"source_run_id = '{run_id}' AND tags.`{KIND_TAG}` = '{kind}'",
-            page_token=token)
-        models.extend(page)
-        token = page.token
-        if not token:
-            return models
 
 
 def list_checkpoints(client, run_id: str) -> list[dict]:
