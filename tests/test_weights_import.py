@@ -178,3 +178,61 @@ def test_released_pipeline_file_runs_import_then_the_trained_model_gates():
     spec = load_pipeline(path, KINDS)
     assert [s.kind for s in spec.stages] == ["import-released", "evaluate-generator", "promote", "deploy"]
     assert spec.stages[2].params["overrides"]["ar"] == "${stages.import.ar}"
+
+
+@pytest.mark.integration
+def test_imported_release_registers_promotes_and_serves(ray_session, services, storage, tmp_path):
+    """Released files on S3 -> `detailflow weights import detailflow` -> the exports every stage reads ->
+    registry register -> champion -> the real Serve endpoint returns the imported model's images."""
+    import base64
+
+    import requests
+    from click.testing import CliRunner
+
+    from detailflow.cli import main
+    from detailflow.pipelines.registry.register import register
+    from detailflow.pipelines.train.exports import load_ar, load_tokenizer
+    from detailflow.platform.serving import testing as st
+    from detailflow.platform.serving.config import parse_serve_config
+    from detailflow.platform.serving.deploy import delete_app, deploy_app
+    from detailflow.platform.serving.images import from_png
+
+    name = st.unique_name("rel")
+    tok_ref, ar_ref = release(tmp_path)
+    uris = {}
+    for kind, ref in (("tokenizer", tok_ref), ("ar", ar_ref)):
+        local = Path(ref)
+        base = f"released/{name}/{kind}"
+        storage.upload_file(local, f"{base}/checkpoints/{local.name}")
+        for cfg in ("config.json", "config.yaml"):
+            storage.upload_file(local.parent.parent / cfg, f"{base}/{cfg}")
+        uris[kind] = storage.uri(f"{base}/checkpoints/{local.name}")
+    res = CliRunner().invoke(main, ["weights", "import", "detailflow", "--tokenizer", uris["tokenizer"],
+                                    "--generator", uris["ar"], "--name", name, "--enc-heads", "2",
+                                    "--dec-heads", "2", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    tok, _ = load_tokenizer(storage, f"{name}-tokenizer")  # what extract-codes / evaluation load
+    assert torch.equal(tok.encode(REFS["images"]), REFS["codes"])
+    ar, ar_config, ar_uri = load_ar(storage, out["ar"]["uri"])  # what eval generator / serving load
+    assert ar_config["tokenizer"] == out["tokenizer"]["uri"] and ar_config["weights"] == "ema"
+    with torch.no_grad():
+        torch.testing.assert_close(ar(REFS["ar_codes"], REFS["ar_classes"]), REFS["ar_logits_cond"],
+                                   atol=1e-4, rtol=1e-4)
+    version = register(services, name, ar=ar_uri)["generator_version"]
+    st.promote_now(services, name, version)
+    keys = tmp_path / "api-keys"
+    keys.write_text("dfk_test_released_0123456789\n")
+    app = f"rel{name[-6:]}"
+    deploy_app(parse_serve_config(st.test_serve_config(name, str(keys), app=app, route=f"/{app}",
+                                                       port=st.free_port(), max_replicas=1)))
+    try:
+        r = requests.post(f"http://127.0.0.1:{st.http_port()}/{app}/v1/generate",
+                          json={"class_ids": [3], "num_images": 1, "seed": 7, "cfg_scale": 1.5},
+                          headers={"Authorization": "Bearer dfk_test_released_0123456789"}, timeout=120)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["model_version"] == version and body["tokens"] == 16
+        assert from_png(base64.b64decode(body["images"][0])).shape == (3, 32, 32)
+    finally:
+        delete_app(app)
