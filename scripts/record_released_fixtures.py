@@ -1,7 +1,8 @@
 """Record the fixtures that pin the released-weights importer (tests/test_weights_import.py,
 tests/test_weights_siglip2.py). Run once, by hand, never in CI; nothing is downloaded.
 
-    pip install --target /tmp/dfref_pkgs transformers==4.53.2 huggingface_hub==0.34.4 tokenizers regex --no-deps
+    pip install --target /tmp/dfref_pkgs --no-deps \
+        transformers==4.53.2 huggingface_hub==0.34.4 tokenizers==0.21.4 regex
     PYTHONPATH=/tmp/dfref_pkgs .venv/bin/python scripts/record_released_fixtures.py tests/data/released
 
 What it does, on random weights of tiny dimensions (seed 0):
@@ -65,7 +66,8 @@ def jitter(module, gen):
 
 def resize_pos(vm, gh: int):
     emb = vm.embeddings
-    table = emb.position_embedding.weight.reshape(emb.position_embedding_size, emb.position_embedding_size, -1)
+    side = emb.position_embedding_size
+    table = emb.position_embedding.weight.reshape(side, side, -1)
     shapes = torch.tensor([[gh, gh]])
     return emb.resize_positional_embeddings(table, shapes, max_length=gh * gh)[0]
 
@@ -183,7 +185,8 @@ def ar_logits(s, idx, cls):  # their training-mode forward, dropout off
                    s["spe_tok_embeddings.special_embeddings.weight"][None].expand(len(idx), -1, -1),
                    s["tok_embeddings.weight"][idx[:, CAUSAL:]]], 1)
     L = x.shape[1]
-    allowed = torch.tensor([[(j <= i) if i < CAUSAL else (i // G >= j // G) for j in range(L)] for i in range(L)])
+    allowed = torch.tensor([[(j <= i) if i < CAUSAL else (i // G >= j // G) for j in range(L)]
+                            for i in range(L)])
     freqs = 1.0 / (AR["rope_base"] ** (torch.arange(0, half, 2).float() / half))
     rows, cols = torch.outer(torch.arange(N // G).float(), freqs), torch.outer(torch.arange(G).float(), freqs)
     grid = torch.cat([rows[:, None].expand(-1, G, -1), cols[None].expand(N // G, -1, -1)], -1).flatten(0, 1)
@@ -193,7 +196,8 @@ def ar_logits(s, idx, cls):  # their training-mode forward, dropout off
     def rope(v):  # (B, L, H, hd)
         v2 = v.reshape(*v.shape[:-1], -1, 2)
         c, sn = cos[None, :, None], sin[None, :, None]
-        return torch.stack([v2[..., 0] * c - v2[..., 1] * sn, v2[..., 1] * c + v2[..., 0] * sn], -1).flatten(3)
+        a, b = v2[..., 0], v2[..., 1]
+        return torch.stack([a * c - b * sn, b * c + a * sn], -1).flatten(3)
 
     for i in range(AR["n_layer"]):
         p = f"layers.{i}."
@@ -201,7 +205,8 @@ def ar_logits(s, idx, cls):  # their training-mode forward, dropout off
         q, k, v = (a @ s[p + "attention.wqkv.weight"].t()).split([d, d, d], -1)
         q, k, v = (t.reshape(len(x), L, h, hd) for t in (q, k, v))
         q, k = rope(q), rope(k)
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=allowed)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
         x = x + o.transpose(1, 2).reshape(len(x), L, d) @ s[p + "attention.wo.weight"].t()
         f = rms(x, s[p + "ffn_norm.weight"])
         f = F.silu(f @ s[p + "feed_forward.w1.weight"].t()) * (f @ s[p + "feed_forward.w3.weight"].t())
@@ -230,7 +235,8 @@ def main(out_dir: str) -> None:
     sig_state = {f"vision_model.{k}": v for k, v in sig.state_dict().items()}
     with torch.no_grad():
         gh = IMG // PATCH
-        sig_out = run_tower(sig.eval(), sig.embeddings.patch_embedding(to_patches(img, PATCH)) + resize_pos(sig, gh), None)
+        tokens = sig.embeddings.patch_embedding(to_patches(img, PATCH)) + resize_pos(sig, gh)
+        sig_out = run_tower(sig.eval(), tokens, None)
     refs["siglip2_patch_features"] = sig_out
     save_file({k: v.contiguous() for k, v in tok.items()}, str(out / "released_tok.safetensors"))
     save_file(ar, str(out / "released_ar.safetensors"))
