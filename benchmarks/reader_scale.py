@@ -1,4 +1,5 @@
-"""Reader planning at ImageNet scale: build time and driver memory of the training stream, 1 vs 250 epochs.
+"""Reader planning at ImageNet scale: build time and driver memory of the training stream, 1 vs 250 epochs,
+and of the AR code stream (time to the first batch of an epoch, driver memory).
 
 Reproduce:
     .venv/bin/python benchmarks/reader_scale.py                     # ImageNet-1k-sized manifest, 250 epochs
@@ -26,6 +27,7 @@ import time
 import tracemalloc
 from pathlib import Path
 
+import numpy as np
 import psutil
 
 IMAGENET_TRAIN = 1_281_167
@@ -59,6 +61,48 @@ def build(storage, cfg, rmap, world: int) -> dict:
     del ds  # built, never executed: no shard of the fake manifest exists
     return {"wall_s": wall, "rss_mb": rss / 1e6, "heap_peak_mb": peak / 1e6,
             "windows_per_epoch": stream.plan.num_windows, "row_groups": len(stream.plan.groups)}
+
+
+def ar_codes(storage, world: int, micro_batch: int) -> dict:
+    """The AR code stream (data/code_stream.py) at ImageNet ten-crop size: plan an epoch from the
+    published manifest (driver time and memory), then the first batch of epoch 5 on a small real code
+    set of the same row width (the first batch reads one window, whatever the set's size)."""
+    from detailflow.models.configs import get_model_config
+    from detailflow.pipelines.data import codes
+    from detailflow.pipelines.data.code_stream import CodeStream, CodeStreamConfig, simulated_manifest
+    from detailflow.pipelines.data.plan import Position
+
+    n_tok = get_model_config("detailflow-16").ar.num_tokens
+    storage.put_json(storage.manifest_key(codes.codes_prefix("imagenet-sized", "train")),
+                     simulated_manifest(IMAGENET_TRAIN, 1300, views=10, tokens=n_tok))
+    cfg = CodeStreamConfig(micro_batch=micro_batch)
+    gc.collect()
+    rss0 = psutil.Process().memory_info().rss
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    stream = CodeStream(storage, "imagenet-sized", "train", cfg, rank=0, world=world, start=Position(5, 0, 0))
+    first_tasks = [a[1:] for _, a in zip(range(4), stream.task_args(), strict=False)]
+    plan_s = time.perf_counter() - t0
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    rss = psutil.Process().memory_info().rss - rss0
+    blocks = len(stream.plan.groups)
+    # a real code set: 4,096 images x 10 views of detailflow-16 width, in 4 shards
+    rng = np.random.default_rng(0)
+    img = np.repeat(np.arange(4096), 10)
+    tok = rng.integers(0, 8192, (len(img), n_tok), dtype=np.int64)
+    codes.write_codes(storage, "real-small", "train", {"key": [f"i{i:06d}" for i in img], "label": img % 1000,
+                      "view": np.tile(np.arange(10), 4096), "clean": tok, "input": tok, "target": tok},
+                      shard_rows=10240)
+    firsts = []
+    for _ in range(2):  # cold: Ray starts the task workers; warm: a new stream on running workers
+        t0 = time.perf_counter()
+        b = next(iter(CodeStream(storage, "real-small", "train", cfg, rank=0, world=world,
+                                 start=Position(5, 0, 0))))
+        firsts.append(time.perf_counter() - t0)
+        assert b["input"].shape == (micro_batch, n_tok) and b["position"] == Position(5, 0, 0)
+    return {"plan_s": plan_s, "driver_mb": max(rss, peak) / 1e6, "blocks": blocks, "first_tasks": first_tasks,
+            "first_batch_cold_s": firsts[0], "first_batch_warm_s": firsts[1]}
 
 
 def main() -> None:
@@ -135,6 +179,12 @@ def _measure(args, tmp: Path, storage) -> None:
         one, many = figures[1], figures[args.epochs]
         print(f"goals: build <= 10 s ({many['wall_s']:.2f}s), <= 200 MB ({max(many['rss_mb'], 0):.1f} MB), "
               f"independent of epochs ({args.epochs} vs 1 epoch: {many['wall_s'] / one['wall_s']:.2f}x time)")
+        ar = ar_codes(storage, args.world, 64)
+        print(f"AR codes, ImageNet ten-crop ({IMAGENET_TRAIN:,} images x 10 views, 1,300 shards, "
+              f"{ar['blocks']:,} blocks): epoch 5 planned in {ar['plan_s']:.3f}s, "
+              f"driver +{ar['driver_mb']:.1f} MB "
+              f"(no sort, one row group of 10 per block read); first batch of epoch 5 on a real code set: "
+              f"{ar['first_batch_cold_s']:.2f}s cold, {ar['first_batch_warm_s']:.2f}s warm")
         print("reproduce: .venv/bin/python benchmarks/reader_scale.py " + " ".join(sys.argv[1:]))
         print(json.dumps({"build_s_250_epochs" if args.epochs == 250 else f"build_s_{args.epochs}_epochs":
                           round(many["wall_s"], 3),
@@ -145,7 +195,12 @@ def _measure(args, tmp: Path, storage) -> None:
                           "first_microbatch_s": round(first_s, 2),
                           "first_microbatch_cold_s": round(firsts[0], 2), "row_groups": many["row_groups"],
                           "windows_per_epoch": many["windows_per_epoch"], "world": args.world,
-                          "rows": IMAGENET_TRAIN, "shards": args.shards, "epochs": args.epochs}))
+                          "rows": IMAGENET_TRAIN, "shards": args.shards, "epochs": args.epochs,
+                          "ar_codes_plan_s": round(ar["plan_s"], 3),
+                          "ar_codes_driver_mb": round(ar["driver_mb"], 1),
+                          "ar_codes_blocks": ar["blocks"],
+                          "ar_codes_first_batch_s": round(ar["first_batch_warm_s"], 2),
+                          "ar_codes_first_batch_cold_s": round(ar["first_batch_cold_s"], 2)}))
     finally:
         if ray.is_initialized():
             ray.shutdown()

@@ -10,7 +10,8 @@ Usage:
     codes.write_codes(storage, "tok-v3", "train", rows)               # all of it, for small row sets
 
     ds = codes.read_codes_dataset(storage, "tok-v3", "train")          # every row, not shuffled
-    ds = codes.shuffled_codes_dataset(storage, "tok-v3", "train", seed=0)   # training: see below
+    stream = CodeStream(storage, "tok-v3", "train", CodeStreamConfig(micro_batch=64), rank=r, world=w)
+                                                                       # training: code_stream.py
     for b in codes.iter_code_batches(ds, batch_size=64, correction_prob=0.3, seed=0):
         b["input"], b["target"], b["label"]                            # LongTensors B x N, B
 
@@ -24,15 +25,13 @@ A re-extraction writes a new run beside the old one and then replaces the pointe
 holding the old manifest keeps reading intact shards. Every read task checks the size of the shard
 it opens against the manifest (ShardSizeMismatch).
 
-Training order (shuffled_codes_dataset): each execution of the dataset is one epoch e = first_epoch +
-the execution index Ray Data keeps in DataContext._execution_idx (private, but the counter Ray's own
-reseeding shuffles use; each pass over a Ray Train get_dataset_shard re-executes the dataset, and
-tests/test_codes_mixing.py fails if a Ray upgrade stops advancing it). The read tasks keep
-ONE view per image, view = h(seed, e, key) mod V, and give it the sort key h'(seed, e, key); Ray
-Data's distributed sort then puts the epoch in that order: a uniform random permutation of the
-images, fixed by (seed, e), different every epoch, computed worker-side (the driver only holds the
-O(row groups) read units and the sort's boundary samples). So the views of one image never share a
-micro-batch and micro-batch membership changes every epoch.
+Inside a shard (LAYOUT "view-diagonal"): the images whose V views are all in the shard form blocks
+of BLOCK_IMAGES images, and each block is V row groups; row group j of a block holds, for its image
+at position p, view (p + j) mod V. Reading ONE row group of a block therefore gives every image of
+the block exactly once, with views spread evenly over the block; an epoch of the training stream
+picks j per block from (seed, epoch) and reads 1/V of the bytes (code_stream.py). Rows of images
+whose views a shard boundary split (extraction's shard_rows not a multiple of V) go in one trailing
+row group that only read_codes_dataset (every row) reads.
 
 Self-correction selection (spec §2.3) is done HERE, per sample: with probability correction_prob the
 pair is (input, target), otherwise (clean, clean). The draw is a hash of (seed, epoch, key, view),
@@ -51,7 +50,9 @@ import numpy as np
 
 FORMAT = "detailflow.codes/v2"
 TOKEN_COLUMNS = ("clean", "input", "target")
-ROW_GROUP_ROWS = 8192  # rows per Parquet row group = per read task of a code shard
+LAYOUT = "view-diagonal/v1"  # shard layout the training stream reads (diagonal_order)
+BLOCK_IMAGES = 256  # images per block at most: its V row groups hold one view of each of its images
+MIN_BLOCKS = 16  # blocks per shard at least (a small code set still gives every rank its own blocks)
 
 
 class ShardSizeMismatch(RuntimeError):
@@ -80,26 +81,63 @@ def shard_name(first_key: str, first_view: int) -> str:
     return f"part-{digest}.parquet"
 
 
-def _encode(keys, labels, views, tokens: dict[str, np.ndarray]) -> bytes:
+def diagonal_order(keys, views, num_views: int, block_images: int) -> tuple[np.ndarray, list[int], int]:
+    """Row order of the view-diagonal layout. Images with all `num_views` views in the shard ("complete",
+    in first-appearance order) form blocks of block_images images; row group (b, j) of block b holds,
+    for the image at position p of the block, its view (p + j) mod V. Returns (row order, rows per row
+    group, complete images); rows of incomplete images (views split across two shards) follow in one
+    trailing row group that the training stream never reads."""
+    keys = [str(k) for k in keys]
+    views = np.asarray(views, np.int64)
+    if views.size and (views.min() < 0 or views.max() >= num_views):
+        raise ValueError(f"view ids must lie in [0, {num_views}), got {views.min()}..{views.max()}")
+    first: dict[str, dict[int, int]] = {}
+    for i, (k, v) in enumerate(zip(keys, views.tolist(), strict=True)):
+        if v in first.setdefault(k, {}):
+            raise ValueError(f"image {k!r} has view {v} twice in one shard")
+        first[k][v] = i
+    complete = [rows for rows in first.values() if len(rows) == num_views]
+    order, sizes = [], []
+    for b in range(0, len(complete), block_images):
+        block = complete[b:b + block_images]
+        for j in range(num_views):
+            order += [rows[(p + j) % num_views] for p, rows in enumerate(block)]
+            sizes.append(len(block))
+    rest = [i for rows in first.values() if len(rows) != num_views for i in rows.values()]
+    if rest:
+        order += rest
+        sizes.append(len(rest))
+    return np.asarray(order, np.int64), sizes, len(complete)
+
+
+def _encode(keys, labels, views, tokens: dict[str, np.ndarray], order: np.ndarray, sizes: list[int]) -> bytes:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     n_tok = tokens["clean"].shape[1]
-    cols = {"key": pa.array([str(k) for k in keys], pa.string()),
-            "label": pa.array(np.asarray(labels, np.int32)),
-            "view": pa.array(np.asarray(views, np.int32))}
+    cols = {"key": pa.array([str(keys[i]) for i in order], pa.string()),
+            "label": pa.array(np.asarray(labels, np.int32)[order]),
+            "view": pa.array(np.asarray(views, np.int32)[order])}
     for name in TOKEN_COLUMNS:
-        flat = pa.array(np.ascontiguousarray(tokens[name], np.int32).reshape(-1))
+        flat = pa.array(np.ascontiguousarray(tokens[name][order], np.int32).reshape(-1))
         cols[name] = pa.FixedSizeListArray.from_arrays(flat, n_tok)
+    table = pa.table(cols)
     buf = io.BytesIO()
-    pq.write_table(pa.table(cols), buf, row_group_size=ROW_GROUP_ROWS)
+    with pq.ParquetWriter(buf, table.schema) as writer:
+        start = 0
+        for n in sizes:  # one write per row group: the layout's unit of reading
+            writer.write_table(table.slice(start, n), row_group_size=n)
+            start += n
     return buf.getvalue()
 
 
 def write_code_shard(storage, prefix: str, *, keys, labels, views, clean, input, target,
-                     name: str | None = None) -> dict:
-    """Write one shard under `prefix` (atomic PUT, sha256 recorded); returns its manifest entry.
-    Token arrays are n x N integers; the default name derives from the first row (shard_name)."""
+                     name: str | None = None, num_views: int | None = None,
+                     block_images: int | None = None) -> dict:
+    """Write one shard under `prefix` (atomic PUT, sha256 recorded) in the view-diagonal layout
+    (diagonal_order); returns its manifest entry. Token arrays are n x N integers; the default name
+    derives from the first row (shard_name); num_views defaults to max(views) + 1; block_images to
+    BLOCK_IMAGES, less for a small shard so that it holds MIN_BLOCKS blocks."""
     tokens = {"clean": np.asarray(clean), "input": np.asarray(input), "target": np.asarray(target)}
     n = len(keys)
     if n == 0:
@@ -111,13 +149,21 @@ def write_code_shard(storage, prefix: str, *, keys, labels, views, clean, input,
             raise ValueError(f"{tname}: token ids must be non-negative int32")
     if len(labels) != n or len(views) != n:
         raise ValueError(f"keys/labels/views lengths differ: {n}/{len(labels)}/{len(views)}")
+    num_views = int(num_views or int(np.max(views)) + 1)
+    if block_images is None:
+        block_images = min(BLOCK_IMAGES, max(1, -(-n // num_views // MIN_BLOCKS)))
+    if block_images < 1:
+        raise ValueError(f"block_images must be >= 1, got {block_images}")
     name = name or shard_name(str(keys[0]), int(views[0]))
-    data = _encode(keys, labels, views, tokens)
+    order, sizes, images = diagonal_order(keys, views, num_views, block_images)
+    data = _encode(keys, labels, views, tokens, order, sizes)
     key = f"{prefix.rstrip('/')}/{name}"
     sha = storage.put_bytes(key, data)
+    blocks = -(-images // block_images)
     return {"name": name, "key": key, "sha256": sha, "rows": n, "bytes": len(data),
-            "num_tokens": int(tokens["clean"].shape[1]), "num_views": int(np.max(views)) + 1,
-            "row_groups": -(-n // ROW_GROUP_ROWS), "row_group_rows": ROW_GROUP_ROWS}
+            "num_tokens": int(tokens["clean"].shape[1]), "num_views": num_views,
+            "layout": LAYOUT, "images": images, "block_images": block_images, "blocks": blocks,
+            "row_groups": len(sizes), "partial_rows": n - images * num_views}
 
 
 def _manifest(version: str, split: str, run: str, shards: list[dict], base: str, meta: dict | None) -> dict:
@@ -148,16 +194,18 @@ def publish_codes(storage, version: str, split: str, run: str, shards: list[dict
 
 
 def write_codes(storage, version: str, split: str, rows: dict, shard_rows: int = 65536,
-                meta: dict | None = None) -> dict:
+                meta: dict | None = None, block_images: int | None = None) -> dict:
     """Write rows {key, label, view, clean, input, target} as one new run of shards, then publish."""
     run = new_run_id()
+    num_views = int(np.max(rows["view"])) + 1
     shards = []
     for start in range(0, len(rows["key"]), shard_rows):
         sl = slice(start, start + shard_rows)
         shards.append(write_code_shard(storage, run_prefix(version, split, run), keys=rows["key"][sl],
                                        labels=rows["label"][sl], views=rows["view"][sl],
                                        clean=rows["clean"][sl], input=rows["input"][sl],
-                                       target=rows["target"][sl]))
+                                       target=rows["target"][sl], num_views=num_views,
+                                       block_images=block_images))
     return publish_codes(storage, version, split, run, shards, meta)
 
 
@@ -176,27 +224,10 @@ def _read_units(manifest: dict) -> list[dict]:
     """(shard key, row group, shard bytes): O(row groups) small dicts, the only per-shard driver state."""
     units = []
     for s in manifest["shards"]:
-        groups = s.get("row_groups") if s.get("row_group_rows") else None
+        groups = s.get("row_groups")
         for g in range(groups) if groups else [-1]:  # -1: the whole shard
             units.append({"path": s["key"], "row_group": g, "bytes": int(s["bytes"])})
     return units
-
-
-def view_choice(keys, seed: int, epoch: int, num_views: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per key: (chosen view in [0, num_views), int64 sort key), both from hash(seed, epoch, key)."""
-    view, order = np.empty(len(keys), np.int64), np.empty(len(keys), np.int64)
-    for i, k in enumerate(keys):
-        h = hashlib.blake2b(f"{seed}\0{epoch}\0{k}".encode(), digest_size=16).digest()
-        view[i] = int.from_bytes(h[:8], "little") % num_views
-        order[i] = int.from_bytes(h[8:], "little") >> 1  # 63 bits: a non-negative int64
-    return view, order
-
-
-def _execution_epoch() -> int:
-    """The Ray Data execution index of the running dataset: 0, 1, 2, ... per re-execution (epoch)."""
-    from ray.data import DataContext
-
-    return int(DataContext.get_current()._execution_idx)
 
 
 def _filesystem(storage):
@@ -205,38 +236,34 @@ def _filesystem(storage):
     return cached_filesystem(storage)
 
 
-def read_code_units(units: dict, *, storage, sample: dict | None = None) -> Iterator[dict]:
-    """map_batches fn: read row groups (after checking the shard's size); with `sample`, keep one view
-    per image for this execution's epoch and add its sort key."""
+def read_code_units(units: dict, *, storage) -> Iterator[dict]:
+    """map_batches fn: read row groups (after checking the shard's size), every row."""
+    for path, group, size in zip(units["path"], units["row_group"], units["bytes"], strict=True):
+        yield table_to_batch(read_code_table(storage, str(path), int(group), int(size)))
+
+
+def read_code_table(storage, path: str, group: int, size: int):
+    """One row group (-1: the whole shard) of a code shard, after checking the shard's size."""
     import pyarrow.parquet as pq
 
-    fs = _filesystem(storage)
-    for path, group, size in zip(units["path"], units["row_group"], units["bytes"], strict=True):
-        with fs.open_input_file(storage.fs_path(str(path))) as f:
-            if f.size() != int(size):
-                raise ShardSizeMismatch(
-                    f"code shard {storage.uri(str(path))} is {f.size()} bytes but the manifest lists "
-                    f"{int(size)} bytes: it was replaced or truncated after publishing; re-read the "
-                    "current manifest or re-run extract-codes")
-            pf = pq.ParquetFile(f)
-            table = pf.read() if int(group) < 0 else pf.read_row_group(int(group))
-        batch = {"key": np.asarray(table["key"].to_pylist(), dtype=object),
-                 "label": table["label"].to_numpy(), "view": table["view"].to_numpy()}
-        for c in TOKEN_COLUMNS:
-            col = table[c].combine_chunks()  # flatten() honours slice offsets (.values would not)
-            batch[c] = col.flatten().to_numpy().reshape(len(col), -1)
-        if sample is None:
-            yield batch
-            continue
-        per_pass = int(sample.get("epochs_per_pass", 1))
-        first = sample["first_epoch"] + _execution_epoch() * per_pass
-        for epoch in range(first, first + per_pass):
-            view, order = view_choice(batch["key"], sample["seed"], epoch, sample["num_views"])
-            keep = batch["view"] == view
-            out = {k: v[keep] for k, v in batch.items()}
-            out["order"] = order[keep]
-            out["epoch"] = np.full(int(keep.sum()), epoch, np.int64)
-            yield out
+    with _filesystem(storage).open_input_file(storage.fs_path(path)) as f:
+        if f.size() != int(size):
+            raise ShardSizeMismatch(
+                f"code shard {storage.uri(path)} is {f.size()} bytes but the manifest lists "
+                f"{int(size)} bytes: it was replaced or truncated after publishing; re-read the "
+                "current manifest or re-run extract-codes")
+        pf = pq.ParquetFile(f)
+        return pf.read() if group < 0 else pf.read_row_group(group)
+
+
+def table_to_batch(table) -> dict:
+    """Arrow table of code rows -> numpy batch {key (object), label, view, clean/input/target n x N}."""
+    batch = {"key": np.asarray(table["key"].to_pylist(), dtype=object),
+             "label": table["label"].to_numpy(), "view": table["view"].to_numpy()}
+    for c in TOKEN_COLUMNS:
+        col = table[c].combine_chunks()  # flatten() honours slice offsets (.values would not)
+        batch[c] = col.flatten().to_numpy().reshape(len(col), -1)
+    return batch
 
 
 def read_codes_dataset(storage, version: str, split: str, num_cpus: float = 0.5,
@@ -249,40 +276,6 @@ def read_codes_dataset(storage, version: str, split: str, num_cpus: float = 0.5,
     ds = ray.data.from_items(units, override_num_blocks=len(units))
     return ds.map_batches(read_code_units, batch_size=1, batch_format="numpy", num_cpus=num_cpus,
                           fn_kwargs={"storage": storage})
-
-
-def epochs_per_pass(manifest: dict, min_images_per_pass: int) -> int:
-    """Epochs chained into one pass (execution) so that a pass holds >= min_images_per_pass images."""
-    images = max(1, int(manifest["num_rows"]) // max(1, int(manifest.get("num_views") or 1)))
-    return max(1, -(-int(min_images_per_pass) // images))
-
-
-def shuffled_codes_dataset(storage, version: str, split: str, seed: int, num_cpus: float = 0.5,
-                           first_epoch: int = 0, epochs_per_pass: int = 1):
-    """Training order: execution i holds epochs first_epoch + i*K ... + K - 1 (K = epochs_per_pass),
-    each with one seeded view per image, sorted by (epoch, seeded hash), i.e. every epoch globally
-    shuffled and the epochs in order; rows carry `epoch` (iter_code_batches uses it). K > 1 is for
-    small sets: re-executing the dataset (task start-up, the sort) costs seconds, which a pass of a
-    few steps would leave the trainers waiting for."""
-    import ray.data
-
-    if not hasattr(ray.data.DataContext.get_current(), "_execution_idx"):  # the epoch counter this relies on
-        raise RuntimeError("this Ray Data version has no DataContext._execution_idx; per-epoch view "
-                           "choice and shuffle need it (Ray >= 2.50)")
-    manifest = read_published_manifest(storage, version, split)
-    num_views = int(manifest.get("num_views") or {"tiny": 4, "tencrop": 10}.get(manifest.get("views"), 0))
-    if num_views < 1:
-        raise ValueError(f"codes {version}/{split}: the manifest does not say how many views per image")
-    units = _read_units(manifest)
-    ds = ray.data.from_items(units, override_num_blocks=len(units))
-    ds = ds.map_batches(read_code_units, batch_size=1, batch_format="numpy", num_cpus=num_cpus,
-                        fn_kwargs={"storage": storage, "sample": {"seed": int(seed), "num_views": num_views,
-                                                                  "first_epoch": int(first_epoch),
-                                                                  "epochs_per_pass": int(epochs_per_pass)}})
-    ds = ds.sort(["epoch", "order"])
-    # a training input: rank 0's Progress line is the progress; Ray Data's bars would interleave with it
-    ds.context.enable_progress_bars = False
-    return ds
 
 
 def _as_matrix(col) -> np.ndarray:

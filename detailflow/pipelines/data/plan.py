@@ -155,3 +155,14 @@ def _group_order(n: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
 def next_position(pos: Position) -> Position:
     """The position right after `pos` (a window shorter than that simply yields nothing more)."""
     return Position(pos.epoch, pos.unit, pos.batch + 1)
+
+
+def resume_start(saved: dict | None) -> Position | None:
+    """Where a rank's stream starts from its checkpointed position: the batch after the one consumed
+    ({epoch, unit, batch}), the start of an epoch ({epoch, restart_epoch: True}, world size changed),
+    or the beginning (None)."""
+    if not saved:
+        return None
+    if saved.get("restart_epoch"):
+        return Position(int(saved["epoch"]), 0, 0)
+    return next_position(Position(int(saved["epoch"]), int(saved["unit"]), int(saved["batch"])))

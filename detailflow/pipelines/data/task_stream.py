@@ -35,14 +35,16 @@ def _remote(fn: Callable):
 
 
 def ordered_task_stream(fn: Callable, args: Iterable[tuple], *, num_cpus: float = 0.5, in_flight: int = 2,
-                        buffered: int = 4) -> Iterator:
-    """Everything `fn(*a)` yields for each `a` in `args`, in order (see the module docstring)."""
+                        buffered: int = 4, options: dict | None = None) -> Iterator:
+    """Everything `fn(*a)` yields for each `a` in `args`, in order (see the module docstring).
+    `options`: more Ray task options (e.g. a scheduling_strategy that keeps the tasks in a bundle)."""
     import ray
 
     if in_flight < 1 or buffered < 1:
         raise ValueError(f"in_flight ({in_flight}) and buffered ({buffered}) must be >= 1")
     task = _remote(fn).options(num_cpus=num_cpus, num_returns="streaming",
-                               _generator_backpressure_num_objects=buffered)
+                               _generator_backpressure_num_objects=buffered,
+                               **(options or {}))
     todo = iter(args)
     pending: collections.deque = collections.deque()
     try:

@@ -9,9 +9,10 @@ Usage:
     info = run(ARStageConfig(model="smoke", tokenizer="tokenizer-smoke-..."), settings)
 
 Data: the code shards the pointer s3://<bucket>/codes/<tokenizer run>/train/_manifest.json lists (one
-row per image view); every epoch uses one seeded view per image in a seeded global order
-(codes.shuffled_codes_dataset), and per sample the pair is (input, target) with probability
-correction_prob (0.3, spec §2.3), else (clean, clean).
+row per image view); each rank streams its part of every epoch, one seeded view per image in a
+seeded order, from (seed, epoch) (data/code_stream.py; checkpoints record each rank's position, so
+a resume continues with the next unconsumed batch of the current epoch), and per sample the pair is
+(input, target) with probability correction_prob (0.3, spec §2.3), else (clean, clean).
 Optimiser AdamW with weight decay on >= 2-D params only, LR schedule of spec §2.4, EMA of the fp32
 master weights (each rank averages only its own optimiser partition every step, no communication; the
 whole EMA is gathered for samples, checkpoints and the export). Every eval_every steps rank 0 samples
@@ -64,9 +65,7 @@ class ARStageConfig(DistributedStageConfig):
     cfg_scale: float = 1.5  # classifier-free guidance of the PNG samples
     experiment: str = "detailflow-ar"  # MLflow experiment
     progress_every_s: float = 10.0  # seconds between rank 0's console progress lines
-    # epochs of a small code set are chained into one pass (one Ray Data execution) of at least this
-    # many images: each pass costs seconds (task start-up, the sort) that 10-step epochs would idle on
-    min_images_per_pass: int = 20000
+    window_blocks: int = 16  # code blocks per reader task (a batch mixes up to this many blocks)
 
 
 def ar_config(cfg: ARStageConfig):
@@ -75,22 +74,16 @@ def ar_config(cfg: ARStageConfig):
     return dataclasses.replace(get_model_config(cfg.model).ar, **cfg.model_overrides)
 
 
-def _stream(shard, cfg: ARStageConfig):
-    """Code batches forever. Each pass over the shard re-executes the dataset = one epoch (or several
-    of a small set, min_images_per_pass): each epoch its own view per image, its own global order and
-    its (input, target) draws, all from (seed, epoch) with the epoch the rows carry
-    (codes.shuffled_codes_dataset)."""
-    from detailflow.pipelines.data.codes import iter_code_batches
+def _stream(cfg: ARStageConfig, ctx, config: dict, state: dict):
+    """This rank's code batches forever from the batch after the checkpointed one (code_stream.py)."""
+    from detailflow.pipelines.data.code_stream import CodeStream, CodeStreamConfig
+    from detailflow.pipelines.data.plan import resume_start
+    from detailflow.platform.storage import Storage
 
-    epoch = 0
-    while True:
-        empty = True
-        for batch in iter_code_batches(shard, cfg.micro_batch, cfg.correction_prob, cfg.seed, epoch=epoch):
-            empty = False
-            yield batch
-        if empty:
-            raise RuntimeError("the code shard is empty (fewer images than micro_batch per worker?)")
-        epoch += 1
+    sc = CodeStreamConfig(micro_batch=cfg.micro_batch, seed=cfg.seed, correction_prob=cfg.correction_prob,
+                          window_groups=cfg.window_blocks)
+    return iter(CodeStream(Storage(ctx.settings), config["_codes_version"], "train", sc, rank=ctx.rank,
+                           world=ctx.world, start=resume_start(ctx.data_position(state))))
 
 
 def _ema_bytes(full: dict, ema) -> bytes:
@@ -146,8 +139,6 @@ def sample_png(model_cfg, ema_full: dict, tokenizer, cfg: ARStageConfig, device)
 
 def train_loop(config: dict) -> None:
     """One worker's loop; runs unchanged in-process, on CPU workers and on GPUs."""
-    import ray.train
-
     from detailflow.models.ar import DetailFlowGPT
     from detailflow.models.ema import ShardedEMA
     from detailflow.platform import checkpoints
@@ -183,12 +174,13 @@ def train_loop(config: dict) -> None:
         tokenizer, _ = load_tokenizer(Storage(ctx.settings), config["_tokenizer_ref"])
     progress = Progress(STAGE, ctx.run_name, total=cfg.steps, start=start, unit="tok",
                         every_s=cfg.progress_every_s, enabled=ctx.rank == 0, tracker=tracker)
-    stream = _stream(ray.train.get_dataset_shard("train"), cfg)
+    stream = _stream(cfg, ctx, config, state)
     full_ema = None  # the whole EMA, gathered (all ranks) only when samples/checkpoints need it
     seen, tic = 0, time.perf_counter()
     for step in range(start, cfg.steps):
         ctx.maybe_fail(cfg, step)
         batch = next(stream)
+        last_pos = batch["position"]
         lr = dsg.ar_lr(step, total_steps=cfg.steps, base_lr=cfg.lr, warmup_frac=cfg.warmup_frac)
         dsg.set_lr(engine.optimizer, lr)
         loss = engine(batch["input"].to(ctx.device), batch["target"].to(ctx.device),
@@ -215,7 +207,8 @@ def train_loop(config: dict) -> None:
                             f"samples/step_{step + 1:06d}.png")
         if ckpt_due:
             ctx.checkpoint(engines, {"loss": float(loss.item())}, step=step + 1, tracker=tracker,
-                           resolved=resolved, extra_files={EMA_FILE: _ema_bytes(full_ema, ema)})
+                           resolved=resolved, extra_files={EMA_FILE: _ema_bytes(full_ema, ema)},
+                           data_position=last_pos._asdict())
         progress.update(step + 1, batch["input"].numel() * ctx.world)
     if full_ema is None:  # nothing left to train (a resubmitted finished run)
         full_ema = dsg.gather_fragments(ema.fragments_of_shadow(), ctx.device)
@@ -247,7 +240,8 @@ def _export_ema(model_cfg, ema_full: dict, cfg: ARStageConfig, ctx, config: dict
 
 def run(cfg: ARStageConfig, settings) -> dict:
     """Driver: read the code shards, check them against the model, fit. Returns {run_name, export_uri}."""
-    from detailflow.pipelines.data.codes import codes_prefix, epochs_per_pass, shuffled_codes_dataset
+    from detailflow.pipelines.data.code_stream import code_blocks
+    from detailflow.pipelines.data.codes import codes_prefix
     from detailflow.pipelines.train.exports import export_prefix, resolve_export
     from detailflow.pipelines.train.stage_config import run_name as make_run_name
     from detailflow.platform import raytrain
@@ -271,12 +265,10 @@ def run(cfg: ARStageConfig, settings) -> dict:
                          f"{model_cfg.vocab_size}")
     resolved = dataclasses.asdict(cfg)
     name = make_run_name(STAGE, cfg.name, cfg.date, resolved)
-    # one seeded view per image per epoch, globally shuffled per epoch (worker-side sort, no driver rows)
-    ds = shuffled_codes_dataset(storage, version, "train", seed=cfg.seed,
-                                num_cpus=min(0.5, cfg.cpus_per_worker),
-                                epochs_per_pass=epochs_per_pass(manifest, cfg.min_images_per_pass))
     use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and settings.resolved_device().startswith("cuda"))
-    raytrain.launch(train_loop, {**resolved, "_tokenizer_ref": storage.uri(tok_key)}, settings, run_name=name,
+    code_blocks(manifest)  # refuse a code set the stream cannot read before any worker starts
+    config = {**resolved, "_tokenizer_ref": storage.uri(tok_key), "_codes_version": version}
+    raytrain.launch(train_loop, config, settings, run_name=name,
                     num_workers=cfg.num_workers, use_gpu=use_gpu, cpus_per_worker=cfg.cpus_per_worker,
-                    max_failures=cfg.max_failures, num_to_keep=cfg.num_to_keep, datasets={"train": ds})
+                    max_failures=cfg.max_failures, num_to_keep=cfg.num_to_keep)
     return {"run_name": name, "export_uri": storage.uri(export_prefix(name)), "codes_version": version}
