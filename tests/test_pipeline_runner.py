@@ -73,7 +73,7 @@ def test_stage_identity_follows_config_content_code_and_attempt(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("steps: 1\n")
     params = {"config": str(cfg), "overrides": {"a": 1}}
-    code = {"package": "0.1.0", "commit": "abc", "image": ""}
+    code = {"package": "0.1.0", "commit": "abc", "tree": "t1", "image": ""}
 
     def ident(p=params, res=None, attempt=0, c=code):
         return stage_identity("train-tokenizer", p, res or {}, tmp_path, attempt=attempt, code=c)
@@ -81,7 +81,8 @@ def test_stage_identity_follows_config_content_code_and_attempt(tmp_path):
     h1 = ident()
     assert h1 == ident(dict(params))
     assert ident(attempt=1) != h1  # --force: a new attempt
-    assert ident(c={**code, "commit": "abd"}) != h1  # a code fix
+    assert ident(c={**code, "tree": "t2"}) != h1  # a code fix
+    assert ident(c={**code, "commit": "abd"}) == h1  # a commit that changes no code (README)
     assert ident(c={**code, "image": "sha256:1"}) != h1  # another image
     assert ident({**params, "overrides": {"a": 1, "dataset_version": "v2"}}) != h1  # new data
     assert ident(res={"num_workers": 4}) != h1
@@ -96,6 +97,9 @@ def test_code_version_reads_the_checkout_and_the_image_digest(monkeypatch):
     commit = cv["commit"].split("+")[0]  # a commit of this checkout (HEAD when computed)
     assert len(commit) == 40 and cv["package"] != "unknown"
     assert subprocess.run(["git", "cat-file", "-e", f"{commit}^{{commit}}"], cwd=ROOT).returncode == 0
+    tree = subprocess.run(["git", "rev-parse", f"{commit}:detailflow"], cwd=ROOT, capture_output=True,
+                          text=True).stdout.strip()  # the package folder's tree at that commit
+    assert cv["tree"].split("+")[0] == tree and cv["tree"].partition("+")[2] == cv["commit"].partition("+")[2]
     monkeypatch.setenv("DETAILFLOW_IMAGE_DIGEST", "sha256:feed")
     assert code_version()["image"] == "sha256:feed"
 

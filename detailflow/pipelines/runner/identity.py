@@ -4,12 +4,14 @@ files it names, the code version and the attempt (bumped by --force). Never the 
 
 Usage:
     from detailflow.pipelines.runner.identity import code_version, stage_identity
-    code_version()      # {"package": "0.1.0", "commit": "<sha>[+dirty-<diff sha>]", "image": "..."}
+    code_version()      # {"package": "0.1.0", "commit": "<sha>[+dirty-<diff>]", "tree": ..., "image": ...}
     stage_identity("train-tokenizer", params, resources, root, attempt=0)   # 16 hex chars
 
 Code version: DETAILFLOW_CODE_VERSION (baked by an image build, e.g. `--build-arg` -> env) wins;
-else `git rev-parse HEAD` plus a hash of the uncommitted diff when run from a checkout; the package
-version always; DETAILFLOW_IMAGE_DIGEST (the image digest a pod runs) where set. Read once per
+else, from a checkout, the commit and the git tree of the package folder (`git rev-parse
+HEAD:detailflow`), each plus a hash of the package's uncommitted diff; the identity uses the tree, so a
+commit that changes no code (README, tests) retrains nothing; the package version always;
+DETAILFLOW_IMAGE_DIGEST (the image digest a pod runs) where set. Read once per
 process, so a run's stages agree even if the tree is edited while it runs.
 """
 
@@ -34,21 +36,25 @@ def _git(args: list[str], cwd: Path) -> str:
     return out.stdout.decode(errors="replace")
 
 
-def _commit() -> str:
+def _commit() -> tuple[str, str]:
+    """(commit, tree): the checkout's commit, and the git tree of the package folder plus a hash of
+    its uncommitted changes (what the identity uses: a README-only commit retrains nothing)."""
     baked = os.environ.get(CODE_VERSION_ENV, "").strip()
     if baked:
-        return baked
+        return baked, baked
     pkg = Path(__file__).resolve().parents[2]  # .../detailflow
     head = _git(["rev-parse", "HEAD"], pkg).strip()
     if not head:
-        return "unknown"
+        return "unknown", "unknown"
+    tree = _git(["rev-parse", f"{head}:{pkg.name}"], pkg).strip()
     # uncommitted changes to the package are code too (only the package: configs enter by content)
     diff = _git(["diff", "HEAD", "--", str(pkg)], pkg)
-    return head + (f"+dirty-{hashlib.sha256(diff.encode()).hexdigest()[:8]}" if diff else "")
+    dirty = f"+dirty-{hashlib.sha256(diff.encode()).hexdigest()[:8]}" if diff else ""
+    return head + dirty, tree + dirty
 
 
 @functools.lru_cache(maxsize=1)
-def _cached_code() -> tuple[str, str]:
+def _cached_code() -> tuple[str, tuple[str, str]]:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -59,9 +65,9 @@ def _cached_code() -> tuple[str, str]:
 
 
 def code_version() -> dict:
-    """{"package", "commit", "image"}: what a result depends on besides its config and inputs."""
-    pkg, commit = _cached_code()
-    return {"package": pkg, "commit": commit, "image": os.environ.get(IMAGE_DIGEST_ENV, "")}
+    """{"package", "commit", "tree", "image"}: the code a result came from (identity: all but commit)."""
+    pkg, (commit, tree) = _cached_code()
+    return {"package": pkg, "commit": commit, "tree": tree, "image": os.environ.get(IMAGE_DIGEST_ENV, "")}
 
 
 def code_version_text(cv: dict | None = None) -> str:
@@ -82,9 +88,9 @@ def config_files(config_keys: tuple[str, ...], params: dict, root: Path) -> dict
 def stage_identity(kind_name: str, params: dict, resources: dict, root: Path, *, attempt: int = 0,
                    code: dict | None = None, config_keys: tuple[str, ...] = ("config",)) -> str:
     """sha256 (16 hex) over everything the stage's result depends on; see the module doc."""
+    code = {k: v for k, v in (code or code_version()).items() if k != "commit"}  # tree: the package's
     blob = json.dumps(
         {"kind": kind_name, "params": params, "resources": resources,
-         "files": config_files(config_keys, params, root), "code": code or code_version(),
-         "attempt": attempt},
+         "files": config_files(config_keys, params, root), "code": code, "attempt": attempt},
         sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
