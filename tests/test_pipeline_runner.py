@@ -112,6 +112,7 @@ def test_pipeline_run_names_derive_from_identity_and_checkpoint_layout_not_the_d
     name = run_name("tokenizer", "tiny", None, base)
     assert name.startswith("tokenizer-tiny-") and "2026" not in name
     assert run_name("tokenizer", "tiny", "2027-05-05", {**base, "date": "2027-05-05"}) == name  # other day
+    assert run_name("tokenizer", "tiny", None, {**base, "code_version": "0.1.0@other"}) == name  # lineage
     for change in ({"identity": "fedcba9876543210"}, {"dataset_version": "v2"}, {"num_workers": 4},
                    {"grad_accum": 2}, {"micro_batch": 4}, {"steps": 11}):
         assert run_name("tokenizer", "tiny", None, {**base, **change}) != name, change

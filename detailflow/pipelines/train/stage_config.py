@@ -49,8 +49,9 @@ class DistributedStageConfig:
 
 # Fields that change where/how a run executes, not what it computes: excluded from the run hash,
 # so e.g. re-running with more workers or in-process still resumes the same run.
+# code_version is lineage only (the pipeline identity already holds the code's tree, not the commit).
 EXECUTION_FIELDS = frozenset({"num_workers", "in_process", "cpus_per_worker", "use_gpu", "max_failures",
-                              "num_to_keep", "date", "fail_at_step", "fail_marker"})
+                              "num_to_keep", "date", "fail_at_step", "fail_marker", "code_version"})
 
 
 def _coerce(text: str, annotation) -> object:
