@@ -55,6 +55,7 @@ from detailflow.models.degrade import degrade_to_prefix, sample_prefix_len
 from detailflow.models.ema import EMA
 from detailflow.models.export import load_state_checked, read_config, save_pretrained
 from detailflow.models.extraction import extract_triplets
+from detailflow.models.host import host_floats
 from detailflow.models.sampler import sample
 from detailflow.models.tokenizer import DetailFlowTokenizer, to_model_range
 from detailflow.pipelines.evaluate.visuals import grid_png
@@ -126,7 +127,7 @@ def train_tokenizer(cfg, train_x, args) -> tuple[DetailFlowTokenizer, dict]:
         if step % args.log_every == 0 or step == args.tok_steps - 1:
             log(f"  tok step {step:5d} t={t:2d} loss {logs['loss']:.4f} mse {logs['mse']:.4f} "
                 f"usage {logs['codebook_usage']:.2f} ppl {logs['perplexity']:.1f}")
-    return tok.eval(), logs
+    return tok.eval(), host_floats(logs)  # the step's logs are device tensors
 
 
 def psnr_BN(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -1,10 +1,12 @@
 """No host syncs in the tokenizer's loss code (issue 18): one generator + discriminator loss computation
-(perceptual, G's adversarial term, D's hinge + LeCAM + CR, forward and backward) converts no tensor to a
-Python value; logs stay tensors until host_floats turns them into floats with one transfer."""
+(the tokenizer's training step with self-correction, alignment, perceptual and G's adversarial term; D's
+hinge + LeCAM + CR; forward and backward) converts no device tensor to a Python value; logs stay tensors
+until host_floats turns them into floats with one transfer."""
 
 from __future__ import annotations
 
 import dataclasses
+import traceback
 
 import pytest
 import torch
@@ -29,15 +31,26 @@ SYNCING = {
 }
 
 
+class Conversions(list):
+    """Names of the conversions made; .sites: (name, innermost detailflow file) of each."""
+
+    def __init__(self):
+        super().__init__()
+        self.sites: list[tuple[str, str]] = []
+
+
 @pytest.fixture
 def host_conversions(monkeypatch):
-    calls: list[str] = []
+    calls = Conversions()
+    sites = calls.sites
 
     def counting(owner, name):
         orig = getattr(owner, name)
 
         def wrapper(*args, **kwargs):
             calls.append(name)
+            callers = [f.filename for f in traceback.extract_stack() if "/detailflow/" in f.filename]
+            sites.append((name, callers[-1].split("/detailflow/")[-1] if callers else "test"))
             return orig(*args, **kwargs)
 
         return wrapper
@@ -85,3 +98,27 @@ def test_host_floats_is_one_transfer_and_equals_each_value(host_conversions):
     assert out == {"a": 1.5, "b": 2.25, "lr": 0.1, "c": 3.0} and list(out) == list(logs)
     with pytest.raises(ValueError, match="'v' must hold one value"):
         host_floats({"v": torch.zeros(2)})
+
+
+def test_tokenizer_training_step_makes_no_device_to_host_conversion(host_conversions):
+    """The generator's step: the only conversion left is selfcorrect.sample_perturbation's int() of a
+    draw from a CPU generator (a host value, no device sync); the code stats are tensors too."""
+    from detailflow.models.degrade import degrade_to_prefix
+    from detailflow.models.tokenizer import DetailFlowTokenizer
+
+    cfg = _cfg(align_teacher="thumbnail", align_weight=1.0, perceptual_warmup=1)
+    torch.manual_seed(0)
+    tok, disc = DetailFlowTokenizer(cfg), Discriminator(cfg)
+    img = torch.rand(4, 3, cfg.image_size, cfg.image_size) * 2 - 1
+    t = cfg.num_tokens  # > 1: self-correction on
+    target = degrade_to_prefix(img, t, tok.rmap)
+    host_conversions.clear()
+    host_conversions.sites.clear()
+    with frozen(disc):
+        loss, logs = tok.training_step(img, target, t, 5, discriminator=disc)
+        loss.backward()
+    d_loss, _ = discriminator_step(disc, tok.last_target, tok.last_reconstruction, 5, cfg)
+    d_loss.backward()
+    assert {"perturb_start", "align", "perceptual", "gan_g", "codebook_usage", "perplexity"} <= set(logs)
+    assert [s for s in host_conversions.sites if s[1] != "models/selfcorrect.py"] == []
+    assert len(host_conversions.sites) <= 1

@@ -37,9 +37,10 @@ class VectorQuantizer(nn.Module):
         """The l2-normalised K x D codebook used for every lookup."""
         return F.normalize(self.embedding.float(), dim=-1)
 
-    def lookup(self, idx: torch.Tensor) -> torch.Tensor:
-        """Indices (any shape) -> unit code vectors (shape + D)."""
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.codebook_size):
+    def lookup(self, idx: torch.Tensor, check: bool = True) -> torch.Tensor:
+        """Indices (any shape) -> unit code vectors (shape + D). check=False skips the range check (two
+        host syncs) for indices valid by construction (the training step's own top-k draws)."""
+        if check and idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.codebook_size):
             raise ValueError(
                 f"code indices must be in [0, {self.codebook_size}), got [{int(idx.min())}, {int(idx.max())}]"
             )
@@ -94,13 +95,19 @@ class VectorQuantizer(nn.Module):
             self._recent[: end - size] = flat[cut:]
         self._cursor = end % size
 
-    def usage(self) -> float:
-        """Fraction of the codebook among the last `usage_window` indices assigned in training."""
-        seen = self._recent[self._recent >= 0]
-        return float(seen.unique().numel()) / self.codebook_size
+    @torch.no_grad()
+    def usage(self) -> torch.Tensor:
+        """Fraction of the codebook among the last `usage_window` indices assigned in training
+        (0-dim tensor; fixed-size histogram, no host sync)."""
+        seen = torch.zeros(self.codebook_size + 1, device=self._recent.device)  # slot 0: unfilled (-1)
+        seen.index_fill_(0, self._recent.reshape(-1) + 1, 1.0)
+        return seen[1:].sum() / self.codebook_size
 
-    def perplexity(self, idx: torch.Tensor) -> float:
-        """exp(entropy) of the code histogram of one batch of indices."""
-        counts = torch.bincount(idx.reshape(-1), minlength=self.codebook_size).float()
+    @torch.no_grad()
+    def perplexity(self, idx: torch.Tensor) -> torch.Tensor:
+        """exp(entropy) of the code histogram of one batch of indices (0-dim tensor, no host sync)."""
+        flat = idx.reshape(-1)
+        counts = torch.zeros(self.codebook_size, device=flat.device).index_add_(
+            0, flat, torch.ones(flat.shape, device=flat.device))
         p = counts / counts.sum().clamp_min(1)
-        return float(torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum()))
+        return torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum())

@@ -29,8 +29,9 @@ from detailflow.models.selfcorrect import assemble_channels, mixing_weights, sam
 from detailflow.models.vit import Transformer, init_linear, init_siglip, patchify, resize_pos_2d, unpatchify
 
 
-def _f(x) -> float:
-    return float(x.detach()) if isinstance(x, torch.Tensor) else float(x)
+def _f(x: torch.Tensor) -> torch.Tensor:
+    """A loss term for the logs: detached, stays on the device (host.host_floats converts, once)."""
+    return x.detach()
 
 
 def to_model_range(img: torch.Tensor) -> torch.Tensor:
@@ -227,8 +228,10 @@ class DetailFlowTokenizer(nn.Module):
         t: int,
         step: int,
         discriminator: nn.Module | None = None,
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Generator loss for one micro-batch whose prefix length t is shared (spec §1.6, §1.8, §1.10)."""
+    ) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
+        """Generator loss for one micro-batch whose prefix length t is shared (spec §1.6, §1.8, §1.10).
+        Logs: python numbers for t and the drawn span, 0-dim tensors for the losses and code stats (no
+        host sync in the step; host.host_floats turns them into floats in one transfer)."""
         cfg, n = self.cfg, self.cfg.num_tokens
         t = self.rmap.check_admissible(t)
         img = self._check_image(img_BCHW)
@@ -241,12 +244,12 @@ class DetailFlowTokenizer(nn.Module):
         correct = cfg.self_correction and t > 1
         first = self.quantize(img, cfg.noise_topk if correct else 0)
         cb, commit = self._vq_terms(first)
-        logs: dict[str, float] = {"t": float(t)}
+        logs: dict[str, float | torch.Tensor] = {"t": float(t)}
         q_dec, tgt = first.q_BND[:, :t], target
         if correct:
             j, w = sample_perturbation(t, cfg.causal_num, cfg.group_size)
             e = j + w
-            noisy_vec = self.quantizer.lookup(first.noisy_idx_BN)
+            noisy_vec = self.quantizer.lookup(first.noisy_idx_BN, check=False)  # top-k draws: in range
             prefix = torch.cat([first.q_BND[:, :j], noisy_vec[:, j:e].to(first.q_BND.dtype)], dim=1).detach()
             padded = F.pad(prefix, (0, 0, 0, n - e))
             e_B = torch.full((img.shape[0],), e, device=img.device)
