@@ -123,3 +123,21 @@ def test_gradient_reaches_the_input_through_the_placed_net():
     FrozenNet(net, FrozenPlacement(device="cpu", batch=2))(x)[-1].sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
     assert all(p.grad is None for p in net.parameters())
+
+
+def test_torch_export_archives_static_batch_refused_dynamic_loads(tmp_path):
+    """A .pt2 exported at batch 2 without a dynamic batch dim is refused at the training batch; one
+    exported with Dim('batch') loads (moved by move_to_device_pass) and matches the eager net."""
+    eager = TokenNet().eval()
+    example = (torch.randn(2, 3, 32, 32),)
+    static, dynamic = tmp_path / "static.pt2", tmp_path / "dynamic.pt2"
+    torch.export.save(torch.export.export(eager, example), str(static))
+    batch = torch.export.Dim("batch", min=1, max=64)
+    torch.export.save(torch.export.export(eager, example, dynamic_shapes=({0: batch},)), str(dynamic))
+    where = FrozenPlacement(device="cpu", batch=4)
+    with pytest.raises(ValueError, match=r"static\.pt2.*training batch size 4"):
+        load_feature_net(str(static), where, 32, where.batches())
+    net = load_feature_net(str(dynamic), where, 32, where.batches(1, 2))
+    x = torch.randn(4, 3, 32, 32)
+    for got, want in zip(FrozenNet(net, where)(x), eager(x), strict=True):
+        assert torch.allclose(got, want, atol=1e-5)
