@@ -291,3 +291,140 @@ def test_high_depth_images_are_scaled_to_8_bits_not_clipped():
         mean = np.asarray(img, np.float64).mean()
         opened = Image.open(io.BytesIO(data)).mode
         assert img.mode == "RGB" and abs(mean - 127.5) < 1.275, (name, opened, mean)  # within 1%
+
+
+# ---- ImageNet as users have it: tars by split, val labels, the devkit converter ------------------
+def _tar_of(path: Path, members: dict[str, bytes]) -> Path:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def _imagenet_layout(root: Path, classes=("n01440764", "n01443537", "n02119789"), per_class=2,
+                     outer: bool = False) -> dict[str, str]:
+    """Class tars (or ILSVRC2012_img_train.tar holding them) + ILSVRC2012_img_val.tar of flat JPEGs,
+    side by side under one prefix, as ImageNet is downloaded. Returns {val file name: its class}."""
+    root.mkdir(parents=True, exist_ok=True)
+    class_tars = {}
+    for c, cls in enumerate(classes):
+        members = {f"{cls}_{i}.JPEG": _img_bytes("RGB", "JPEG", 10 * c + i) for i in range(per_class)}
+        class_tars[cls] = _tar_of(root / f"{cls}.tar", members)
+    if outer:
+        inner = {f"{c}.tar": p.read_bytes() for c, p in class_tars.items()}
+        _tar_of(root / "ILSVRC2012_img_train.tar", inner)
+        for p in class_tars.values():
+            p.unlink()
+    val = {f"ILSVRC2012_val_{i:08d}.JPEG": classes[(i * 7) % len(classes)] for i in range(1, 6)}
+    _tar_of(root / "ILSVRC2012_img_val.tar", {f: _img_bytes("RGB", "JPEG", 100 + i)
+                                               for i, f in enumerate(val)})
+    return val
+
+
+def test_tar_split_names():
+    assert sources.tar_split("ILSVRC2012_img_val.tar") == "val"
+    assert sources.tar_split("ILSVRC2012_img_train.tar") == "train"
+    assert sources.tar_split("validation/shard-0001.tar") == "val"
+    assert sources.tar_split("imagenet-train-000017.tar") == "train"
+    assert sources.tar_split("n01440764.tar") is None and sources.tar_split("interval.tar") is None
+
+
+def test_imagenet_sized_tar_listing_splits_1000_class_tars_from_the_val_tar():
+    """1,000 class tars + the val tar + the test tar under one prefix: train = the 1,000, val = 1."""
+    wnids = [f"n{10000000 + 37 * i:08d}" for i in range(1000)]
+    names = [f"{w}.tar" for w in wnids] + ["ILSVRC2012_img_val.tar", "ILSVRC2012_img_test_v10102019.tar"]
+    train = sources.select_tars(names, "train", "s3://raw/ILSVRC2012")
+    assert len(train) == 1000 and {sources.class_stem(t) for t in train} == set(wnids)
+    assert sources.select_tars(names, "val", "s3://raw") == ["ILSVRC2012_img_val.tar"]
+    assert sources.class_stem("ILSVRC2012_img_val.tar") is None  # its flat JPEGs: classes from labels
+    with pytest.raises(FileNotFoundError, match="no tar of split 'val'"):
+        sources.select_tars([f"{w}.tar" for w in wnids], "val", "s3://raw")
+
+
+@pytest.mark.parametrize("outer", [False, True], ids=["class-tars", "ILSVRC2012_img_train.tar"])
+def test_local_tars_by_split_and_val_labels(tmp_path, outer):
+    val = _imagenet_layout(tmp_path / "ILSVRC2012", outer=outer)
+    train, _ = list_source(str(tmp_path / "ILSVRC2012"), "train")
+    assert sorted({it.class_name for it in train}) == ["n01440764", "n01443537", "n02119789"]
+    assert len(train) == 6 and all(it.key.startswith(it.class_name + "/") for it in train)
+    with pytest.raises(ValueError, match="--labels"):
+        list_source(str(tmp_path / "ILSVRC2012"), "val")
+    labels = tmp_path / "val_labels.txt"
+    labels.write_text("# file class\n" + "".join(f"{f} {c}\n" for f, c in val.items()))
+    items, _ = list_source(str(tmp_path / "ILSVRC2012"), "val", labels=str(labels))
+    assert {it.key.split("/")[1]: it.class_name for it in items} == val
+    assert [sources.read_item(it)[:2] for it in items] == [b"\xff\xd8"] * 5  # the JPEG bytes by range
+
+
+def test_labels_format_errors_and_a_missing_file_fail_fast(tmp_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_text("a.JPEG n1\nb.JPEG,n2\n")
+    with pytest.raises(ValueError, match="line 2"):
+        sources.read_labels(str(bad))
+    with pytest.raises(FileNotFoundError, match="convert-val-labels"):
+        list_source(str(tmp_path), "val", labels=str(tmp_path / "nope.txt"))
+
+
+def test_devkit_converter_maps_ground_truth_ids_through_meta(tmp_path):
+    """Line i of the ground truth is ILSVRC2012_val_{i:08d}.JPEG; its ID goes through meta's
+    ILSVRC2012_ID -> WNID table (not sorted WNIDs); checked against the table built here."""
+    from detailflow.pipelines.data import devkit
+
+    rng = np.random.default_rng(0)
+    wnids = [f"n{x:08d}" for x in rng.choice(10**8, size=1000, replace=False)]  # ID i -> wnids[i-1]
+    gt = rng.integers(1, 1001, size=50)
+    (tmp_path / "gt.txt").write_text("".join(f"{g}\n" for g in gt))
+    (tmp_path / "meta.txt").write_text("".join(f"{i} {w}\n" for i, w in enumerate(wnids, 1)))
+    expected = [f"ILSVRC2012_val_{n:08d}.JPEG {wnids[g - 1]}" for n, g in enumerate(gt, 1)]
+    assert devkit.write_val_labels(tmp_path / "gt.txt", tmp_path / "meta.txt", tmp_path / "out.txt") == 50
+    assert (tmp_path / "out.txt").read_text().splitlines() == expected
+    scipy_io = pytest.importorskip("scipy.io")
+    # meta.mat as the devkit ships it: 1,860 synsets, the 1,000 leaves (num_children 0) carry IDs 1..1000
+    rows = [(i, w, 0) for i, w in enumerate(wnids, 1)] + [(1000 + k, f"n9{k:07d}", 3) for k in range(1, 861)]
+    synsets = np.array(rows, dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O"), ("num_children", "O")])
+    scipy_io.savemat(tmp_path / "meta.mat", {"synsets": synsets})
+    assert devkit.val_labels(tmp_path / "gt.txt", tmp_path / "meta.mat") == \
+        [tuple(e.split()) for e in expected]
+    (tmp_path / "gt.txt").write_text("3\n1001\n")
+    with pytest.raises(ValueError, match="entry 2"):
+        devkit.val_labels(tmp_path / "gt.txt", tmp_path / "meta.txt")
+
+
+def test_s3_tars_by_split_listed_by_worker_tasks_with_s3_labels(storage, ray_session, tmp_path):
+    """ILSVRC2012_img_train.tar (class tars inside) + the val tar on S3: the train ingest has the
+    3 classes (never a 4th from the val tar), listing runs in Ray tasks; val takes s3:// labels."""
+    val = _imagenet_layout(tmp_path / "src", outer=True)
+    for p in (tmp_path / "src").iterdir():
+        storage.put_bytes(f"raw/ilsvrc/{p.name}", p.read_bytes())
+    storage.put_bytes("raw/ilsvrc/val_labels.txt", "".join(f"{f} {c}\n" for f, c in val.items()).encode())
+    src = f"s3://{storage.bucket}/raw/ilsvrc"
+    m = ingest(storage, src, IngestConfig(name="ilsvrc", split="train"))
+    assert m["classes"] == ["n01440764", "n01443537", "n02119789"] and m["num_images"] == 6
+    mv = ingest(storage, src, IngestConfig(name="ilsvrc", split="val", labels=f"{src}/val_labels.txt"))
+    assert mv["classes"] == m["classes"] and mv["num_images"] == 5
+    got = {r["key"].split("/")[1]: m["classes"][r["label"]] for r in _rows(storage, mv)}
+    assert got == val
+
+
+def test_pipelines_val_ingest_names_staged_labels_beside_its_source():
+    """`ingest-val` names a labels file a cluster can read: an s3:// object staged beside the raw
+    ImageNet (written by `detailflow data convert-val-labels`), or a file in the repository - never a
+    path inside the image that nothing creates."""
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    seen = 0
+    for path in sorted((root / "configs" / "pipelines").glob("*.yaml")):
+        for stage in yaml.safe_load(path.read_text())["stages"]:
+            labels = stage.get("params", {}).get("labels")
+            if stage["kind"] != "ingest" or labels is None:
+                continue
+            seen += 1
+            if labels.startswith("s3://"):
+                assert labels.startswith(stage["params"]["src"].rstrip("/") + "/"), (path.name, labels)
+                assert sources.parse_s3(labels)[1].endswith(".txt")
+            else:
+                assert (root / labels).is_file(), f"{path.name}: {labels} does not exist"
+    assert seen >= 3

@@ -77,8 +77,9 @@ def import_idx_cmd(images_idx, labels_idx, out, split, size, limit):
 @click.option("--split", default="train", show_default=True, help="Split to ingest (folder under SRC).")
 @click.option("--shard-mb", default=256.0, show_default=True, type=click.FloatRange(min=0.001),
               help="Target shard size in MB.")
-@click.option("--labels", default=None, type=click.Path(exists=True, dir_okay=False),
-              help="Labels file for flat split folders ('<file> <class>' per line).")
+@click.option("--labels", default=None,
+              help="Labels (local file or s3:// URI) for flat split folders / split tars: one "
+                   "'<file name> <class name>' per line (see `data convert-val-labels`).")
 @click.option("--classes-from", default="train", show_default=True,
               help="Reuse this split's published class list ('' = derive from the files).")
 @click.option("--seed", default=0, show_default=True, help="Shard-assignment shuffle seed.")
@@ -98,13 +99,29 @@ def ingest_cmd(src, name, split, shard_mb, labels, classes_from, seed, verify_ex
     try:
         with tqdm(desc=f"ingest {name}/{split}", unit="img") as bar:
             manifest = ingest(storage, src, cfg, progress=bar.update)
-    except (ValueError, SourceReadError) as e:  # SourceReadError: a re-run resumes after the fix
+    except (ValueError, FileNotFoundError, SourceReadError) as e:  # SourceReadError: a re-run resumes
         raise click.ClickException(str(e)) from e
     click.echo(f"{manifest['num_images']} images, {manifest['num_classes']} classes, "
                f"{len(manifest['shards'])} shards, {manifest['num_rejected']} rejected -> "
                f"{storage.uri(cfg.prefix)}/_manifest.json (version {manifest['version']})")
     for r in manifest["rejected"][:10]:
         click.echo(f"  rejected {r['key']}: {r['reason']}")
+
+
+@data.command("convert-val-labels")
+@click.argument("ground_truth", type=click.Path(exists=True, dir_okay=False))
+@click.argument("meta", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="Labels file to write ('<file name> <wnid>' per line); stage it beside the val tar.")
+def convert_val_labels_cmd(ground_truth, meta, out):
+    """ILSVRC2012 devkit ground truth (ILSVRC2012_validation_ground_truth.txt + meta.mat) -> labels."""
+    from detailflow.pipelines.data.devkit import write_val_labels
+
+    try:
+        n = write_val_labels(ground_truth, meta, out)
+    except (ValueError, ImportError) as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(f"{n} val labels -> {out}")
 
 
 @data.command("verify")

@@ -28,7 +28,8 @@ matches. Every image is fully decoded once here; undecodable files are rejected 
 Read errors (OSError, S3 timeouts/throttling) are retried with backoff and then FAIL the shard
 task with the path and cause: they are never recorded as rejections and leave no done marker, so a
 re-run retries them. Local-folder/tar shard tasks are pinned to the driver's node (the only node
-that can see those paths).
+that can see those paths). An S3 source's tars are listed by worker tasks (one per tar, reading
+headers by byte range), and the tasks in flight scale with the cluster's CPUs (max_in_flight).
 """
 
 from __future__ import annotations
@@ -59,12 +60,12 @@ class IngestConfig:
     split: str = "train"  # split folder under the source and under the dataset prefix
     shard_mb: float = 256.0  # target encoded bytes per shard (the last shard of the plan is smaller)
     shuffle_seed: int = 0  # seeded permutation of the sorted file list, so shards mix classes
-    labels: str | None = None  # labels file for flat split folders ('<file> <class>' per line)
+    labels: str | None = None  # labels, local or s3://, for flat folders / split tars (sources.LABELS_FORMAT)
     classes_from: str | None = "train"  # reuse this split's published class list (None: from the files)
     row_group_rows: int = 64  # Parquet row-group size = the reader's unit of parallel read + decode
     use_ray: bool = True  # one Ray task per shard; False runs the shards in this process
     task_cpus: float = 1.0  # CPUs reserved per shard task (fractional is fine, pitfall 3)
-    max_in_flight: int = 8  # shard tasks submitted at once (bounds driver and object-store memory)
+    max_in_flight: int | None = None  # tasks at once; None: 2 x the cluster's CPUs / task_cpus (scales)
     verify_existing: bool = False  # re-download and hash already-done shards instead of trusting markers
     fail_after_shards: int | None = None  # testing hook: raise after this many shards this run
     read_attempts: int = 4  # tries per source file on read errors before the ingest fails
@@ -275,6 +276,46 @@ def task_options(cfg: IngestConfig, items: list[Item]) -> dict:
     return {**opts, "scheduling_strategy": NodeAffinitySchedulingStrategy(node_id, soft=False)}
 
 
+def in_flight(cfg: IngestConfig) -> int:
+    """Tasks kept in flight: cfg.max_in_flight, else twice what the cluster's CPUs run at once."""
+    if cfg.max_in_flight:
+        return int(cfg.max_in_flight)
+    import ray
+
+    return max(1, int(2 * ray.cluster_resources().get("CPU", 1) / max(cfg.task_cpus, 0.01)))
+
+
+def run_tasks(cfg: IngestConfig, fn, calls: list[tuple], options: dict | None = None) -> list:
+    """fn(*args) for every args in calls as Ray tasks, in_flight(cfg) at a time; results in call order."""
+    import ray
+
+    remote = ray.remote(fn).options(**(options or {"num_cpus": cfg.task_cpus, "max_retries": 2}))
+    limit, results, pending, queue = in_flight(cfg), {}, {}, list(enumerate(calls))
+    try:
+        while queue or pending:
+            while queue and len(pending) < limit:
+                i, args = queue.pop(0)
+                pending[remote.remote(*args)] = i
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            results[pending.pop(ready[0])] = ray.get(ready[0])
+    except BaseException:
+        for ref in pending:
+            ray.cancel(ref)
+        raise
+    return [results[i] for i in range(len(calls))]
+
+
+def _listing_mapper(storage, cfg: IngestConfig):
+    """How list_source runs its per-tar listings: Ray tasks on the workers, or here (use_ray False)."""
+    if not cfg.use_ray:
+        return sources._serial
+
+    def mapper(fn, calls):
+        ensure_ray(storage.settings)
+        return run_tasks(cfg, fn, calls)
+    return mapper
+
+
 def _run_shards(storage, cfg: IngestConfig, prefix: str, todo: list[tuple[int, list[Item], str]],
                 class_to_index: dict[str, int], progress) -> dict[int, dict]:
     done: dict[int, dict] = {}
@@ -297,10 +338,10 @@ def _run_shards(storage, cfg: IngestConfig, prefix: str, todo: list[tuple[int, l
 
     ensure_ray(storage.settings)
     remote = ray.remote(write_shard).options(**task_options(cfg, [it for _, s, _ in todo for it in s]))
-    pending, queue = [], list(todo)
+    pending, queue, limit = [], list(todo), in_flight(cfg)
     try:
         while queue or pending:
-            while queue and len(pending) < cfg.max_in_flight:
+            while queue and len(pending) < limit:
                 index, items, digest = queue.pop(0)
                 pending.append(remote.remote(storage, prefix, index, items, class_to_index, digest,
                                              **kwargs))
@@ -327,7 +368,8 @@ def ingest(storage, src: str, cfg: IngestConfig, progress=None) -> dict:
     if cfg.shard_mb <= 0:
         raise ValueError(f"shard_mb must be > 0, got {cfg.shard_mb}")
     storage.ensure_bucket()
-    items, ignored = list_source(src, cfg.split, storage=storage, labels=cfg.labels)
+    items, ignored = list_source(src, cfg.split, storage=storage, labels=cfg.labels,
+                                 map_tasks=_listing_mapper(storage, cfg))
     if not items:
         raise FileNotFoundError(f"no files found in {src} for split {cfg.split!r}")
     classes = _class_list(storage, cfg, items)

@@ -3,8 +3,20 @@
 Usage:
     items, ignored = list_source("/data/imagenet", split="train")        # folder: <src>/train/<wnid>/*
     items, ignored = list_source("/data/tars", split="train")            # *.tar: <wnid>/<file> members
-    items, ignored = list_source("s3://raw/imagenet", split="val", storage=st, labels="val.txt")
+    items, ignored = list_source("s3://raw/imagenet", split="val", storage=st, labels="s3://raw/val.txt")
     data = read_item(items[0], storage)                                  # original encoded bytes
+
+Tars by split: under a source prefix, a tar whose path (below the prefix) names a split - a folder
+`val/...tar` or a name token such as `ILSVRC2012_img_val.tar`, `imagenet-train-0001.tar` (tokens
+train, val|validation, test) - belongs to that split only; a tar naming none (`n01440764.tar`, a
+class tar) is train data. So the ILSVRC2012 layout (`ILSVRC2012_img_train.tar` of 1000 class tars +
+`ILSVRC2012_img_val.tar` of 50,000 flat JPEGs) or 1000 class tars beside the val tar ingest as 1000
+train classes and a val split whose classes come from the labels file - never a 1001st class.
+
+Labels (LABELS_FORMAT): a text file, local or s3://, one `<file name> <class name>` per line
+(whitespace-separated; blank lines and `#` comments ignored), e.g.
+`ILSVRC2012_val_00000001.JPEG n01751748`. `detailflow data convert-val-labels` writes it from the
+ILSVRC2012 devkit's `ILSVRC2012_validation_ground_truth.txt` and `meta.mat` (devkit.py).
 
 An Item knows its key (relative path, unique), class name, byte size and where the bytes live: a
 local file, an S3 object, or a byte range inside an uncompressed tar (local or on S3; tars inside a
@@ -18,7 +30,9 @@ Local files that cannot be ingested are listed as rejected with a reason ("broke
 
 from __future__ import annotations
 
+import io
 import os
+import re
 import stat
 import tarfile
 from dataclasses import dataclass
@@ -46,15 +60,67 @@ def parse_s3(uri: str) -> tuple[str, str]:
     return bucket, prefix.strip("/")
 
 
-def read_labels_file(path: str | Path) -> dict[str, str]:
-    """'<file name> <class>' or '<file name>,<class ...>' per line (header lines without a match are
-    harmless); keys are matched by file name and by stem."""
+LABELS_FORMAT = "one '<file name> <class name>' per line, e.g. 'ILSVRC2012_val_00000001.JPEG n01751748'"
+SPLIT_TOKENS = {"train": "train", "val": "val", "validation": "val", "test": "test"}
+_SPLIT_RE = re.compile(r"(?:^|[_\-./])(train|validation|val|test)(?=[_\-./]|$)", re.IGNORECASE)
+
+
+def parse_labels(text: str, where: str) -> dict[str, str]:
+    """LABELS_FORMAT -> {file name: class name}; a malformed line is an error naming it."""
     out: dict[str, str] = {}
-    for line in Path(path).read_text().splitlines():
-        parts = line.replace(",", " ").split()
-        if len(parts) >= 2:
-            out[parts[0]] = parts[1]
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split()
+        if len(parts) != 2:
+            raise ValueError(f"{where} line {n}: {line[:80]!r} is not {LABELS_FORMAT}")
+        if out.setdefault(parts[0], parts[1]) != parts[1]:
+            raise ValueError(f"{where} line {n}: {parts[0]} labelled twice ({out[parts[0]]}, {parts[1]})")
+    if not out:
+        raise ValueError(f"{where} holds no labels ({LABELS_FORMAT})")
     return out
+
+
+def read_labels(spec: str | Path, storage=None) -> dict[str, str]:
+    """Labels from a local file or an s3:// URI (LABELS_FORMAT); keys match by file name and stem."""
+    spec = str(spec)
+    hint = "write one with `detailflow data convert-val-labels` from the ILSVRC2012 devkit"
+    if spec.startswith("s3://"):
+        if storage is None:
+            raise ValueError(f"labels {spec} on S3 need a Storage")
+        bucket, key = parse_s3(spec)
+        try:
+            text = storage.client.get_object(Bucket=bucket, Key=key)["Body"].read().decode()
+        except Exception as e:
+            raise FileNotFoundError(f"labels file {spec} cannot be read ({type(e).__name__}: {e}); "
+                                    f"{hint}") from e
+    else:
+        if not Path(spec).is_file():
+            raise FileNotFoundError(f"labels file {spec} does not exist; {hint}")
+        text = Path(spec).read_text()
+    return parse_labels(text, spec)
+
+
+def tar_split(rel_path: str) -> str | None:
+    """The split a tar's path below the source names ('val/a.tar', 'ILSVRC2012_img_val.tar'), else
+    None (a class tar such as n01440764.tar: train data)."""
+    found = {SPLIT_TOKENS[m.group(1).lower()] for m in _SPLIT_RE.finditer(rel_path)}
+    if len(found) > 1:
+        raise ValueError(f"tar {rel_path} names several splits {sorted(found)}")
+    return found.pop() if found else None
+
+
+def select_tars(rel_paths: list[str], split: str, src: str) -> list[str]:
+    """The tars of `split`: those naming it, plus (for train) those naming no split."""
+    want = SPLIT_TOKENS.get(split.lower(), split)
+    named = {t: tar_split(t) for t in rel_paths}
+    chosen = [t for t in rel_paths if named[t] == want or (named[t] is None and want == "train")]
+    if not chosen:
+        raise FileNotFoundError(
+            f"no tar of split {split!r} under {src} (tars: {sorted(rel_paths)[:5]}...): name the split "
+            f"in the tar's name (e.g. ILSVRC2012_img_{want}.tar) or put its tars under {split}/")
+    return sorted(chosen)
 
 
 def _apply_labels(items: list[Item], labels: dict[str, str] | None) -> tuple[list[Item], list[dict]]:
@@ -89,32 +155,98 @@ def _from_relpaths(entries, kind: str) -> tuple[list[Item], list[dict]]:
 
 
 def _tar_members(fileobj, container: str, kind: str, base: int = 0, stem: str | None = None,
-                 depth: int = 0) -> list[Item]:
-    """Members of an uncompressed tar read as a stream, with absolute data offsets."""
+                 depth: int = 0, open_inner=None) -> list[Item]:
+    """Members of an uncompressed tar with absolute data offsets; inner tars followed one level.
+    Read as a stream, unless `open_inner(member)` gives a seekable view of an inner tar (S3 ranges):
+    then headers are read and members' data skipped."""
     items = []
-    with tarfile.open(fileobj=fileobj, mode="r|") as tar:
+    with tarfile.open(fileobj=fileobj, mode="r:" if open_inner else "r|") as tar:
         for m in tar:
             if not m.isfile():
                 continue
             p = PurePosixPath(m.name)
             if p.suffix.lower() == ".tar" and depth == 0:
-                inner = tar.extractfile(m)
-                items += _tar_members(inner, container, kind, base + m.offset_data, p.stem, depth + 1)
+                inner = open_inner(m) if open_inner else tar.extractfile(m)
+                items += _tar_members(inner, container, kind, base + m.offset_data, p.stem, depth + 1,
+                                      open_inner)
                 continue
-            cls = p.parent.name or stem
-            key = f"{cls}/{p.name}" if cls else p.name
-            items.append(Item(key, cls, m.size, kind, container, base + m.offset_data,
-                              p.suffix.lower() in IMAGE_EXTS, str(m.mtime)))
+            items += _members_of([m], container, kind, base, stem)
     return items
 
 
-def _local_tar(path: Path) -> list[Item]:
+def class_stem(rel_path: str) -> str | None:
+    """A class tar's name is its class (n01440764.tar); a split tar's flat members have none."""
+    return None if tar_split(rel_path) else PurePosixPath(rel_path).stem
+
+
+def _check_uncompressed(head: bytes, where: str) -> None:
+    if head[:2] == b"\x1f\x8b" or head[:3] == b"BZh":
+        raise ValueError(f"{where}: compressed tars cannot be read by byte range; decompress it first")
+
+
+def _local_tar(path: Path, rel: str | None = None) -> list[Item]:
     with open(path, "rb") as f:
-        head = f.read(3)
-    if head[:2] == b"\x1f\x8b" or head == b"BZh":
-        raise ValueError(f"{path}: compressed tars cannot be read by byte range; decompress it first")
+        _check_uncompressed(f.read(3), str(path))
     with open(path, "rb") as f:
-        return _tar_members(f, str(path), "tar", stem=path.stem)
+        return _tar_members(f, str(path), "tar", stem=class_stem(rel or path.name))
+
+
+class S3Range(io.RawIOBase):
+    """Seekable read-only view of one S3 object through Range GETs with an 8 MB read-ahead: tarfile
+    walks a tar's headers and seeks over big members (inner tars) instead of downloading them."""
+
+    def __init__(self, client, bucket: str, key: str, size: int, base: int = 0, chunk: int = 8 << 20):
+        """The `size` bytes from `base` (an inner tar of an outer one: base = its data offset)."""
+        self.client, self.bucket, self.key, self.size, self.chunk = client, bucket, key, size, chunk
+        self.base, self.pos, self.buf_at, self.buf = base, 0, 0, b""
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.pos = {0: offset, 1: self.pos + offset, 2: self.size + offset}[whence]
+        return self.pos
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.size - self.pos if n is None or n < 0 else min(n, self.size - self.pos)
+        if n <= 0:
+            return b""
+        if not (self.buf_at <= self.pos and self.pos + n <= self.buf_at + len(self.buf)):
+            end = min(self.size, self.pos + max(n, self.chunk)) - 1
+            rng = f"bytes={self.base + self.pos}-{self.base + end}"
+            self.buf = self.client.get_object(Bucket=self.bucket, Key=self.key, Range=rng)["Body"].read()
+            self.buf_at = self.pos
+        out = self.buf[self.pos - self.buf_at: self.pos - self.buf_at + n]
+        self.pos += len(out)
+        return out
+
+
+def list_s3_tar(storage, bucket: str, key: str, size: int, stem: str | None) -> list[Item]:
+    """Members of one S3 tar (inner tars followed one level), read by range: runs in a worker task."""
+    f = S3Range(storage.client, bucket, key, size)
+    _check_uncompressed(f.read(3), f"s3://{bucket}/{key}")
+    f.seek(0)
+    return _tar_members(f, f"{bucket}/{key}", "s3tar", stem=stem,
+                        open_inner=lambda m: S3Range(storage.client, bucket, key, m.size, base=m.offset_data))
+
+
+def _members_of(members, container: str, kind: str, base: int, stem: str | None) -> list[Item]:
+    out = []
+    for m in members:
+        if not m.isfile():
+            continue
+        p = PurePosixPath(m.name)
+        cls = p.parent.name or stem
+        key = f"{cls}/{p.name}" if cls else p.name
+        out.append(Item(key, cls, m.size, kind, container, base + m.offset_data,
+                        p.suffix.lower() in IMAGE_EXTS, str(m.mtime)))
+    return out
 
 
 def _s3_objects(storage, bucket: str, prefix: str):
@@ -141,10 +273,18 @@ def _local_problem(full: Path) -> tuple[os.stat_result | None, str | None]:
     return st, None
 
 
-def list_source(src: str, split: str, storage=None,
-                labels: str | None = None) -> tuple[list[Item], list[dict]]:
-    """All candidate items of the split (sorted by key, duplicates refused) and ignored entries."""
-    label_map = read_labels_file(labels) if labels else None
+def _serial(fn, calls: list[tuple]) -> list:
+    return [fn(*args) for args in calls]
+
+
+def list_source(src: str, split: str, storage=None, labels: str | None = None,
+                map_tasks=_serial) -> tuple[list[Item], list[dict]]:
+    """All candidate items of the split (sorted by key, duplicates refused) and ignored entries.
+
+    `map_tasks(fn, [args, ...]) -> [result, ...]` runs the per-tar listings of an S3 source (ingest
+    passes one that runs them as Ray tasks on the workers); the default runs them here."""
+    label_map = read_labels(labels, storage) if labels else None  # first: a missing file fails fast
+    ignored: list[dict] = []
     if src.startswith("s3://"):
         if storage is None:
             raise ValueError("an s3:// source needs a Storage")
@@ -152,13 +292,11 @@ def list_source(src: str, split: str, storage=None,
         objs = list(_s3_objects(storage, bucket, prefix))
         if not objs:
             raise FileNotFoundError(f"no objects under {src}")
-        tars = [(k, s) for k, s, _ in objs if k.endswith(".tar")]
-        if tars:
-            items = []
-            for k, _ in sorted(tars):  # one streaming pass per tar to learn the member offsets
-                body = storage.client.get_object(Bucket=bucket, Key=k)["Body"]
-                items += _tar_members(body, f"{bucket}/{k}", "s3tar", stem=PurePosixPath(k).stem)
-            ignored: list[dict] = []
+        rel = {(k[len(prefix) + 1:] if prefix else k): (k, s) for k, s, _ in objs if k.endswith(".tar")}
+        if rel:
+            calls = [(storage, bucket, rel[t][0], rel[t][1], class_stem(t))
+                     for t in select_tars(list(rel), split, src)]
+            items = [it for part in map_tasks(list_s3_tar, calls) for it in part]
         else:
             root = f"{prefix}/{split}" if prefix else split
             under = [o for o in objs if o[0].startswith(root + "/")]
@@ -170,40 +308,44 @@ def list_source(src: str, split: str, storage=None,
         path = Path(src)
         if not path.exists():
             raise FileNotFoundError(f"source {src} does not exist")
+        found = sorted(path.glob("*.tar")) + sorted(path.glob("*/*.tar")) if path.is_dir() else []
+        tars = [p.relative_to(path).as_posix() for p in found]
         if path.is_file() and path.suffix == ".tar":
-            items, ignored = _local_tar(path), []
-        elif path.is_dir() and sorted(path.glob("*.tar")) and not (path / split).is_dir():
-            items = [it for t in sorted(path.glob("*.tar")) for it in _local_tar(t)]
-            ignored = []
+            items = _local_tar(path)
+        elif tars and (not (path / split).is_dir() or any(t.startswith(split + "/") for t in tars)):
+            items = [it for t in select_tars(tars, split, src) for it in _local_tar(path / t, t)]
         else:
-            root = path / split if (path / split).is_dir() else path
-            entries, unreadable = [], []
-            for dirpath, _, files in os.walk(root):
-                for fn in files:
-                    full = Path(dirpath) / fn
-                    rel = full.relative_to(root).as_posix()
-                    if PurePosixPath(rel).name.startswith("."):
-                        continue
-                    st, problem = _local_problem(full)
-                    if problem:
-                        unreadable.append({"key": rel, "reason": problem})
-                    else:
-                        entries.append((rel, st.st_size, str(full), str(st.st_mtime_ns)))
-            if not entries:
-                raise FileNotFoundError(f"no readable files under {root}")
-            items, ignored = _from_relpaths(entries, "file")
-            ignored += unreadable
+            items, ignored = _list_folder(path / split if (path / split).is_dir() else path)
     items, more = _apply_labels(items, label_map)
     ignored += more
     unlabeled = [it for it in items if it.class_name is None]
     if unlabeled:
-        raise ValueError(f"{len(unlabeled)} files (e.g. {unlabeled[0].key}) sit directly in the split "
-                         "folder; pass --labels FILE to name their classes")
+        raise ValueError(f"{len(unlabeled)} files (e.g. {unlabeled[0].key}) have no class folder or class "
+                         f"tar; pass --labels FILE|s3://... ({LABELS_FORMAT})")
     items.sort(key=lambda it: it.key)
     for a, b in zip(items, items[1:], strict=False):
         if a.key == b.key:
             raise ValueError(f"duplicate key {a.key!r} in source {src}")
     return items, ignored
+
+
+def _list_folder(root: Path) -> tuple[list[Item], list[dict]]:
+    entries, unreadable = [], []
+    for dirpath, _, files in os.walk(root):
+        for fn in files:
+            full = Path(dirpath) / fn
+            rel = full.relative_to(root).as_posix()
+            if PurePosixPath(rel).name.startswith("."):
+                continue
+            st, problem = _local_problem(full)
+            if problem:
+                unreadable.append({"key": rel, "reason": problem})
+            else:
+                entries.append((rel, st.st_size, str(full), str(st.st_mtime_ns)))
+    if not entries:
+        raise FileNotFoundError(f"no readable files under {root}")
+    items, ignored = _from_relpaths(entries, "file")
+    return items, ignored + unreadable
 
 
 def describe(item: Item) -> str:
