@@ -38,6 +38,28 @@ from typing import Any
 CLIENT_STATE_FILE = "client_state.json"
 MARKER_DIR = "_complete"  # one completion marker per rank: _complete/rank-<r>.json
 
+# Tokenizer fields only training reads, some naming files (s3:// or a node's path) that a serving box or
+# a downstream stage does not have: the inference export sets them so that building the tokenizer
+# touches no teacher / perceptual / discriminator network and no encoder init, and the align head
+# (which only feeds the training-only teacher loss) is not built; its weights are dropped.
+TOKENIZER_TRAINING_ONLY = {
+    "align_weight": 0.0, "align_teacher": "none", "align_teacher_path": None, "align_teacher_sha256": None,
+    "perceptual_weight": 0.0, "perceptual_net_path": None, "perceptual_net_sha256": None,
+    "gan_weight": 0.0, "disc_net_path": None, "disc_net_sha256": None,
+    "encoder_init_path": None, "encoder_init_sha256": None, "random_feature_nets": False,
+}
+TOKENIZER_TRAINING_ONLY_PREFIXES = ("align_head.", "teacher.", "perceptual.")  # state-dict entries
+
+
+def inference_tokenizer_fields(fields: dict) -> dict:
+    """TokenizerConfig fields for inference: the training-only ones switched off (see above)."""
+    return {**fields, **{k: v for k, v in TOKENIZER_TRAINING_ONLY.items() if k in fields}}
+
+
+def inference_state(state: dict) -> dict:
+    """A tokenizer state dict without the entries of training-only modules."""
+    return {k: v for k, v in state.items() if not k.startswith(TOKENIZER_TRAINING_ONLY_PREFIXES)}
+
 
 def _dist():
     import torch.distributed as dist
@@ -279,15 +301,17 @@ def consolidated_state_dict(checkpoint, tag: str = "ds", strip_prefix: str = "mo
 
 
 def export_consolidated(checkpoint, build_model, model_config: dict, storage, key_prefix: str,
-                        tag: str = "ds", tracker=None, step: int | None = None) -> str:
-    """Consolidate, load into a fresh module (strict), save_pretrained, upload under key_prefix.
+                        tag: str = "ds", tracker=None, step: int | None = None,
+                        select=lambda state: state) -> str:
+    """Consolidate, keep select(state) (e.g. inference_state), load into a fresh module (strict),
+    save_pretrained, upload under key_prefix.
 
     With a tracker, the export is also logged on its MLflow run as a model (tracker.log_export).
     Returns the S3 URI of the export folder (model.safetensors + config.json)."""
     from detailflow.models.export import save_pretrained
 
     model = build_model()
-    model.load_state_dict(consolidated_state_dict(checkpoint, tag=tag), strict=True)
+    model.load_state_dict(select(consolidated_state_dict(checkpoint, tag=tag)), strict=True)
     uri = storage.uri(key_prefix)
     with tempfile.TemporaryDirectory(prefix="df-export-") as d:
         save_pretrained(model, model_config, d)
@@ -297,3 +321,22 @@ def export_consolidated(checkpoint, build_model, model_config: dict, storage, ke
             tracker.log_export(d, model_config, uri=uri, step=step,
                                checkpoint_uri=checkpoint_uri(checkpoint))
     return uri
+
+
+def load_inference_tokenizer(directory, config: dict):
+    """The tokenizer of an export folder for inference: built from inference_tokenizer_fields (no
+    training-only network is built or read, whatever paths a pre-inference-export config still
+    names) and strictly loaded with the training-only entries dropped."""
+    from safetensors.torch import load_file
+
+    from detailflow.models.configs import TokenizerConfig
+    from detailflow.models.export import WEIGHTS_NAME
+    from detailflow.models.tokenizer import DetailFlowTokenizer
+
+    model = DetailFlowTokenizer(TokenizerConfig(**inference_tokenizer_fields(config["tokenizer"])))
+    state = inference_state(load_file(os.path.join(directory, WEIGHTS_NAME)))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"{directory}: tokenizer weights do not match its config.json: {exc}") from exc
+    return model

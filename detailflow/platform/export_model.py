@@ -19,12 +19,6 @@ from __future__ import annotations
 import mlflow
 from mlflow.pyfunc import PythonModel
 
-# Tokenizer fields only training uses, some naming files a serving box does not have (teacher,
-# perceptual / D nets, encoder init): switched off to encode; the align head they feed is dropped.
-TRAINING_ONLY = {"align_teacher": "none", "align_teacher_path": None, "perceptual_weight": 0.0,
-                 "perceptual_net_path": None, "gan_weight": 0.0, "disc_net_path": None,
-                 "encoder_init_path": None}
-
 
 class ExportModel(PythonModel):
     """Tokenizer: uint8 images B x 3 x R x R -> codes B x N. AR: class ids B -> sampled codes B x N."""
@@ -36,16 +30,9 @@ class ExportModel(PythonModel):
         self.config = read_config(directory)
         kind = self.config.get("kind")
         if kind == "tokenizer":
-            from safetensors.torch import load_file
+            from detailflow.platform.checkpoints import load_inference_tokenizer
 
-            from detailflow.models.configs import TokenizerConfig
-            from detailflow.models.export import WEIGHTS_NAME
-            from detailflow.models.tokenizer import DetailFlowTokenizer
-
-            self.model = DetailFlowTokenizer(TokenizerConfig(**{**self.config["tokenizer"], **TRAINING_ONLY}))
-            state = load_file(f"{directory}/{WEIGHTS_NAME}")
-            self.model.load_state_dict({k: v for k, v in state.items() if not k.startswith("align_head.")},
-                                       strict=True)
+            self.model = load_inference_tokenizer(directory, self.config)
         elif kind == "ar":
             from detailflow.models.ar import DetailFlowGPT
             from detailflow.models.configs import ARConfig

@@ -44,27 +44,39 @@ def download_export(storage, key: str, directory) -> Path:
     return out
 
 
-def load_export(storage, ref: str, kind: str, build, device="cpu"):
+def load_export(storage, ref: str, kind: str, load, device="cpu"):
     """(module in eval mode, export config, export URI): download the export of a run name or URI,
-    refuse one of another kind, build(config) the module and load the weights with shape checks."""
+    refuse one of another kind, load(directory, config) the module."""
     key, _ = resolve_export(storage, ref)
     with tempfile.TemporaryDirectory(prefix=f"df-{kind}-") as d:
         download_export(storage, key, d)
-        config = read_config(d)
-        if config.get("kind") != kind:
-            raise ValueError(f"{storage.uri(key)} holds a {config.get('kind')!r} export, not a {kind} export")
-        model = build(config)
-        load_state_checked(model, d)
+        model, config = load_export_dir(d, kind, load, where=storage.uri(key))
     return model.to(device).eval(), config, storage.uri(key)
 
 
-def load_tokenizer(storage, ref: str, device="cpu"):
-    """(DetailFlowTokenizer in eval mode, export config) from a tokenizer run name or URI."""
-    from detailflow.models.configs import TokenizerConfig
-    from detailflow.models.tokenizer import DetailFlowTokenizer
+def load_export_dir(directory, kind: str, load, where: str | None = None):
+    """(module, config) from a local export folder; refuses an export of another kind."""
+    config = read_config(directory)
+    if config.get("kind") != kind:
+        raise ValueError(f"{where or directory} holds a {config.get('kind')!r} export, not a {kind} export")
+    return load(directory, config), config
 
-    model, config, _ = load_export(storage, ref, "tokenizer",
-                                   lambda c: DetailFlowTokenizer(TokenizerConfig(**c["tokenizer"])), device)
+
+def _checked(build):
+    def load(directory, config):
+        model = build(config)
+        load_state_checked(model, directory)
+        return model
+    return load
+
+
+def load_tokenizer(storage, ref: str, device="cpu"):
+    """(DetailFlowTokenizer in eval mode, export config) from a tokenizer run name or URI: the
+    INFERENCE tokenizer (platform.checkpoints.load_inference_tokenizer) - no teacher, perceptual or
+    discriminator network and no encoder init is built or read, whatever the training config named."""
+    from detailflow.platform.checkpoints import load_inference_tokenizer
+
+    model, config, _ = load_export(storage, ref, "tokenizer", load_inference_tokenizer, device)
     return model, config
 
 
@@ -73,4 +85,4 @@ def load_ar(storage, ref: str, device="cpu"):
     from detailflow.models.ar import DetailFlowGPT
     from detailflow.models.configs import ARConfig
 
-    return load_export(storage, ref, "ar", lambda c: DetailFlowGPT(ARConfig(**c["ar"])), device)
+    return load_export(storage, ref, "ar", _checked(lambda c: DetailFlowGPT(ARConfig(**c["ar"]))), device)

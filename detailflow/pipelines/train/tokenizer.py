@@ -244,15 +244,27 @@ def train_loop(config: dict) -> None:
 
 
 def export_config(cfg: TokenizerStageConfig, run_name: str) -> dict:
-    return {"kind": "tokenizer", "model": cfg.model, "run_name": run_name,
-            "tokenizer": dataclasses.asdict(tokenizer_config(cfg))}
+    """config.json of the INFERENCE export: the tokenizer fields with every training-only one
+    (teacher / perceptual / discriminator weights, encoder init) switched off, so no downstream
+    stage needs (or tries to read) a training-only file."""
+    from detailflow.platform.checkpoints import inference_tokenizer_fields
+
+    return {"kind": "tokenizer", "model": cfg.model, "run_name": run_name, "inference": True,
+            "tokenizer": inference_tokenizer_fields(dataclasses.asdict(tokenizer_config(cfg)))}
+
+
+def inference_model(export_cfg: dict):
+    """The bare inference tokenizer an export config describes (nothing loaded from files)."""
+    from detailflow.models.configs import TokenizerConfig
+    from detailflow.models.tokenizer import DetailFlowTokenizer
+
+    return DetailFlowTokenizer(TokenizerConfig(**export_cfg["tokenizer"]))
 
 
 def run(cfg: TokenizerStageConfig, settings) -> dict:
     """Driver: check the dataset, fit (each worker streams its own part), export.
     Returns {run_name, checkpoint, export_uri}."""
     from detailflow.models.resolution import ResolutionMap
-    from detailflow.models.tokenizer import DetailFlowTokenizer
     from detailflow.pipelines.data.plan import EpochPlan, RowGroups
     from detailflow.pipelines.data.reader import read_manifest_checked
     from detailflow.pipelines.train.exports import export_prefix
@@ -260,7 +272,7 @@ def run(cfg: TokenizerStageConfig, settings) -> dict:
     from detailflow.platform import checkpoints, raytrain
     from detailflow.platform.storage import Storage
     from detailflow.platform.tracking import Tracker
-    from detailflow.platform.weights import check_weights, resolve_weights
+    from detailflow.platform.weights import check_weights
 
     storage = Storage(settings)
     resolved = dataclasses.asdict(cfg)
@@ -279,10 +291,10 @@ def run(cfg: TokenizerStageConfig, settings) -> dict:
                              max_failures=cfg.max_failures, num_to_keep=cfg.num_to_keep)
     ckpt = result.checkpoint or raytrain.latest_checkpoint(settings, name)
     state = checkpoints.read_client_state(ckpt)  # one small JSON: step and the MLflow run id
-    # the export module needs the teacher (its dim shapes the align head), never the training-only nets
-    export_tok = resolve_weights(dataclasses.replace(tok_cfg, perceptual_weight=0.0, gan_weight=0.0), storage)
-    uri = checkpoints.export_consolidated(ckpt, lambda: DetailFlowTokenizer(export_tok),
-                                          export_config(cfg, name), storage, export_prefix(name),
+    # the inference export: no training-only network is built, read or downloaded (align head dropped)
+    export_cfg = export_config(cfg, name)
+    uri = checkpoints.export_consolidated(ckpt, lambda: inference_model(export_cfg), export_cfg, storage,
+                                          export_prefix(name), select=checkpoints.inference_state,
                                           tracker=Tracker.attach(settings.mlflow_tracking_uri,
                                                                  state.get("mlflow_run_id")),
                                           step=int(state["step"]))
