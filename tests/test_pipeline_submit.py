@@ -5,6 +5,7 @@ follows its logs to SUCCEEDED. The head is stopped by the pids of its own proces
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -73,6 +74,7 @@ def test_pipeline_submit_runs_the_pipeline_as_a_ray_job(services, storage, tmp_p
         seconds = time.perf_counter() - t0
     finally:
         _stop_head(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "submitted pipeline-submit-test-" in out.stdout and "SUCCEEDED" in out.stdout
     assert '"data": "ran"' in out.stdout  # the job's own output, followed by the CLI
