@@ -74,8 +74,10 @@ class EvalRun:
     def log_png(self, png: bytes, artifact_file: str) -> None:
         self.tracker.log_png(png, artifact_file)
 
-    def log_file(self, path, artifact_dir: str | None = None) -> None:
-        self.tracker.client.log_artifact(self.run_id, str(path), artifact_dir)
+    def log_file(self, path, artifact_dir: str | None = None) -> str | None:
+        """Through the tracker: a file above tracking.LINK_BYTES (the ADM .npz) goes to S3 directly
+        and the run links it (returns its s3:// URI); a smaller one is a run artefact."""
+        return self.tracker.log_file(path, artifact_dir)
 
     def set_tags(self, tags: dict) -> None:
         self.tracker.set_tags(tags)
