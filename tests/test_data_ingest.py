@@ -400,6 +400,15 @@ def test_s3_tars_by_split_listed_by_worker_tasks_with_s3_labels(storage, ray_ses
         storage.put_bytes(f"raw/ilsvrc/{p.name}", p.read_bytes())
     storage.put_bytes("raw/ilsvrc/val_labels.txt", "".join(f"{f} {c}\n" for f, c in val.items()).encode())
     src = f"s3://{storage.bucket}/raw/ilsvrc"
+    rounds = []
+
+    def recording(fn, calls):  # what ingest hands to Ray tasks: one call per tar, inner tars apart
+        rounds.append([c[2] for c in calls])
+        return sources._serial(fn, calls)
+
+    items, _ = list_source(src, "train", storage=storage, map_tasks=recording)
+    assert rounds[0] == ["raw/ilsvrc/ILSVRC2012_img_train.tar"] and len(rounds[1]) == 3, rounds
+    assert len(items) == 6
     m = ingest(storage, src, IngestConfig(name="ilsvrc", split="train"))
     assert m["classes"] == ["n01440764", "n01443537", "n02119789"] and m["num_images"] == 6
     mv = ingest(storage, src, IngestConfig(name="ilsvrc", split="val", labels=f"{src}/val_labels.txt"))

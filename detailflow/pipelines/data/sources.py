@@ -155,20 +155,18 @@ def _from_relpaths(entries, kind: str) -> tuple[list[Item], list[dict]]:
 
 
 def _tar_members(fileobj, container: str, kind: str, base: int = 0, stem: str | None = None,
-                 depth: int = 0, open_inner=None) -> list[Item]:
-    """Members of an uncompressed tar with absolute data offsets; inner tars followed one level.
-    Read as a stream, unless `open_inner(member)` gives a seekable view of an inner tar (S3 ranges):
-    then headers are read and members' data skipped."""
+                 depth: int = 0) -> list[Item]:
+    """Members of an uncompressed local tar read as a stream, with absolute data offsets; inner
+    tars followed one level."""
     items = []
-    with tarfile.open(fileobj=fileobj, mode="r:" if open_inner else "r|") as tar:
+    with tarfile.open(fileobj=fileobj, mode="r|") as tar:
         for m in tar:
             if not m.isfile():
                 continue
             p = PurePosixPath(m.name)
             if p.suffix.lower() == ".tar" and depth == 0:
-                inner = open_inner(m) if open_inner else tar.extractfile(m)
-                items += _tar_members(inner, container, kind, base + m.offset_data, p.stem, depth + 1,
-                                      open_inner)
+                items += _tar_members(tar.extractfile(m), container, kind, base + m.offset_data, p.stem,
+                                      depth + 1)
                 continue
             items += _members_of([m], container, kind, base, stem)
     return items
@@ -192,12 +190,16 @@ def _local_tar(path: Path, rel: str | None = None) -> list[Item]:
 
 
 class S3Range(io.RawIOBase):
-    """Seekable read-only view of one S3 object through Range GETs with an 8 MB read-ahead: tarfile
-    walks a tar's headers and seeks over big members (inner tars) instead of downloading them."""
+    """Seekable read-only view of one S3 object through Range GETs: tarfile walks a tar's headers and
+    seeks over big members (inner tars) instead of downloading them. The read-ahead adapts: it
+    doubles (to 8 MB) while reads stay sequential (small members: one GET per ~8 MB, not per file)
+    and falls back to 64 KB after a seek past it (an inner tar skipped: ~64 KB read per header)."""
 
-    def __init__(self, client, bucket: str, key: str, size: int, base: int = 0, chunk: int = 8 << 20):
+    MIN_CHUNK, MAX_CHUNK = 64 << 10, 8 << 20
+
+    def __init__(self, client, bucket: str, key: str, size: int, base: int = 0):
         """The `size` bytes from `base` (an inner tar of an outer one: base = its data offset)."""
-        self.client, self.bucket, self.key, self.size, self.chunk = client, bucket, key, size, chunk
+        self.client, self.bucket, self.key, self.size, self.chunk = client, bucket, key, size, self.MIN_CHUNK
         self.base, self.pos, self.buf_at, self.buf = base, 0, 0, b""
 
     def readable(self) -> bool:
@@ -218,6 +220,8 @@ class S3Range(io.RawIOBase):
         if n <= 0:
             return b""
         if not (self.buf_at <= self.pos and self.pos + n <= self.buf_at + len(self.buf)):
+            near = self.buf and self.buf_at <= self.pos <= self.buf_at + len(self.buf) + self.chunk
+            self.chunk = min(2 * self.chunk, self.MAX_CHUNK) if near else self.MIN_CHUNK
             end = min(self.size, self.pos + max(n, self.chunk)) - 1
             rng = f"bytes={self.base + self.pos}-{self.base + end}"
             self.buf = self.client.get_object(Bucket=self.bucket, Key=self.key, Range=rng)["Body"].read()
@@ -227,13 +231,22 @@ class S3Range(io.RawIOBase):
         return out
 
 
-def list_s3_tar(storage, bucket: str, key: str, size: int, stem: str | None) -> list[Item]:
-    """Members of one S3 tar (inner tars followed one level), read by range: runs in a worker task."""
-    f = S3Range(storage.client, bucket, key, size)
+def list_s3_tar(storage, bucket: str, key: str, size: int, stem: str | None, base: int = 0,
+                depth: int = 0) -> tuple[list[Item], list[tuple]]:
+    """One S3 tar's members read by range (a worker task): its files, and - at depth 0 - its inner
+    tars as (bucket, key, size, stem, base, 1) to list in tasks of their own, so the 1,000 class
+    tars inside ILSVRC2012_img_train.tar are listed in parallel, not by one task reading 138 GB."""
+    f = S3Range(storage.client, bucket, key, size, base=base)
     _check_uncompressed(f.read(3), f"s3://{bucket}/{key}")
     f.seek(0)
-    return _tar_members(f, f"{bucket}/{key}", "s3tar", stem=stem,
-                        open_inner=lambda m: S3Range(storage.client, bucket, key, m.size, base=m.offset_data))
+    items, inner = [], []
+    with tarfile.open(fileobj=f, mode="r:") as tar:
+        for m in tar:
+            if m.isfile() and PurePosixPath(m.name).suffix.lower() == ".tar" and depth == 0:
+                inner.append((bucket, key, m.size, PurePosixPath(m.name).stem, base + m.offset_data, 1))
+            else:
+                items += _members_of([m], f"{bucket}/{key}", "s3tar", base, stem)
+    return items, inner
 
 
 def _members_of(members, container: str, kind: str, base: int, stem: str | None) -> list[Item]:
@@ -296,7 +309,11 @@ def list_source(src: str, split: str, storage=None, labels: str | None = None,
         if rel:
             calls = [(storage, bucket, rel[t][0], rel[t][1], class_stem(t))
                      for t in select_tars(list(rel), split, src)]
-            items = [it for part in map_tasks(list_s3_tar, calls) for it in part]
+            items = []
+            while calls:  # the selected tars, then the tars inside them, each listing a task
+                parts = map_tasks(list_s3_tar, calls)
+                items += [it for its, _ in parts for it in its]
+                calls = [(storage, *inner) for _, inners in parts for inner in inners]
         else:
             root = f"{prefix}/{split}" if prefix else split
             under = [o for o in objs if o[0].startswith(root + "/")]
