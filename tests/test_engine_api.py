@@ -180,9 +180,11 @@ def test_generate_and_bad_arguments():
     ref = sample(model, torch.tensor([1]), temperature=0.0)[0, :3]
     assert torch.equal(codes[0], alone(model, Request(0, seed=1))) and torch.equal(codes[1], ref)
     for bad in [Request(7), Request(-1), Request(0, cfg_scale=0.5), Request(0, temperature=-1),
-                Request(0, top_k=-1), Request(0, top_p=0.0), Request(0, top_p=1.5), Request(0, tokens=17)]:
+                Request(0, top_k=-1), Request(0, top_p=0.0), Request(0, top_p=1.5), Request(0, tokens=17),
+                Request(0, top_k=2**70)]:  # 2**70 used to pass submit and break admission half-way
         with pytest.raises(ValueError):
             engine.submit(bad)
+    assert engine.idle and engine.free_slots == 1 and len(engine.generate([Request(0, seed=2)])) == 1
     with pytest.raises(ValueError, match="2 slots"):
         engine.submit(Request(0, cfg_scale=1.5))
     with pytest.raises(ValueError, match="mode"):

@@ -119,8 +119,8 @@ class GenerationEngine:
         c = self.cfg
         if not 0 <= request.class_id <= c.num_classes:
             raise ValueError(f"class_id must be in [0, {c.num_classes}] ({c.num_classes} = null class)")
-        if request.cfg_scale < 1.0 or request.temperature < 0 or request.top_k < 0:
-            raise ValueError(f"need cfg_scale >= 1, temperature >= 0, top_k >= 0: {request}")
+        if request.cfg_scale < 1.0 or request.temperature < 0 or not 0 <= request.top_k < 2**63:
+            raise ValueError(f"need cfg_scale >= 1, temperature >= 0, 0 <= top_k < 2**63: {request}")
         if not 0.0 < request.top_p <= 1.0 or not 0 <= request.tokens <= c.num_tokens:
             raise ValueError(f"need 0 < top_p <= 1 and 0 <= tokens <= {c.num_tokens}: {request}")
         if self._rows_needed(request) > self.slots:

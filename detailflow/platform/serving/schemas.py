@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from detailflow.platform.serving.sampling import SampleSpec
 
 MAX_SEED = 2**63 - 1
+MAX_TOP_K = 1 << 20  # >= any codebook; an unbounded int (2**70) overflowed the engine's int64 settings
 HARD_MAX_IMAGES = 256  # schema bound; the served model's max_images_per_request is the real one
 
 
@@ -29,7 +30,7 @@ class GenerateRequest(BaseModel):
                             "len(class_ids) * num_images may not exceed the model's max_images_per_request.")
     cfg_scale: float = Field(1.5, ge=1.0, le=100.0, description="Classifier-free guidance scale; 1 = none.")
     temperature: float = Field(1.0, ge=0.0, le=10.0, description="Sampling temperature; 0 = argmax.")
-    top_k: int = Field(0, ge=0, description="Keep the k most likely codes; 0 = off.")
+    top_k: int = Field(0, ge=0, le=MAX_TOP_K, description="Keep the k most likely codes; 0 = off.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus mass; 1 = off.")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Same seed + same model version = same "
                              "images. Omitted: the server picks one and returns it.")
