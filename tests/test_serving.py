@@ -1,12 +1,14 @@
 """The serving app on real Serve (local Ray, 4 logical CPUs), real MLflow + SeaweedFS, real HTTP.
 
 One application per module ("dftest" at /): smoke models registered through pipelines.registry.register,
-Generator autoscaling 1..2 with short delays, simulated 30 ms per forward pass so requests overlap.
+one Generator deployment (HTTP front + continuous-batching engine, one hop) autoscaling 1..2 with short
+delays, simulated 30 ms per forward pass so requests overlap; "dfslow" at /slow: 0.5 s per pass.
 """
 
 from __future__ import annotations
 
 import base64
+import collections
 import concurrent.futures as cf
 import io
 import json
@@ -40,14 +42,15 @@ def stack(ray_session, services, storage, tmp_path_factory):
     keys_dir = tmp_path_factory.mktemp("keys")
     good, other, revoked = ("dfk_test_good_0123456789", "dfk_test_other_0123456789",
                             "dfk_test_revoked_0123456789")
+    limited = "dfk_test_limited_0123456789"
     keys_file = keys_dir / "api-keys"
-    keys_file.write_text(f"{good}\n{other}\nrevoked {revoked}\n")
+    keys_file.write_text(f"{good}\n{other}\nrevoked {revoked}\n{limited} rate=0.5 burst=1 quota=3\n")
     cfg = st.test_serve_config(name, str(keys_file), app=APP, port=st.free_port(), simulated_pass_s=0.03)
     deploy_app(parse_serve_config(cfg))
     url = f"http://127.0.0.1:{st.http_port()}"
     ns = type("Stack", (), {})()
     ns.url, ns.name, ns.v1, ns.keys_file = url, name, v1, keys_file
-    ns.good, ns.other, ns.revoked = good, other, revoked
+    ns.good, ns.other, ns.revoked, ns.limited = good, other, revoked, limited
     ns.headers = {"Authorization": f"Bearer {good}"}
     ns.services, ns.storage = services, storage
     try:
@@ -90,8 +93,10 @@ def test_served_image_equals_the_registered_pyfunc(stack):
     body = {"class_ids": [1, 7], "num_images": 1, "seed": 5, "cfg_scale": 1.5, "tokens": 8}
     served = np.stack([_png(x) for x in post(stack, body).json()["images"]])
     model = mlflow.pyfunc.load_model(f"models:/{stack.name}-generator/{stack.v1}")
-    local = model.predict(np.array([1, 7], dtype=np.int64),
-                          params={"seed": 5, "cfg_scale": 1.5, "num_tokens": 8})
+    # the engine backend samples image i of seed s as image 0 of seed s + i
+    local = np.concatenate([model.predict(np.array([c], dtype=np.int64),
+                                          params={"seed": 5 + i, "cfg_scale": 1.5, "num_tokens": 8})
+                            for i, c in enumerate([1, 7])])
     assert served.shape == local.shape == (2, 3, 24, 24)
     assert (served == local).all()
 
@@ -109,8 +114,9 @@ def test_requests_arriving_together_share_one_sampler_call(stack):
     sizes = [r.json()["batch"]["requests"] for r in together]
     assert max(sizes) > 1, f"no two requests were batched: {sizes}"
     for body, r in zip(bodies, together, strict=True):
-        alone = post(stack, body).json()
-        assert alone["batch"]["requests"] == 1
+        alone = post(stack, body, headers={**stack.headers, "Cache-Control": "no-cache"}).json()
+        assert not alone["cached"]
+        assert alone["batch"]["images"] == body["num_images"]  # ran alone: only its own images
         assert alone["images"] == r.json()["images"], f"batched result differs from the solo one for {body}"
 
 
@@ -228,12 +234,14 @@ def test_models_healthz_and_openapi(stack):
     info = m["data"][0]
     assert info["model"] == f"{stack.name}-generator" and info["version"] == stack.v1
     assert info["num_classes"] == 10 and [t["tokens"] for t in info["tokens"]] == [1, 2, 3, 4, 8, 12, 16]
-    assert info["tokens"][-1]["canvas"] == 32 and info["backend"] == "batch"
+    assert info["tokens"][-1]["canvas"] == 32 and info["backend"] == "engine"
     assert m["watcher"]["alias_version"] == stack.v1
     h = requests.get(f"{stack.url}/healthz", timeout=30).json()
-    assert h == {"status": "ok", "model": f"{stack.name}-generator", "model_version": stack.v1}
+    assert h == {"status": "ok"}  # no model call behind it
+    ready = requests.get(f"{stack.url}/readyz", timeout=30).json()
+    assert ready["status"] == "ready" and ready["model_version"] == stack.v1
     spec = requests.get(f"{stack.url}/openapi.json", timeout=30).json()
-    assert {"/v1/generate", "/v1/generate/stream", "/v1/models", "/healthz"} <= set(spec["paths"])
+    assert {"/v1/generate", "/v1/generate/stream", "/v1/models", "/healthz", "/readyz"} <= set(spec["paths"])
     props = spec["components"]["schemas"]["GenerateRequest"]["properties"]
     assert props["cfg_scale"]["minimum"] == 1.0 and "bearer" in json.dumps(spec).lower()
     page = requests.get(stack.url + "/", timeout=30).text
@@ -320,12 +328,14 @@ def test_fuzzed_requests_from_the_openapi_schema_never_get_a_5xx(stack):
     codes = [c for c, _, _, _ in results]
     bad = [(c, case, body) for c, ok, case, body in results if c not in (200, 422) or not ok]
     assert not bad, bad[:5]
-    assert codes.count(200) >= 40 and codes.count(422) >= 200, (codes.count(200), codes.count(422))
+    # (top_k is bounded now: the 2**70 cases that used to sample are 422s, and found an engine bug)
+    assert codes.count(200) >= 30 and codes.count(422) >= 200, (codes.count(200), codes.count(422))
 
 
 @pytest.fixture(scope="module")
 def slow(stack):
-    """A second app at /slow: one Generator replica with 2 slots, a queue of 2, 0.5 s per pass."""
+    """A second app at /slow: one Generator replica, 4 KV rows (2 guided / 4 unguided images at once),
+    admission bound 4 images, 0.5 s per pass (7 passes), deadline 5 s."""
     from ray import serve
 
     from detailflow.platform.serving.config import parse_serve_config
@@ -333,8 +343,8 @@ def slow(stack):
 
     cfg = st.test_serve_config(stack.name, str(stack.keys_file), app="dfslow", route="/slow",
                                port=st.http_port(), simulated_pass_s=0.5, min_replicas=1,
-                               max_replicas=1, max_ongoing_requests=2, max_queued_requests=2,
-                               max_batch_size=2, batch_wait_timeout_s=0.01)
+                               max_replicas=1, max_ongoing_requests=8, max_queued_requests=8,
+                               max_batch_size=2, batch_wait_timeout_s=0.01, args={"request_timeout_s": 5})
     deploy_app(parse_serve_config(cfg))
     ns = type("Slow", (), {})()
     ns.url, ns.headers = stack.url + "/slow", stack.headers
@@ -348,14 +358,14 @@ def slow(stack):
 def test_overload_is_503_with_retry_after_never_a_hang(slow):
     def one(i):
         t0 = time.time()
-        r = requests.post(f"{slow.url}/v1/generate", json={"class_ids": [i % 10], "seed": i},
-                          headers=slow.headers, timeout=60)
+        body = {"class_ids": [i % 10], "seed": i, "cfg_scale": 1.0}  # 1 KV row each: 4 at once
+        r = requests.post(f"{slow.url}/v1/generate", json=body, headers=slow.headers, timeout=60)
         return r, time.time() - t0
 
     with cf.ThreadPoolExecutor(10) as pool:
         results = list(pool.map(one, range(10)))
     codes = sorted(r.status_code for r, _ in results)
-    assert set(codes) <= {200, 503} and 503 in codes and codes.count(200) >= 2, codes
+    assert set(codes) <= {200, 503} and 503 in codes and codes.count(200) >= 4, codes
     for r, took in results:
         if r.status_code == 503:
             assert r.headers["retry-after"] == "1" and r.json()["error"]["type"] == "overloaded"
@@ -381,7 +391,8 @@ def test_client_disconnect_mid_stream_frees_its_slot(slow):
     while True:
         now = slow.handle.stats.remote().result(timeout_s=30)
         cancelled = now.get("cancelled", 0) > before.get("cancelled", 0)
-        if now["ongoing"] == 0 and now["live_jobs"] == 0 and cancelled:
+        engine_busy = (now.get("engine") or {}).get("active", 0)  # rows leave after the pass in flight
+        if now["ongoing"] == 0 and now["live_jobs"] == 0 and not engine_busy and cancelled:
             break
         assert time.time() < deadline, f"slot not freed: {now}"
         time.sleep(0.1)
@@ -393,6 +404,81 @@ def test_client_disconnect_mid_stream_frees_its_slot(slow):
     assert freed_after < 3.0, f"slot freed only after {freed_after:.1f} s"
     assert requests.post(f"{slow.url}/v1/generate", json={"class_ids": [1]}, headers=slow.headers,
                          timeout=60).status_code == 200
+
+
+def test_requests_arriving_over_time_join_running_passes(slow):
+    """A starts; B is posted 1.2 s (~2 passes) later and joins the passes A is running (engine pass
+    counters: a0 < b0 < a1), finishing its 7 passes without waiting for A; the engine ran fewer passes
+    than the two requests' passes added up (more than one image per forward pass)."""
+    before = slow.handle.stats.remote().result(timeout_s=30)["engine"]
+    out = {}
+
+    def one(name, cls):
+        out[name] = requests.post(f"{slow.url}/v1/generate", json={"class_ids": [cls], "cfg_scale": 1.0},
+                                  headers=slow.headers, timeout=60).json()
+
+    import threading
+
+    a = threading.Thread(target=one, args=("a", 1))
+    a.start()
+    time.sleep(1.2)
+    one("b", 2)
+    a.join(60)
+    (a0, a1), (b0, b1) = out["a"]["batch"]["passes"], out["b"]["batch"]["passes"]
+    assert a0 < b0 < a1 < b1 and b1 - b0 <= 8, (a0, a1, b0, b1)
+    after = slow.handle.stats.remote().result(timeout_s=30)["engine"]
+    passes, row_passes = after["passes"] - before["passes"], after["row_passes"] - before["row_passes"]
+    assert row_passes == 14 and passes < 14, (passes, row_passes)  # 7 + 7 image-passes in < 14 passes
+
+
+def test_deadline_is_504_json_and_the_request_is_cancelled(slow):
+    """4 guided requests, 2 fit the 4 KV rows: the last two would finish after ~7 s > the 5 s deadline."""
+    with cf.ThreadPoolExecutor(4) as pool:
+        rs = list(pool.map(lambda i: requests.post(f"{slow.url}/v1/generate", json={"class_ids": [i]},
+                                                   headers={**slow.headers, "X-Request-Id": f"late-{i}"},
+                                                   timeout=60), range(4)))
+    codes = sorted(r.status_code for r in rs)
+    assert codes.count(200) >= 2 and 504 in codes and set(codes) <= {200, 504}, codes
+    for i, r in enumerate(rs):
+        assert r.headers["x-request-id"] == f"late-{i}"
+        if r.status_code == 504:
+            assert r.json()["error"]["type"] == "timeout"
+    deadline = time.time() + 5  # their rows leave after the pass in flight (0.5 s)
+    while True:
+        now = slow.handle.stats.remote().result(timeout_s=30)
+        if now["pending_images"] == 0 and now["engine"]["active"] == 0 and now["engine"]["waiting"] == 0:
+            break
+        assert time.time() < deadline, f"timed-out requests still held: {now}"
+        time.sleep(0.2)
+
+
+def test_front_413_429_request_ids_and_json_errors(stack):
+    big = b'{"class_ids": [1], "pad": "' + b"x" * 70_000 + b'"}'
+    r = requests.post(f"{stack.url}/v1/generate", data=big, timeout=30,
+                      headers={**stack.headers, "Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["type"] == "payload_too_large", r.text
+    assert r.headers["x-request-id"] and "," not in r.headers["x-request-id"]  # one id
+
+    def chunks():  # no Content-Length: the limit is found while the body streams in
+        for _ in range(40):
+            yield b"x" * 4096
+
+    r = requests.post(f"{stack.url}/v1/generate", data=chunks(), timeout=30,
+                      headers={**stack.headers, "Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["type"] == "payload_too_large", r.text
+    r = requests.get(f"{stack.url}/nope", headers={"X-Request-Id": "mine-1"}, timeout=30)
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found"
+    assert r.headers["x-request-id"] == "mine-1"
+    # the limited key: rate 0.5/s with a bucket of 1, quota 3 images a day
+    lim = {"Authorization": f"Bearer {stack.limited}"}
+    first = post(stack, {"class_ids": [1], "tokens": 4}, headers=lim)
+    second = post(stack, {"class_ids": [1], "tokens": 4}, headers=lim)
+    assert first.status_code == 200 and second.status_code == 429, (first.text, second.text)
+    assert second.json()["error"]["type"] == "rate_limited" and 1 <= int(second.headers["retry-after"]) <= 2
+    time.sleep(2.1)
+    over = post(stack, {"class_ids": [1, 2, 3], "tokens": 4}, headers=lim)  # 1 used + 3 > 3
+    assert over.status_code == 429 and "quota" in over.json()["error"]["message"], over.text
+    assert post(stack, {"class_ids": [1], "tokens": 4}, headers=stack.headers).status_code == 200
 
 
 def _replicas(app: str = APP) -> int:
@@ -426,12 +512,15 @@ def test_generator_scales_1_to_2_and_back_after_the_load(stack):
         while time.time() < deadline and peak < 2:
             peak = max(peak, _replicas())
             time.sleep(0.5)
+        time.sleep(4.0)  # keep the load on while both replicas run
     finally:
         stop.set()
         for t in threads:
             t.join(60)
     assert peak == 2, "the Generator never scaled to 2 replicas under load"
     assert results and all(code == 200 for _, code, _ in results), {c for _, c, _ in results}
+    served_by = collections.Counter(j["replica"] for _, _, j in results)
+    assert len(served_by) == 2, f"only one replica served: {served_by}"
     t_stop, deadline = time.time(), time.time() + 90
     while _replicas() != 1:
         assert time.time() < deadline, "did not scale back to 1 replica after the load stopped"
@@ -517,9 +606,9 @@ def test_promoting_a_new_champion_is_served_without_redeploy_and_drops_nothing(s
     print(f"v{v2} served {swap_s:.1f} s after the alias moved; {len(flat)} requests, 0 failed")
 
 
-def test_backend_switch_to_the_engine_is_a_config_change(stack):
-    """user_config backend: engine (continuous batching) without a restart; one image per seed is the
-    same image under both backends, and streams, batching fields and cancellation work the same way."""
+def test_backend_switch_to_the_static_batcher_is_a_config_change(stack):
+    """user_config backend: batch (@serve.batch) without a restart; one image per seed is the same image
+    under both backends, and streams, batching fields and cancellation work the same way."""
     pytest.importorskip("detailflow.models.engine")  # the engine lands separately (models/engine.py)
     from detailflow.platform.serving.watcher import update_generator_config
 
@@ -530,13 +619,14 @@ def test_backend_switch_to_the_engine_is_a_config_change(stack):
         m = requests.get(f"{stack.url}/v1/models", headers=stack.headers, timeout=30).json()
         return m["data"][0]["backend"]
 
-    update_generator_config(APP, backend="engine")
+    update_generator_config(APP, backend="batch")
     try:
         deadline = time.time() + 60
-        while backend() != "engine":
-            assert time.time() < deadline, "the Generator did not switch to the engine"
+        while backend() != "batch":
+            assert time.time() < deadline, "the Generator did not switch to the batch backend"
             time.sleep(0.5)
-        engine_result = post(stack, body).json()
+        engine_result = batch_result
+        batch_result = post(stack, body).json()
         assert engine_result["images"] == batch_result["images"]
         assert engine_result["model_version"] == batch_result["model_version"]
         with cf.ThreadPoolExecutor(4) as pool:
@@ -549,4 +639,4 @@ def test_backend_switch_to_the_engine_is_a_config_change(stack):
         canvases = [d["canvas"] for n, d in events if n == "preview"]
         assert events[-1][0] == "done" and len(canvases) == 6 and canvases == sorted(canvases)
     finally:
-        update_generator_config(APP, backend="batch")
+        update_generator_config(APP, backend="engine")

@@ -172,10 +172,12 @@ def test_validation_messages_name_field_and_rule():
     from detailflow.platform.serving.schemas import GenerateRequest, validation_body
 
     with pytest.raises(ValidationError) as exc:
-        GenerateRequest.model_validate({"class_ids": [1, -2], "cfg_scale": 0.2, "extra": 1, "format": "bmp"})
+        GenerateRequest.model_validate({"class_ids": [1, -2], "cfg_scale": 0.2, "extra": 1, "format": "bmp",
+                                        "top_k": 2**70})
     items = {e["field"]: e["rule"] for e in validation_body(exc.value.errors())["error"]["errors"]}
     assert items == {"class_ids.1": "must be >= 0", "cfg_scale": "must be >= 1.0",
-                     "extra": "is not a known field", "format": "must be one of 'json' or 'png'"}
+                     "extra": "is not a known field", "format": "must be one of 'json' or 'png'",
+                     "top_k": f"must be <= {2**20}"}
     spec = GenerateRequest(class_ids=[3, 5], num_images=2, seed=4).to_spec(4)
     assert spec.class_ids == [3, 3, 5, 5] and spec.seed == 4
 
@@ -243,3 +245,176 @@ def test_engine_backend_streams_previews_and_matches_single_image_sampling(smoke
             time.sleep(0.01)
     finally:
         backend.retire()
+
+
+def test_engine_backend_attaches_no_per_pass_hook_without_previews(smoke):
+    """A hook makes the engine copy codes to the host after every pass: only preview requests get one."""
+    import asyncio
+
+    from detailflow.platform.serving.config import GeneratorOptions
+    from detailflow.platform.serving.engine_backend import EngineBackend
+    from detailflow.platform.serving.generator import Ticket
+
+    ar, tok = smoke
+    backend = EngineBackend(_served(ar, tok), GeneratorOptions(max_batch_size=4, max_images_per_request=4))
+    hooks, submit = [], backend.engine.submit
+
+    def recording_submit(request, on_pass=None):  # the real submit, noting which hook it was given
+        hooks.append(on_pass)
+        return submit(request, on_pass=on_pass)
+
+    backend.engine.submit = recording_submit
+
+    async def collect(spec):
+        return [ev async for ev in backend.events(Ticket(spec))]
+
+    try:
+        assert isinstance(asyncio.run(collect(SampleSpec([3, 4], 1.5, seed=2)))[-1], Final)
+        assert hooks == [None, None]
+        asyncio.run(collect(SampleSpec([3], 1.5, seed=2, previews=True)))
+        assert len(hooks) == 3 and hooks[2] is not None
+    finally:
+        backend.retire()
+
+
+def test_batch_decoder_merges_calls_that_arrive_while_one_runs(smoke):
+    """Three decodes queued while the first runs: 2 tokenizer calls in all, each caller gets exactly the
+    images of decoding its own codes alone."""
+    import asyncio
+    import threading
+
+    from detailflow.models.generator import to_uint8
+    from detailflow.platform.serving.engine_backend import BatchDecoder
+
+    ar, tok = smoke
+    gate, sizes = threading.Event(), []
+
+    def decode(codes, t):
+        sizes.append(len(codes))
+        gate.wait(5)  # the first call holds until the others are queued
+        return to_uint8(tok.decode(codes, t)).numpy()
+
+    dec = BatchDecoder(decode)
+    gen = torch.Generator().manual_seed(0)
+    inputs = [torch.randint(0, ar.cfg.vocab_size, (k, 8), generator=gen) for k in (1, 2, 3, 1)]
+
+    async def run():
+        first = asyncio.ensure_future(dec(inputs[0], 8))
+        await asyncio.sleep(0.05)
+        rest = [asyncio.ensure_future(dec(x, 8)) for x in inputs[1:]]
+        await asyncio.sleep(0.05)
+        gate.set()
+        return [await first] + [await r for r in rest]
+
+    outs = asyncio.run(run())
+    assert sizes == [1, 6] and dec.calls == 2 and dec.rows == 7
+    for x, out in zip(inputs, outs, strict=True):
+        assert (out == to_uint8(tok.decode(x, 8)).numpy()).all()
+
+
+def test_rate_limit_and_daily_quota_closed_form():
+    from detailflow.platform.serving.limits import Limiter, retry_after
+
+    now = [86400 * 100 + 3600.0]  # 01:00 UTC
+    lim = Limiter(default_rate=2.0, default_burst=2, default_quota=5, clock=lambda: now[0])
+    assert lim.admit("k", 1) is None and lim.admit("k", 1) is None  # the bucket of 2
+    wait, which = lim.admit("k", 1)
+    assert which == "rate" and wait == pytest.approx(0.5) and retry_after(wait) == "1"
+    now[0] += 0.5
+    assert lim.admit("k", 3) is None  # 1 + 1 + 3 = 5 images today
+    now[0] += 10
+    wait, which = lim.admit("k", 1)
+    assert which == "quota" and wait == pytest.approx(23 * 3600 - 10.5)
+    assert lim.admit("other", 1) is None  # per key
+    now[0] += 23 * 3600  # the next UTC day
+    assert lim.admit("k", 5) is None and lim.used_today("k") == 5
+    own = Limiter(clock=lambda: now[0])  # no defaults: unlimited unless the key file says so
+    assert all(own.admit("k", 100) is None for _ in range(50))
+    assert own.admit("k", 1, {"rate": 1, "burst": 1}) is None and own.admit("k", 1, {"rate": 1})[1] == "rate"
+
+
+def test_key_file_limits_are_parsed_per_key(tmp_path):
+    from detailflow.platform.serving.auth import OK, KeyStore, key_id
+
+    path = tmp_path / "keys"
+    path.write_text("dfk_a rate=2 burst=5 quota=100\ndfk_b\nrevoked dfk_c quota=1\n")
+    keys = KeyStore.from_sources(path=str(path), environ={})
+    assert keys.check("Bearer dfk_a") == (OK, key_id("dfk_a")) and keys.check("Bearer dfk_b")[0] == OK
+    assert keys.limits == {key_id("dfk_a"): {"rate": 2.0, "burst": 5, "quota": 100}}
+    path.write_text("dfk_a colour=red\n")
+    with pytest.raises(ValueError, match="unknown option 'colour'"):
+        KeyStore.from_sources(path=str(path), environ={})
+
+
+def _front_app(limit: int = 1024):
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from detailflow.platform.serving.front import Front
+
+    async def echo(request):
+        body = await request.body()
+        return JSONResponse({"n": len(body), "id": request.scope["state"]["request_id"]})
+
+    async def boom(request):
+        raise RuntimeError("broken")
+
+    app = Starlette(routes=[Route("/echo", echo, methods=["POST"]), Route("/boom", boom)])
+    app.add_middleware(Front, max_body_bytes=lambda: limit)
+    return app
+
+
+def _asgi(app, method: str, path: str, chunks: list[bytes], headers: dict | None = None):
+    """One request straight through the ASGI app (no server): (status, headers, JSON body)."""
+    import asyncio
+    import json
+
+    sent = []
+    parts = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1}
+             for i, c in enumerate(chunks)]
+    scope = {"type": "http", "method": method, "path": path, "raw_path": path.encode(), "query_string": b"",
+             "headers": [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()],
+             "http_version": "1.1", "scheme": "http", "server": ("t", 80), "client": ("c", 1),
+             "root_path": ""}
+
+    async def receive():
+        return parts.pop(0) if parts else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return start["status"], {k.decode(): v.decode() for k, v in start["headers"]}, json.loads(body or b"null")
+
+
+def test_front_413_from_content_length_and_while_streaming_request_ids_and_json_500():
+    app = _front_app(1024)
+    status, head, body = _asgi(app, "POST", "/echo", [b"x" * 1024], {"content-length": "1024"})
+    assert status == 200 and body["n"] == 1024
+    assert head["x-request-id"] == body["id"] and len(body["id"]) == 16
+    status, _, body = _asgi(app, "POST", "/echo", [b"x" * 1025], {"content-length": "1025"})
+    assert status == 413 and body["error"]["type"] == "payload_too_large"
+    status, _, body = _asgi(app, "POST", "/echo", [b"x" * 200] * 10)  # no Content-Length: cut while streaming
+    assert status == 413 and "limit of 1024" in body["error"]["message"]
+    status, head, body = _asgi(app, "POST", "/echo", [b"{}"], {"x-request-id": "abc-1"})
+    assert body["id"] == "abc-1" and "x-request-id" not in head  # the proxy that set it echoes it
+    status, head, body = _asgi(app, "GET", "/boom", [b""])
+    assert status == 500 and head["content-type"] == "application/json"
+    assert body["error"]["request_id"] == head["x-request-id"]
+
+
+def test_result_cache_is_an_lru_of_its_size():
+    from detailflow.platform.serving.generator import ResultCache
+
+    cache = ResultCache(2)
+    cache.put("a", 1)
+    cache.put("b", 2)
+    assert cache.get("a") == 1
+    cache.put("c", 3)  # "b" is the least recently used
+    assert cache.get("b") is None and cache.get("a") == 1 and cache.get("c") == 3
+    cache.resize(0)
+    cache.put("d", 4)
+    assert cache.get("d") is None and not cache.data

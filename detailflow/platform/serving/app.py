@@ -1,18 +1,26 @@
-"""The HTTP API: a FastAPI ingress deployment (CPU) in front of the Generator replicas.
+"""The HTTP API, one hop: the Generator deployment is ingress, scheduler and engine in one replica.
 
     serve run detailflow.platform.serving.app:build_app          # Ray's CLI, default args
     detailflow serve up --config configs/serve-local.yaml         # what the project uses (deploy.py)
 
+A request goes from Serve's proxy (or, with RAY_SERVE_ENABLE_HA_PROXY / RAY_SERVE_THROUGHPUT_OPTIMIZED,
+HAProxy / direct ingress) straight into the replica that samples it: no second deployment, no handle
+call, no pickling of images. Images are PNG-encoded (fast zlib level) in a worker thread.
 Routes (OpenAPI at /openapi.json, docs at /docs):
     GET  /                       playground page (page.html)
-    GET  /healthz                200 when a Generator answers (no key needed)
+    GET  /healthz                200 while the replica's loop answers (no key, no model call)
+    GET  /readyz                 200 + model version once a model is loaded, else 503
     GET  /v1/models              the served model: version, classes, allowed `tokens` and their canvases
-    POST /v1/generate            JSON (base64 PNGs + version + seed) or, with format=png, one PNG / a grid
-    POST /v1/generate/stream     Server-Sent Events: start, preview after every pass (the prefix decoded
-    GET  /v1/generate/stream       at c(t)), done (the POST /v1/generate JSON + the grid); GET: query params
-Errors: 401 no/unknown key (WWW-Authenticate: Bearer), 403 revoked key, 422 {"error": {"errors":
-[{"field", "rule"}]}}, 503 + Retry-After when the Generator's queue is full or the answer takes longer
-than request_timeout_s. A stream whose client disconnects cancels its request: its rows leave the batch.
+    POST /v1/generate            JSON (base64 PNGs + version + seed) or, with format=png / Accept:
+                                   image/png, the PNG bytes (one image or a grid)
+    POST /v1/generate/stream     Server-Sent Events: start, preview after every pass, done
+    GET  /v1/generate/stream       (GET: query params)
+Errors, all JSON {"error": {"type", "message", "errors": [{"field", "rule"}]}} with X-Request-Id:
+401 no/unknown key, 403 revoked, 413 body over args.max_body_bytes, 422 bad field, 429 + Retry-After
+(per-key rate / daily image quota, limits.py), 503 + Retry-After (replica at capacity in images, or no
+model yet), 504 no answer within request_timeout_s (the request is cancelled), 500 otherwise.
+Seeded requests are cached by (model version, backend, classes, seed, params): same answer, no work
+(`Cache-Control: no-cache` skips the cache; the JSON says "cached").
 """
 
 # No `from __future__ import annotations` here: Serve rebuilds the route methods' signatures and
@@ -34,8 +42,11 @@ from starlette.exceptions import HTTPException
 
 from detailflow.platform.serving import images as img
 from detailflow.platform.serving.auth import MISSING, OK, REVOKED, KeyStore
-from detailflow.platform.serving.config import GENERATOR, INGRESS, WATCHER, AppArgs, GeneratorOptions
-from detailflow.platform.serving.generator import Generator, Rejected
+from detailflow.platform.serving.config import GENERATOR, WATCHER, AppArgs, GeneratorOptions
+from detailflow.platform.serving.front import Front
+from detailflow.platform.serving.generator import GeneratorCore, Overloaded, Rejected
+from detailflow.platform.serving.limits import Limiter, retry_after
+from detailflow.platform.serving.metrics import ServeMetrics
 from detailflow.platform.serving.sampling import Final, Preview
 from detailflow.platform.serving.schemas import (
     ErrorResponse,
@@ -50,8 +61,13 @@ logger = logging.getLogger("ray.serve")
 PAGE = (Path(__file__).parent / "page.html").read_text()
 ERRORS = {401: {"model": ErrorResponse, "description": "No or unknown API key"},
           403: {"model": ErrorResponse, "description": "Revoked API key"},
+          413: {"model": ErrorResponse, "description": "Body over the size limit"},
           422: {"model": ErrorResponse, "description": "A field breaks a rule (named in errors)"},
-          503: {"model": ErrorResponse, "description": "Overloaded: retry after Retry-After seconds"}}
+          429: {"model": ErrorResponse, "description": "Rate limit or daily image quota: see Retry-After"},
+          503: {"model": ErrorResponse, "description": "Overloaded: retry after Retry-After seconds"},
+          504: {"model": ErrorResponse, "description": "No answer within the deadline"}}
+KINDS = {401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
+         413: "payload_too_large", 429: "rate_limited", 503: "overloaded", 504: "timeout"}
 
 app = FastAPI(title="DetailFlow generation API", version="1",
               description="Class-conditional image generation with DetailFlow (1D coarse-to-fine "
@@ -60,21 +76,26 @@ bearer = HTTPBearer(auto_error=False, description="API key issued by the operato
 
 
 class _State:
-    keys: KeyStore | None = None  # set by the Ingress replica
+    keys: KeyStore | None = None  # set by the replica
     anonymous: bool = False  # no key configured and allow_anonymous
+    max_body_bytes: int = AppArgs().max_body_bytes
 
 
-class Overloaded(Exception):
-    pass
+app.add_middleware(Front, max_body_bytes=lambda: _State.max_body_bytes)
+
+
+def _error(status: int, message: str, retry_s: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(KINDS.get(status, "error"), message), status_code=status,
+                        headers={"Retry-After": retry_s} if retry_s else None)
 
 
 async def require_key(request: Request, _=Depends(bearer)) -> str:  # noqa: B008 (FastAPI's idiom)
     """401 without a valid key, 403 for a revoked one. Keys are never logged, only their key id."""
     status, kid = _State.keys.check(request.headers.get("authorization")) if _State.keys else (MISSING, None)
-    if status == OK:
+    if status == OK or (status == MISSING and _State.anonymous):
+        kid = kid if status == OK else "anonymous"
+        request.scope.setdefault("state", {})["key_id"] = kid
         return kid
-    if status == MISSING and _State.anonymous:
-        return "anonymous"
     if status == REVOKED:
         logger.info("refused revoked key %s", kid)
         raise HTTPException(403, "this API key has been revoked")
@@ -89,9 +110,7 @@ async def _on_validation(request: Request, exc: RequestValidationError):
 
 @app.exception_handler(HTTPException)
 async def _on_http(request: Request, exc: HTTPException):
-    kinds = {401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
-             503: "overloaded"}
-    return JSONResponse(error_body(kinds.get(exc.status_code, "error"), str(exc.detail)),
+    return JSONResponse(error_body(KINDS.get(exc.status_code, "error"), str(exc.detail)),
                         status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
 
@@ -99,40 +118,42 @@ def _sse(event: str, data: dict) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
-@serve.deployment(name=INGRESS, ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
+@serve.deployment(name=GENERATOR, ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64,
+                  max_queued_requests=64, health_check_period_s=10, graceful_shutdown_timeout_s=30,
+                  autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8,
+                                      "upscale_delay_s": 10, "downscale_delay_s": 60})
 @serve.ingress(app)
-class Ingress:
-    def __init__(self, generator, watcher=None, args: dict | None = None):
-        self.args = AppArgs.from_dict(args)
-        self.gen, self.watcher = generator, watcher
-        a = self.args
+class Generator(GeneratorCore):
+    def __init__(self, watcher=None, args: dict | None = None):
+        super().__init__()
+        self.args = a = AppArgs.from_dict(args)
+        self.watcher = watcher
         _State.keys = KeyStore.from_sources(a.api_keys_env, a.revoked_keys_env, a.api_keys_file)
         _State.anonymous = a.allow_anonymous and _State.keys.count() == 0 and _State.keys.path is None
+        _State.max_body_bytes = a.max_body_bytes
+        self.limiter = Limiter(a.rate_limit_rps, a.rate_burst, a.daily_image_quota)
+        self.metrics = ServeMetrics()
         if _State.keys.count() == 0 and not _State.anonymous:
             logger.warning("no API key configured (%s / %s): every /v1 request gets 401", a.api_keys_env,
                            _State.keys.path or "$DETAILFLOW_API_KEYS_FILE")
 
     # ---- plumbing ----------------------------------------------------------------------------------
+    def _record(self, route: str, status: int, key: str, images: int, t0: float) -> None:
+        self.metrics.request(route, status, key, images, time.perf_counter() - t0)
+        e = self.engine.stats() if self.engine is not None else None
+        self.metrics.gauges(self.pending_images, e["waiting"] if e else 0,
+                            e["slots"] - e["free_slots"] if e else 0, e["slots"] if e else 0)
+
+    def _limit(self, key: str, images: int) -> JSONResponse | None:
+        refused = self.limiter.admit(key, images, _State.keys.limits.get(key) if _State.keys else None)
+        if refused is None:
+            return None
+        wait_s, which = refused
+        why = "daily image quota used up" if which == "quota" else "rate limit: too many requests"
+        return _error(429, why, retry_after(wait_s))
+
     def _overloaded(self, why: str) -> JSONResponse:
-        return JSONResponse(error_body("overloaded", why), status_code=503,
-                            headers={"Retry-After": str(self.args.retry_after_s)})
-
-    async def _await(self, response, timeout_s: float, cancel=None):
-        """Await a handle call; Overloaded on back-pressure, no replica, or timeout (then cancelled)."""
-        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
-
-        async def wait():
-            return await response
-
-        try:
-            return await asyncio.wait_for(wait(), timeout_s)
-        except BackPressureError as exc:
-            raise Overloaded("the generator queue is full, retry later") from exc
-        except DeploymentUnavailableError as exc:
-            raise Overloaded("no generator replica is available yet") from exc
-        except TimeoutError as exc:
-            (cancel or response.cancel)()
-            raise Overloaded(f"no answer within {timeout_s:.0f} s, retry later") from exc
+        return _error(503, why, str(self.args.retry_after_s))
 
     @staticmethod
     def _seed(body: GenerateRequest) -> int:
@@ -143,7 +164,7 @@ class Ingress:
         return {"model": i["model"], "model_version": i["model_version"], "seed": i["seed"],
                 "tokens": i["tokens"], "canvas": i["canvas"], "class_ids": class_ids,
                 "images": [img.b64(img.to_png(x)) for x in final.images], "batch": i["batch"],
-                "replica": i["replica"],
+                "replica": i["replica"], "cached": bool(i.get("cached")),
                 "timing": {"queue_s": i["queue_s"], "sample_s": i["sample_s"], "total_s": round(total_s, 4)}}
 
     # ---- routes ------------------------------------------------------------------------------------
@@ -151,49 +172,67 @@ class Ingress:
     async def page(self, request: Request):
         return HTMLResponse(PAGE.replace("__ROOT_PATH__", request.scope.get("root_path", "").rstrip("/")))
 
-    @app.get("/healthz", summary="Liveness: the ingress and a Generator replica answer")
+    @app.get("/healthz", summary="Liveness: the replica answers (no key; costs nothing)")
     async def healthz(self):
-        try:
-            info = await self._await(self.gen.info.remote(), 10.0)
-        except Overloaded as exc:
-            return self._overloaded(str(exc))
-        return {"status": "ok", "model": info.get("model"), "model_version": info.get("version")}
+        return {"status": "ok"}
+
+    @app.get("/readyz", summary="Readiness: a model is loaded (its version), else 503",
+             responses={503: ERRORS[503]})
+    async def readyz(self):
+        if self.model is None:
+            return self._overloaded("no model loaded yet")
+        return {"status": "ready", "model": self.model.registered_model, "model_version": self.model.version,
+                "backend": self.opts.backend}
 
     @app.get("/v1/models", summary="The served model and what a request may ask of it",
              responses={k: ERRORS[k] for k in (401, 403, 503)})
     async def models(self, key: str = Depends(require_key)):
-        try:
-            info = await self._await(self.gen.info.remote(), 10.0)
-            watch = await self._await(self.watcher.status.remote(), 10.0) if self.watcher else None
-        except Overloaded as exc:
-            return self._overloaded(str(exc))
-        return {"data": [info], "watcher": watch}
+        watch = None
+        if self.watcher is not None:
+            try:
+                watch = await asyncio.wait_for(self.watcher.status.remote(), 10.0)
+            except Exception as exc:  # noqa: BLE001 - the model info is still worth answering
+                watch = {"error": f"{type(exc).__name__}: {exc}"[:200]}
+        return {"data": [self.info()], "watcher": watch}
 
-    @app.post("/v1/generate", summary="Generate images (JSON with base64 PNGs, or a PNG)",
+    @app.post("/v1/generate", summary="Generate images (JSON with base64 PNGs, or PNG bytes)",
               response_model=GenerateResponse, responses={200: {"content": {"image/png": {}}}, **ERRORS})
-    async def generate(self, body: GenerateRequest, request: Request, key: str = Depends(require_key)):
-        t0 = time.perf_counter()
+    async def generate_route(self, body: GenerateRequest, request: Request, key: str = Depends(require_key)):
+        t0, route = time.perf_counter(), "/v1/generate"
         spec = body.to_spec(self._seed(body))
+        if (refused := self._limit(key, spec.num_images)) is not None:
+            self._record(route, 429, key, 0, t0)
+            return refused
+        timeout = self.args.request_timeout_s
         try:
-            final = await self._await(self.gen.generate.remote(spec), self.args.request_timeout_s)
+            cacheable = body.seed is not None and "no-cache" not in request.headers.get("cache-control", "")
+            final = await asyncio.wait_for(self.generate(spec, cacheable=cacheable), timeout)
         except Overloaded as exc:
+            self._record(route, 503, key, 0, t0)
             return self._overloaded(str(exc))
+        except TimeoutError:
+            self._record(route, 504, key, 0, t0)
+            return _error(504, f"no answer within {timeout:g} s; the request was cancelled")
         if isinstance(final, Rejected):
+            self._record(route, 422, key, 0, t0)
             return JSONResponse(rule_body(final.errors), status_code=422)
         want_png = body.format == "png" or request.headers.get("accept", "").startswith("image/png")
         i = final.info
         if want_png:
             png = await asyncio.to_thread(img.grid_png, final.images, self.args.max_grid_columns)
-            return Response(png, media_type="image/png", headers={
+            out = Response(png, media_type="image/png", headers={
                 "X-Model-Version": i["model_version"], "X-Seed": str(i["seed"]), "X-Tokens": str(i["tokens"]),
                 "X-Batch-Requests": str(i["batch"]["requests"])})
-        out = await asyncio.to_thread(self._result_json, final, spec.class_ids, time.perf_counter() - t0)
-        return JSONResponse(out)
+        else:
+            out = JSONResponse(await asyncio.to_thread(self._result_json, final, spec.class_ids,
+                                                       time.perf_counter() - t0))
+        self._record(route, 200, key, len(final.images), t0)
+        return out
 
     @app.post("/v1/generate/stream", summary="Generate with a coarse-to-fine preview after every pass (SSE)",
               responses={200: {"content": {"text/event-stream": {}}}, **ERRORS})
     async def stream_post(self, body: GenerateRequest, key: str = Depends(require_key)):
-        return await self._stream(body)
+        return await self._stream(body, key)
 
     @app.get("/v1/generate/stream", summary="Same as POST /v1/generate/stream, fields as query parameters "
              "(class_ids=3,5 or repeated)", responses={200: {"content": {"text/event-stream": {}}}, **ERRORS})
@@ -206,50 +245,57 @@ class Ingress:
             body = GenerateRequest.model_validate(fields)
         except ValidationError as exc:
             return JSONResponse(validation_body(exc.errors()), status_code=422)
-        return await self._stream(body)
+        return await self._stream(body, key)
 
-    async def _stream(self, body: GenerateRequest):
-        t0 = time.perf_counter()
+    async def _stream(self, body: GenerateRequest, key: str):
+        t0, route = time.perf_counter(), "/v1/generate/stream"
         deadline = t0 + self.args.request_timeout_s
         spec = body.to_spec(self._seed(body))
-        gen = self.gen.options(stream=True).stream.remote(spec)
-        it = gen.__aiter__()
-        try:  # the first event decides the status code: 503 / 422 before any byte of the stream
-            first = await self._await(it.__anext__(), self.args.request_timeout_s, gen.cancel)
+        if (refused := self._limit(key, spec.num_images)) is not None:
+            self._record(route, 429, key, 0, t0)
+            return refused
+        gen = self.stream(spec)
+        try:  # the first event decides the status code: 503 / 422 / 504 before any byte of the stream
+            first = await asyncio.wait_for(gen.__anext__(), self.args.request_timeout_s)
         except Overloaded as exc:
-            gen.cancel()
+            self._record(route, 503, key, 0, t0)
             return self._overloaded(str(exc))
+        except TimeoutError:
+            await gen.aclose()
+            self._record(route, 504, key, 0, t0)
+            return _error(504, f"no answer within {self.args.request_timeout_s:g} s")
         if isinstance(first, Rejected):
-            gen.cancel()
+            await gen.aclose()
             return JSONResponse(rule_body(first.errors), status_code=422)
 
         async def events():
-            ev = first
+            ev, cols = first, self.args.max_grid_columns
             try:
                 yield _sse("start", {"seed": spec.seed, "class_ids": spec.class_ids, "tokens": spec.tokens})
                 while True:
                     if isinstance(ev, Preview):
-                        png = await asyncio.to_thread(img.grid_png, ev.images, self.args.max_grid_columns)
+                        png = await asyncio.to_thread(img.grid_png, ev.images, cols)
                         yield _sse("preview", {"t": ev.t, "canvas": ev.canvas, "step": ev.step,
                                                "steps": ev.steps, "grid": img.b64(png)})
                     elif isinstance(ev, Final):
                         out = await asyncio.to_thread(self._result_json, ev, spec.class_ids,
                                                       time.perf_counter() - t0)
-                        png = await asyncio.to_thread(img.grid_png, ev.images, self.args.max_grid_columns)
+                        png = await asyncio.to_thread(img.grid_png, ev.images, cols)
+                        self._record(route, 200, key, len(ev.images), t0)
                         yield _sse("done", {**out, "grid": img.b64(png)})
                         return
                     try:
                         left = max(0.001, deadline - time.perf_counter())
-                        ev = await asyncio.wait_for(it.__anext__(), left)
+                        ev = await asyncio.wait_for(gen.__anext__(), left)
                     except StopAsyncIteration:
                         yield _sse("error", error_body("internal", "the stream ended without images"))
                         return
                     except TimeoutError:
-                        yield _sse("error", error_body("overloaded", "no answer within "
-                                                       f"{self.args.request_timeout_s:.0f} s, retry later"))
+                        yield _sse("error", error_body("timeout", "no answer within "
+                                                       f"{self.args.request_timeout_s:g} s"))
                         return
             finally:
-                gen.cancel()  # client gone, done, or failed: the replica stops working on it
+                await gen.aclose()  # client gone, done, or failed: its rows leave the batch
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
@@ -261,9 +307,8 @@ def build_app(args: dict | None = None):
     from detailflow.platform.serving.watcher import ChampionWatcher
 
     a = AppArgs.from_dict(args)
-    gen = Generator.options(user_config=GeneratorOptions().to_dict()).bind()
     watcher = ChampionWatcher.bind(GENERATOR, a.poll_interval_s) if a.watch_alias else None
-    return Ingress.bind(gen, watcher, a.to_dict())
+    return Generator.options(user_config=GeneratorOptions().to_dict()).bind(watcher, a.to_dict())
 
 
-__all__ = ["app", "Ingress", "build_app", "WATCHER"]
+__all__ = ["app", "Generator", "build_app", "WATCHER"]

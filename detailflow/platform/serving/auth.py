@@ -9,6 +9,8 @@ Secret file format, one entry per line (blank lines and `# comments` ignored):
     dfk_2Jx...                      an active key
     sha256:9f86d08...               an active key given by its sha256 (the file then holds no secret)
     revoked dfk_2Jx...              a revoked key (403), also as `revoked sha256:...`
+    dfk_9Qa... rate=2 burst=4 quota=500   an active key with its own limits: requests/s, bucket size,
+                                    images per UTC day (limits.py; unset = the app's defaults)
 The file is re-read when it changes (checked at most every `reload_s`), so keys are added or revoked
 without a restart. Keys are never logged or shown: logs and responses name a key by `key_id`, the
 first 8 hex digits of its sha256.
@@ -46,18 +48,45 @@ def _entry_hash(entry: str) -> str:
     return key_hash(entry)
 
 
+LIMIT_FIELDS = {"rate": float, "burst": int, "quota": int}
+
+
+def _split_line(raw: str) -> tuple[bool, str, dict] | None:
+    """(revoked, key entry, {limit: value}) of one key-file line; None for blank / comment lines."""
+    words = raw.split("#", 1)[0].split()
+    if not words:
+        return None
+    revoked = words[0].lower() == "revoked" and len(words) > 1
+    words = words[1:] if revoked else words
+    limits = {}
+    for opt in words[1:]:
+        name, _, value = opt.partition("=")
+        if name not in LIMIT_FIELDS or not value:
+            raise ValueError(f"key id {key_id(words[0])}: unknown option {name!r} (known: rate=, burst=, "
+                             "quota=)")
+        try:
+            limits[name] = LIMIT_FIELDS[name](value)
+        except ValueError as exc:
+            raise ValueError(f"key id {key_id(words[0])}: {name} must be a number") from exc
+    return revoked, words[0], limits
+
+
 def parse_entries(lines) -> tuple[set[str], set[str]]:
     """(active hashes, revoked hashes) from key-file lines."""
     active, revoked = set(), set()
     for raw in lines:
-        line = raw.split("#", 1)[0].strip()
-        if not line:
-            continue
-        if line.lower().startswith("revoked "):
-            revoked.add(_entry_hash(line[8:]))
-        else:
-            active.add(_entry_hash(line))
+        if (parsed := _split_line(raw)) is not None:
+            (revoked if parsed[0] else active).add(_entry_hash(parsed[1]))
     return active - revoked, revoked
+
+
+def parse_limits(lines) -> dict[str, dict]:
+    """{key id: {rate, burst, quota} given on its line} from key-file lines."""
+    out = {}
+    for raw in lines:
+        if (parsed := _split_line(raw)) is not None and parsed[2] and not parsed[0]:
+            out[_entry_hash(parsed[1])[:8]] = parsed[2]
+    return out
 
 
 class KeyStore:
@@ -70,6 +99,7 @@ class KeyStore:
         self.reload_s = reload_s
         self._file_active: set[str] = set()
         self._file_revoked: set[str] = set()
+        self.limits: dict[str, dict] = {}  # key id -> limits from the key file (rate, burst, quota)
         self._stamp: tuple | None = None
         self._checked = 0.0
         self._lock = threading.Lock()
@@ -105,9 +135,11 @@ class KeyStore:
                 return
             self._stamp = stamp
             if stamp is None:
-                self._file_active, self._file_revoked = set(), set()
+                self._file_active, self._file_revoked, self.limits = set(), set(), {}
                 return
-            self._file_active, self._file_revoked = parse_entries(self.path.read_text().splitlines())
+            lines = self.path.read_text().splitlines()
+            self._file_active, self._file_revoked = parse_entries(lines)
+            self.limits = parse_limits(lines)
 
     @property
     def revoked(self) -> set[str]:
@@ -161,8 +193,8 @@ def first_key(path: str | os.PathLike) -> str | None:
         return None
     revoked = parse_entries(path.read_text().splitlines())[1]
     for raw in path.read_text().splitlines():
-        line = raw.split("#", 1)[0].strip()
-        if line and not line.lower().startswith("revoked ") and not line.startswith("sha256:") \
-                and key_hash(line) not in revoked:
-            return line
+        parsed = _split_line(raw)
+        if parsed and not parsed[0] and not parsed[1].startswith("sha256:") \
+                and key_hash(parsed[1]) not in revoked:
+            return parsed[1]
     return None

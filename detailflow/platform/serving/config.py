@@ -6,9 +6,9 @@
 
 A serve file is Ray's own format (`serve deploy FILE`, a RayService's serveConfigV2): one application
 whose import_path is `detailflow.platform.serving.app:build_app`, `args` = AppArgs fields, and the
-deployments Ingress / Generator / ChampionWatcher with their Serve options; the Generator's
-`user_config` holds GeneratorOptions fields. Changing a user_config is a lightweight update: Serve calls
-reconfigure on the running replicas, nothing restarts.
+deployments Generator (HTTP ingress + scheduler + engine, one hop) / ChampionWatcher with their
+Serve options; the Generator's `user_config` holds GeneratorOptions fields. Changing a user_config is a
+lightweight update: Serve calls reconfigure on the running replicas, nothing restarts.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 APP_IMPORT_PATH = "detailflow.platform.serving.app:build_app"
-GENERATOR, INGRESS, WATCHER = "Generator", "Ingress", "ChampionWatcher"  # deployment names
+GENERATOR, WATCHER = "Generator", "ChampionWatcher"  # deployment names (Generator is also the ingress)
 BACKENDS = ("batch", "engine")
 DTYPES = ("float32", "bfloat16")
 ENGINE_MODES = ("eager", "static", "graph")
@@ -62,10 +62,12 @@ class GeneratorOptions:
     model: str = "smoke"  # registered base name: the Generator serves `<model>-generator`
     alias: str = "champion"  # registry alias followed while `version` is empty
     version: str = ""  # pinned registered version; "" = resolve `alias` now (the watcher writes it)
-    backend: str = "batch"  # "batch": @serve.batch + grouped sampler; "engine": continuous batching engine
+    backend: str = "engine"  # "engine": continuous batching engine; "batch": @serve.batch + grouped sampler
     max_batch_size: int = 16  # images per sampler call (a request for K images counts K)
     batch_wait_timeout_s: float = 0.02  # how long a batch's first request waits for batch-mates
     max_images_per_request: int = 16  # bound on len(class_ids) * num_images (<= max_batch_size)
+    max_pending_images: int = 0  # images a replica admits at once (running + queued); 0 = 2 * max_batch_size
+    cache_entries: int = 256  # results of seeded requests kept (LRU, per replica); 0 = no cache
     engine_slots: int = 0  # backend "engine": KV-cache rows (a guided image takes 2); 0 = 2 * max_batch_size
     engine_mode: str = "eager"  # backend "engine": eager | static | graph (CUDA graphs, GPU only)
     device: str = "auto"  # auto (cuda when present) | cpu | cuda | cuda:N
@@ -84,6 +86,9 @@ class GeneratorOptions:
             (1 <= self.max_images_per_request <= self.max_batch_size, "max_images_per_request",
              f"must be in [1, max_batch_size={self.max_batch_size}]"),
             (self.ar_dtype in DTYPES, "ar_dtype", f"must be one of {list(DTYPES)}"),
+            (self.max_pending_images == 0 or self.max_pending_images >= self.max_images_per_request,
+             "max_pending_images", f"must be 0 or >= max_images_per_request={self.max_images_per_request}"),
+            (self.cache_entries >= 0, "cache_entries", "must be >= 0"),
             (self.engine_slots >= 0, "engine_slots", "must be >= 0"),
             (self.engine_mode in ENGINE_MODES, "engine_mode", f"must be one of {list(ENGINE_MODES)}"),
             (self.torch_threads >= 0, "torch_threads", "must be >= 0"),
@@ -107,14 +112,19 @@ class GeneratorOptions:
 
 @dataclass
 class AppArgs:
-    """`args` of the application (app.build_app): the ingress and the watcher."""
+    """`args` of the application (app.build_app): the HTTP front and the watcher."""
 
     api_keys_env: str = "DETAILFLOW_API_KEYS"  # env var: comma-separated bearer keys (or sha256:<hex>)
     revoked_keys_env: str = "DETAILFLOW_API_KEYS_REVOKED"  # env var: comma-separated revoked keys
     api_keys_file: str = ""  # secret file, one key per line (see auth.py); "" = $DETAILFLOW_API_KEYS_FILE
     allow_anonymous: bool = False  # with no key configured at all, serve without auth (local dev only)
-    request_timeout_s: float = 120.0  # a request not answered by then gets 503 + Retry-After
+    request_timeout_s: float = 120.0  # a request not answered by then gets 504 (and is cancelled)
     retry_after_s: int = 2  # the Retry-After value (seconds) on 503 answers
+    max_body_bytes: int = 65536  # larger request bodies get 413 before they are parsed
+    rate_limit_rps: float = 0.0  # default requests/s per key (token bucket); 0 = unlimited; the key
+    # file may set rate=R per key
+    rate_burst: int = 0  # bucket size per key; 0 = max(1, 2 * rate); key file: burst=B
+    daily_image_quota: int = 0  # default images per key per UTC day; 0 = unlimited; key file: quota=Q
     watch_alias: bool = True  # run the ChampionWatcher (it pins the alias' version in the user_config)
     poll_interval_s: float = 10.0  # how often the watcher reads the alias
     max_grid_columns: int = 8  # images per row of a PNG grid
@@ -126,6 +136,10 @@ class AppArgs:
             raise ServeConfigError(f"args.retry_after_s must be >= 1 (got {self.retry_after_s})")
         if self.poll_interval_s <= 0:
             raise ServeConfigError(f"args.poll_interval_s must be > 0 (got {self.poll_interval_s})")
+        if self.max_body_bytes < 1024:
+            raise ServeConfigError(f"args.max_body_bytes must be >= 1024 (got {self.max_body_bytes})")
+        if self.rate_limit_rps < 0 or self.rate_burst < 0 or self.daily_image_quota < 0:
+            raise ServeConfigError("args.rate_limit_rps, rate_burst and daily_image_quota must be >= 0")
         if self.max_grid_columns < 1:
             raise ServeConfigError(f"args.max_grid_columns must be >= 1 (got {self.max_grid_columns})")
 

@@ -1,17 +1,18 @@
-"""Backend "engine": the Generator's tickets on models.engine.GenerationEngine (continuous batching).
+"""Backend "engine": the replica's tickets on models.engine.GenerationEngine (continuous batching).
 
-    backend = EngineBackend(served_model, opts)       # starts the engine's driver thread
+    backend = await asyncio.to_thread(EngineBackend, served_model, opts)   # built + warmed off the loop
     async for ev in backend.events(ticket): ...       # Preview after every pass (if asked), then Final
     backend.retire()                                  # after a model swap: finish what it holds, then stop
 
-The @serve.batch backend runs one sampler call per batch; the engine instead admits a request into the
-very next forward pass that has free KV-cache rows and frees its rows the pass it finishes, so a short
-request never waits for a long one. An image is one engine request: a request for K images submits K
-with seeds seed, seed + 1, ..., seed + K - 1 (the engine draws 1 x L x V uniforms per request per pass),
-so under this backend image i of (seed s) is image 0 of (seed s + i); same seed + same version + same
-backend = same images. A cancelled ticket (client gone) cancels its engine requests: their rows are free
-for the next pass. Previews: the engine's per-pass hook hands over each prefix; once all K images of a
-ticket have prefix t, the ticket gets a Preview of the K prefixes decoded at c(t).
+The engine admits a request into the very next forward pass that has free KV-cache rows and frees its
+rows the pass it finishes, so a short request never waits for a long one. An image is one engine
+request: a request for K images submits K with seeds seed, seed + 1, ..., seed + K - 1 (the engine draws
+1 x L x V uniforms per request per pass, on the model's device when it is a GPU), so image i of (seed s)
+is image 0 of (seed s + i). A cancelled ticket (client gone) cancels its engine requests.
+Host syncs: a request gets a per-pass hook (a device -> host copy of the prefix) only when it asked for
+previews; otherwise the engine copies codes once, at the pass that finishes it.
+Decoding is batched: finished rows of every request that completes while a decode is running wait for
+it and then go through the tokenizer together, one decode call per prefix length (BatchDecoder).
 """
 
 from __future__ import annotations
@@ -28,18 +29,76 @@ from detailflow.models.sampler import decode_plan
 from detailflow.platform.serving.sampling import Final, Preview
 
 
+class BatchDecoder:
+    """Awaitable decode(codes_Kt, t) -> uint8 K x 3 x c x c that merges concurrent calls: whatever is
+    queued while a decode runs goes into the next one (one tokenizer call per distinct t)."""
+
+    def __init__(self, decode_fn):
+        self.decode_fn = decode_fn  # (codes_Bt long, t) -> numpy uint8 B x 3 x c x c (runs in a thread)
+        self.pending: list = []  # (codes_Kt, t, future)
+        self.task: asyncio.Task | None = None
+        self.calls = 0  # tokenizer decode calls made
+        self.rows = 0  # images decoded in them
+
+    async def __call__(self, codes_Kt: torch.Tensor, t: int):
+        fut = asyncio.get_running_loop().create_future()
+        self.pending.append((codes_Kt, t, fut))
+        if self.task is None or self.task.done():
+            self.task = asyncio.ensure_future(self._drain())
+        return await fut
+
+    async def _drain(self) -> None:
+        while self.pending:
+            batch, self.pending = self.pending, []
+            groups: dict[int, list] = collections.defaultdict(list)
+            for item in batch:
+                groups[item[1]].append(item)
+            for t, items in groups.items():
+                codes = torch.cat([c for c, _, _ in items])
+                try:
+                    images = await asyncio.to_thread(self.decode_fn, codes, t)
+                except Exception as exc:  # noqa: BLE001 - every waiter of this call gets the error
+                    for _, _, f in items:
+                        if not f.done():
+                            f.set_exception(exc)
+                    continue
+                self.calls, self.rows, o = self.calls + 1, self.rows + len(codes), 0
+                for c, _, f in items:
+                    if not f.done():
+                        f.set_result(images[o:o + len(c)])
+                    o += len(c)
+
+
 class EngineBackend:
     def __init__(self, served, opts):
+        """Builds the engine and warms it (static / graph: every bucket captured): call it in a thread."""
         from detailflow.models.engine import GenerationEngine
 
-        self.model = served  # model_store.ServedModel (the Generator compares it to know when to rebuild)
+        self.model = served  # model_store.ServedModel: the one every request of this backend runs on
         slots = opts.engine_slots or 2 * opts.max_batch_size
+        on_gpu = served.device.startswith("cuda")
         self.engine = GenerationEngine(served.ar, slots=slots, device=served.device, mode=opts.engine_mode,
-                                       generator_device="cuda" if served.device.startswith("cuda") else "cpu")
+                                       generator_device="cuda" if on_gpu else "cpu")
         self.engine.warmup()
+        if opts.simulated_pass_s:  # tests / load experiments: a big model's pass time on a CPU box
+            run, pause = self.engine.runner.run, opts.simulated_pass_s
+
+            def slow_run(*args, **kwargs):
+                out = run(*args, **kwargs)
+                time.sleep(pause)
+                return out
+
+            self.engine.runner.run = slow_run
         self.engine.start()
         plan = decode_plan(served.ar.cfg.num_tokens, served.ar.cfg.group_size, served.ar.cfg.causal_num)
         self.stops = [stop for _, stop in plan]
+        self.decoder = BatchDecoder(self._decode)
+        self.row_passes = 0  # sum over finished images of the passes they took (images per pass =
+        # row_passes / passes over a window where everything finished)
+
+    @property
+    def slots(self) -> int:
+        return self.engine.slots
 
     def retire(self) -> None:
         """Take nothing new; stop the driver once the requests it holds are done (in the background)."""
@@ -49,6 +108,12 @@ class EngineBackend:
             self.engine.stop()
 
         threading.Thread(target=drain, name="engine-retire", daemon=True).start()
+
+    def stats(self) -> dict:
+        e = self.engine
+        return {"passes": e.passes, "active": e.active, "waiting": e.waiting, "slots": e.slots,
+                "free_slots": e.free_slots, "row_passes": self.row_passes, "decode_calls": self.decoder.calls,
+                "decoded_images": self.decoder.rows}
 
     @torch.no_grad()
     def _decode(self, codes_Kt: torch.Tensor, t: int):
@@ -62,7 +127,7 @@ class EngineBackend:
         k, t_final = spec.num_images, spec.tokens or self.model.num_tokens
         pending: collections.deque = collections.deque()  # (image index, t, prefix codes) from the hooks
         changed = asyncio.Event()
-        started = time.perf_counter()
+        started, first_pass = time.perf_counter(), self.engine.passes
 
         def arrive(item) -> None:
             pending.append(item)
@@ -70,14 +135,15 @@ class EngineBackend:
 
         def hook_for(i: int):
             def hook(_request_id, codes_t, t):  # engine driver thread, before the request settles
-                if spec.previews and t < t_final:
+                if t < t_final:
                     loop.call_soon_threadsafe(arrive, (i, t, codes_t.clone()))
             return hook
 
         requests = [Request(class_id=c, cfg_scale=spec.cfg_scale, temperature=spec.temperature,
                             top_k=spec.top_k, top_p=spec.top_p, seed=spec.seed + i, tokens=spec.tokens)
                     for i, c in enumerate(spec.class_ids)]
-        handles = [self.engine.submit(r, on_pass=hook_for(i)) for i, r in enumerate(requests)]
+        handles = [self.engine.submit(r, on_pass=hook_for(i) if spec.previews else None)
+                   for i, r in enumerate(requests)]
         steps = handles[0].passes_needed
         # the settle callbacks are queued on this loop after every hook callback of their request, so once
         # `results` is done and `pending` is empty, no preview is still on its way
@@ -93,15 +159,17 @@ class EngineBackend:
                     partial.setdefault(t, {})[i] = codes
                     if len(partial[t]) == k:
                         got = partial.pop(t)
-                        codes = torch.stack([got[j] for j in range(k)])
-                        images = await asyncio.to_thread(self._decode, codes, t)
+                        images = await self.decoder(torch.stack([got[j] for j in range(k)]), t)
                         yield Preview(t, images.shape[-1], self.stops.index(t) + 1, steps, images)
                 if results.done() and not pending:
                     codes = torch.stack(results.result())
-                    images = await asyncio.to_thread(self._decode, codes, t_final)
+                    last_pass = self.engine.passes
+                    self.row_passes += k * steps
+                    images = await self.decoder(codes, t_final)
                     active = self.engine.active + k
                     yield Final(t_final, images.shape[-1], steps, images, batch_requests=active,
-                                batch_images=active, sample_s=time.perf_counter() - started)
+                                batch_images=active, sample_s=time.perf_counter() - started,
+                                info={"passes": [first_pass, last_pass]})
                     return
         finally:
             for h in handles:

@@ -1,22 +1,26 @@
-"""The Generator deployment: one model per replica, concurrent requests share one sampler call.
+"""The request path of a Generator replica: model, backend, admission in images, result cache.
 
-    gen = Generator.options(user_config={"model": "smoke"}).bind()      # app.build_app does this
-    await handle.generate.remote(spec)          # -> Final (images + info) | Rejected (422 reasons)
-    async for ev in handle.options(stream=True).stream.remote(spec): ...   # Preview..., Final
+    class Generator(GeneratorCore): ...            # app.py: the one Serve deployment (HTTP routes + this)
+    ticket = core.admit(spec)                       # Ticket pinned to a model | Rejected; raises Overloaded
+    final = await core.generate(spec, cacheable=True)   # Final (images + info) | Rejected
+    async for ev in core.stream(spec): ...          # Rejected | Preview..., Final
 
 Model source: reconfigure(user_config) resolves `<model>-generator@<alias>` (or the pinned `version`)
-in MLflow and builds that version's modules (model_store.py). A changed version is loaded in a thread
-while requests keep being served by the old model; the swap is one reference assignment, and every
-sampler call keeps the model it started with, so nothing in flight is dropped. The ChampionWatcher
-(watcher.py) writes the alias' version into this user_config when the alias moves.
+in MLflow and loads that version in a thread; for the engine backend it also builds and warms the new
+engine (CUDA graphs captured) in a thread, then swaps model and engine in one step on the loop. A
+request is validated against the model it is pinned to at admission and runs on exactly that model
+(and engine); the old engine finishes what it holds, so nothing in flight is dropped. The
+ChampionWatcher (watcher.py) writes the alias' version into this user_config when the alias moves.
 
-Batching (backend "batch"): `_run` is a @serve.batch async generator. Requests arriving within
-batch_wait_timeout_s join one BatchJob (sampling.py) of up to max_batch_size images (batch_size_fn
-counts images); it yields one event per request per forward pass. Requests with different CFG scales,
-temperatures, top-k/p, seeds and token budgets share the call: each keeps its own settings and random
-stream, and leaves at its own last pass. A request whose caller went away (client disconnect) is
-marked cancelled and its rows leave the batch before the next pass. Backend "engine" hands the same
-tickets to the continuous-batching engine instead (engine_backend.py); everything else is the same.
+Admission counts images: a request for K images is admitted while the replica holds fewer than
+capacity_images (max_pending_images, default 2 x max_batch_size: what the KV-cache slots start within
+about a pass cycle) and otherwise raises Overloaded (the route answers 503 + Retry-After at once).
+
+Backends: "engine" (default) puts every image into models.engine.GenerationEngine (continuous batching:
+requests join the next forward pass, engine_backend.py). "batch": `_run` is a @serve.batch async
+generator; requests arriving within batch_wait_timeout_s join one BatchJob (sampling.py) of up to
+max_batch_size images and leave at their own last pass. Either way a request whose caller went away
+(client disconnect, deadline) is cancelled and its rows leave before the next pass.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -31,7 +36,7 @@ from dataclasses import dataclass, field
 
 from ray import serve
 
-from detailflow.platform.serving.config import GENERATOR, GeneratorOptions
+from detailflow.platform.serving.config import GeneratorOptions
 from detailflow.platform.serving.sampling import BatchJob, Final, Preview, SampleSpec
 
 logger = logging.getLogger("ray.serve")
@@ -44,11 +49,17 @@ class Rejected:
     errors: list  # [(field, rule)]
 
 
+class Overloaded(Exception):
+    """The replica is at capacity (in images) or has no model yet: 503 + Retry-After."""
+
+
 @dataclass
 class Ticket:
-    """One request inside the replica."""
+    """One request inside the replica, pinned to the model (and engine) it was validated against."""
 
     spec: SampleSpec
+    model: object = None  # model_store.ServedModel it runs on
+    engine: object = None  # engine_backend.EngineBackend it runs on (None: the batch backend)
     created: float = field(default_factory=time.perf_counter)
     cancelled: bool = False  # the caller went away
     finished: bool = False  # its Final was produced
@@ -63,18 +74,16 @@ def count_images(tickets: list[Ticket]) -> int:
     return sum(t.num_images for t in tickets)
 
 
-@serve.deployment(name=GENERATOR, ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=32,
-                  max_queued_requests=64, health_check_period_s=10, graceful_shutdown_timeout_s=30,
-                  autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8,
-                                      "upscale_delay_s": 10, "downscale_delay_s": 60})
-class Generator:
+class GeneratorCore:
+    """The model, the backend and the request path of one replica (app.Generator adds the HTTP routes)."""
+
     def __init__(self):
         from detailflow.platform.settings import load_settings
 
         self.tracking_uri = load_settings().mlflow_tracking_uri
         self.opts: GeneratorOptions | None = None
         self.model = None  # model_store.ServedModel
-        self.engine = None  # engine_backend.EngineBackend when backend == "engine"
+        self.engine = None  # engine_backend.EngineBackend when backend == "engine" (built for self.model)
         self._swap_lock = asyncio.Lock()
         try:
             self.replica = serve.get_replica_context().replica_id.unique_id
@@ -86,16 +95,21 @@ class Generator:
         self.load_error: str | None = None  # why the last requested version could not be loaded
         self.ongoing = 0  # requests inside this replica
         self.live_jobs = 0  # sampler calls running
+        self.pending_images = 0  # images admitted and not finished (the unit of admission)
+        self.results = ResultCache(0)  # deterministic results (seeded requests), resized in reconfigure
 
     # ---- model source ----------------------------------------------------------------------------
     async def reconfigure(self, user_config: dict) -> None:
+        """Load the configured version (in a thread) and, for the engine backend, build + warm its engine
+        (in a thread too), then swap model and engine in one step: nothing runs on the event loop while
+        requests are served, and a request always runs on the model it was validated against."""
         from detailflow.platform.serving.model_store import load_served_model, resolve_version
 
         opts = GeneratorOptions.from_dict(user_config)
         async with self._swap_lock:
             version = opts.version or await asyncio.to_thread(
                 resolve_version, self.tracking_uri, opts.registered_model, opts.alias)
-            cur = self.model
+            cur = new = self.model
             same = (cur is not None and cur.registered_model == opts.registered_model
                     and cur.version == version and self.opts is not None
                     and (self.opts.device, self.opts.ar_dtype) == (opts.device, opts.ar_dtype))
@@ -117,29 +131,40 @@ class Generator:
                     logger.error("Generator %s: keeping v%s, cannot load %s", self.replica, cur.version,
                                  self.load_error)
                     return
+            engine, old_engine = self.engine, None
+            rebuild = self.opts is None or (opts.engine_slots, opts.engine_mode, opts.max_batch_size,
+                                            opts.simulated_pass_s) != (
+                self.opts.engine_slots, self.opts.engine_mode, self.opts.max_batch_size,
+                self.opts.simulated_pass_s)
+            if opts.backend == "engine" and (engine is None or engine.model is not new or rebuild):
+                from detailflow.platform.serving.engine_backend import EngineBackend
+
+                engine, old_engine = await asyncio.to_thread(EngineBackend, new, opts), engine
+            elif opts.backend != "engine":
+                engine, old_engine = None, engine
+            # the swap: one step on the loop, no await in between
+            self.model, self.engine, self.opts = new, engine, opts
+            self.results.resize(opts.cache_entries)
+            self._run.set_max_batch_size(opts.max_batch_size)
+            self._run.set_batch_wait_timeout_s(opts.batch_wait_timeout_s)
+            if old_engine is not None:
+                old_engine.retire()  # finishes what it holds, takes nothing new
+            if not same:
                 self.load_error = None
-                self.model = new  # in-flight sampler calls keep the model object they started with
                 self.versions_served.append(new.version)
                 self.counters["swaps"] += 1 if cur is not None else 0
                 logger.info("Generator %s: serving %s v%s (loaded in %.2f s)", self.replica,
                             new.registered_model, new.version, new.load_s)
-            self._run.set_max_batch_size(opts.max_batch_size)
-            self._run.set_batch_wait_timeout_s(opts.batch_wait_timeout_s)
-            if opts.backend == "engine":
-                from detailflow.platform.serving.engine_backend import EngineBackend
-
-                if self.engine is None or self.engine.model is not self.model:
-                    old, self.engine = self.engine, EngineBackend(self.model, opts)
-                    if old is not None:
-                        old.retire()  # finishes what it holds, takes nothing new
-            elif self.engine is not None:
-                self.engine.retire()
-                self.engine = None
-            self.opts = opts
 
     def check_health(self) -> None:
         if self.model is None:
             raise RuntimeError("no model loaded")
+
+    @property
+    def capacity_images(self) -> int:
+        """Images this replica admits at once (running + queued); beyond it: 503 + Retry-After."""
+        o = self.opts
+        return o.max_pending_images or 2 * o.max_batch_size
 
     def info(self) -> dict:
         opts = self.opts
@@ -147,63 +172,99 @@ class Generator:
                 "pinned": bool(opts and opts.version), "backend": opts.backend if opts else None,
                 "max_batch_size": opts.max_batch_size if opts else None,
                 "max_images_per_request": opts.max_images_per_request if opts else None,
+                "capacity_images": self.capacity_images if opts else None,
                 "replica": self.replica, "load_error": self.load_error}
 
     def stats(self) -> dict:
+        engine = self.engine.stats() if self.engine is not None else None
+        counters = dict(self.counters)
+        if engine is not None:  # every forward pass this replica's current engine ran
+            counters["passes"] = counters.get("passes", 0) + engine["passes"]
         return {"replica": self.replica, "pid": os.getpid(), "ongoing": self.ongoing,
                 "live_jobs": self.live_jobs, "version": self.model.version if self.model else None,
-                "versions_served": self.versions_served,
+                "versions_served": self.versions_served, "pending_images": self.pending_images,
+                "capacity_images": self.capacity_images if self.opts else None, "engine": engine,
                 "batch_requests_hist": {str(k): v for k, v in sorted(self.batch_requests_hist.items())},
-                **dict(self.counters)}
+                **counters}
+
+    def record_autoscaling_stats(self) -> dict:
+        """Serve's custom autoscaling metric (see autoscale.py): images admitted and not finished."""
+        return {"pending_images": float(self.pending_images)}
 
     # ---- requests --------------------------------------------------------------------------------
-    def _check(self, spec: SampleSpec) -> Rejected | None:
+    def _check(self, spec: SampleSpec, model) -> Rejected | None:
         errors = []
         limit = self.opts.max_images_per_request
         if not 1 <= spec.num_images <= limit:
             errors.append(("num_images", f"len(class_ids) * num_images must be in [1, {limit}] "
                                          f"(got {spec.num_images})"))
-        errors += self.model.check(spec.class_ids, spec.tokens)
+        errors += model.check(spec.class_ids, spec.tokens)
         return Rejected(errors) if errors else None
 
-    def _events(self, ticket: Ticket):
-        """The backend switch: an async iterator of Preview / Final (None = nothing new) for a ticket."""
-        if self.engine is not None:
-            return self._engine_events(ticket)
-        return self._run(ticket)
-
-    async def _engine_events(self, ticket: Ticket):
-        backend, started = self.engine, time.perf_counter()
-        passes = backend.engine.passes
-        async with contextlib.aclosing(backend.events(ticket)) as events:
-            async for ev in events:
-                if isinstance(ev, Final):
-                    self._annotate(ev, ticket, backend.model, started)
-                yield ev
-        self.counters["passes"] += backend.engine.passes - passes  # shared passes: counted per request
-
-    async def generate(self, spec: SampleSpec):
-        """Final (numpy images + info) or Rejected."""
-        if (rejected := self._check(spec)) is not None:
+    def admit(self, spec: SampleSpec) -> Ticket | Rejected:
+        """Pin the model (and engine) this request will run on, validate it against that model, and count
+        its images in; Overloaded when they would take the replica past capacity_images."""
+        model, engine = self.model, self.engine  # read together: reconfigure swaps both in one step
+        if model is None:
+            raise Overloaded("no model loaded yet")
+        if (rejected := self._check(spec, model)) is not None:
             return rejected
+        if self.pending_images and self.pending_images + spec.num_images > self.capacity_images:
+            self.counters["overloaded"] += 1
+            raise Overloaded(f"this replica holds {self.pending_images} images "
+                             f"(capacity {self.capacity_images}), retry later")
+        self.pending_images += spec.num_images
+        return Ticket(spec, model=model, engine=engine)
+
+    def cache_key(self, spec: SampleSpec, model) -> tuple:
+        backend = "engine" if self.engine is not None else "batch"  # image i's seed differs per backend
+        return (model.registered_model, model.version, backend, tuple(spec.class_ids), spec.seed,
+                spec.cfg_scale, spec.temperature, spec.top_k, spec.top_p, spec.tokens or model.num_tokens)
+
+    async def generate(self, spec: SampleSpec, cacheable: bool = False):
+        """Final (numpy images + info) or Rejected; raises Overloaded. cacheable: the client chose the
+        seed, so the result is a pure function of (model version, backend, classes, seed, params)."""
+        key = self.cache_key(spec, self.model) if cacheable and self.model is not None else None
+        if key is not None and (hit := self.results.get(key)) is not None:
+            self.counters["cache_hits"] += 1
+            return dataclasses.replace(hit, info={**hit.info, "cached": True})
         spec.previews = False
-        async with contextlib.aclosing(self._track(Ticket(spec))) as events:
+        ticket = self.admit(spec)
+        if isinstance(ticket, Rejected):
+            return ticket
+        async with contextlib.aclosing(self._track(ticket)) as events:
             async for ev in events:
                 if isinstance(ev, Final):
+                    if key is not None and key == self.cache_key(spec, ticket.model):
+                        self.results.put(key, ev)
                     return ev
         raise RuntimeError("the sampler finished without producing this request's images")
 
     async def stream(self, spec: SampleSpec):
-        """Yields Rejected once, or Preview after every pass and then the Final."""
-        if (rejected := self._check(spec)) is not None:
-            yield rejected
-            return
+        """Yields Rejected once, or Preview after every pass and then the Final; raises Overloaded."""
         spec.previews = True
-        async with contextlib.aclosing(self._track(Ticket(spec))) as events:
+        ticket = self.admit(spec)
+        if isinstance(ticket, Rejected):
+            yield ticket
+            return
+        async with contextlib.aclosing(self._track(ticket)) as events:
             async for ev in events:
                 yield ev
                 if isinstance(ev, Final):
                     return
+
+    async def _events(self, ticket: Ticket):
+        """The backend switch: Preview / Final (None = nothing new) for a ticket, on its pinned backend."""
+        if ticket.engine is not None:
+            backend, started = ticket.engine, time.perf_counter()
+            async with contextlib.aclosing(backend.events(ticket)) as events:
+                async for ev in events:
+                    if isinstance(ev, Final):
+                        self._annotate(ev, ticket, started)
+                    yield ev
+            return
+        async for ev in self._run(ticket):
+            yield ev
 
     async def _track(self, ticket: Ticket):
         self.ongoing += 1
@@ -215,53 +276,90 @@ class Generator:
                         continue
                     if isinstance(ev, Final):
                         ticket.finished = True
+                        self.counters["images"] += ticket.num_images
                     yield ev
         finally:
             self.ongoing -= 1
+            self.pending_images -= ticket.num_images
             if not ticket.finished:  # the caller left (disconnect, timeout) or the sampler failed
                 ticket.cancelled = True
                 self.counters["cancelled"] += 1
 
-    def _annotate(self, ev: Final, ticket: Ticket, model, started: float) -> Final:
+    def _annotate(self, ev: Final, ticket: Ticket, started: float) -> Final:
+        model = ticket.model
+        batch = {"requests": ev.batch_requests, "images": ev.batch_images}
+        if "passes" in ev.info:
+            batch["passes"] = ev.info["passes"]  # engine pass counter when it was submitted / finished
         ev.info = {"model": model.registered_model, "model_version": model.version, "seed": ticket.spec.seed,
-                   "tokens": ev.t, "canvas": ev.canvas, "replica": self.replica,
-                   "batch": {"requests": ev.batch_requests, "images": ev.batch_images},
+                   "tokens": ev.t, "canvas": ev.canvas, "replica": self.replica, "batch": batch,
                    "queue_s": round(started - ticket.created, 4), "sample_s": round(ev.sample_s, 4)}
         return ev
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02, batch_size_fn=count_images)
     async def _run(self, tickets: list[Ticket]):
+        """One BatchJob per model the tickets were validated against (two only across a swap)."""
         started = time.perf_counter()
-        model, opts = self.model, self.opts  # this call keeps this model even if a swap happens now
-        job = BatchJob(model.ar, model.tokenizer, [t.spec for t in tickets], opts.simulated_pass_s)
+        groups: dict[int, list[int]] = {}
+        for i, t in enumerate(tickets):
+            groups.setdefault(id(t.model), []).append(i)
+        sim = self.opts.simulated_pass_s
+        jobs = [(BatchJob(tickets[idx[0]].model.ar, tickets[idx[0]].model.tokenizer,
+                          [tickets[i].spec for i in idx], sim), idx) for idx in groups.values()]
         self.counters["batches"] += 1
         self.batch_requests_hist[len(tickets)] += 1
         self.live_jobs += 1
         done = [False] * len(tickets)
         try:
-            while not job.done:
-                for i, t in enumerate(tickets):
-                    if t.cancelled and not done[i]:
-                        job.cancel(i)
-                ran = job.passes_run
-                events = await asyncio.to_thread(job.step)
-                self.counters["passes"] += job.passes_run - ran
-                out = []
-                for i, ev in enumerate(events):
+            while not all(job.done for job, _ in jobs):
+                for job, idx in jobs:
+                    for j, i in enumerate(idx):
+                        if tickets[i].cancelled and not done[i]:
+                            job.cancel(j)
+                ran = sum(job.passes_run for job, _ in jobs)
+                stepped = await asyncio.to_thread(lambda: [job.step() if not job.done else [None] * len(idx)
+                                                          for job, idx in jobs])
+                self.counters["passes"] += sum(job.passes_run for job, _ in jobs) - ran
+                out: list = [None] * len(tickets)
+                for (_, idx), events in zip(jobs, stepped, strict=True):
+                    for j, i in enumerate(idx):
+                        out[i] = events[j]
+                for i, ev in enumerate(out):
                     if done[i]:
-                        out.append(StopIteration)
-                        continue
-                    if isinstance(ev, Final):
-                        self._annotate(ev, tickets[i], model, started)
+                        out[i] = StopIteration
+                    elif isinstance(ev, Final):
+                        self._annotate(ev, tickets[i], started)
                         done[i] = True
                     elif ev is None and tickets[i].cancelled:
                         done[i] = True
                         self.counters["cancelled_rows"] += tickets[i].num_images
-                        ev = StopIteration
-                    out.append(ev)
+                        out[i] = StopIteration
                 yield out
         finally:
             self.live_jobs -= 1
 
 
-__all__ = ["Generator", "Rejected", "Ticket", "Final", "Preview", "SampleSpec"]
+class ResultCache:
+    """LRU of Finals by cache key (model version, backend, classes, seed, params); 0 entries = off."""
+
+    def __init__(self, entries: int):
+        self.entries, self.data = entries, collections.OrderedDict()
+
+    def resize(self, entries: int) -> None:
+        self.entries = entries
+        while len(self.data) > entries:
+            self.data.popitem(last=False)
+
+    def get(self, key):
+        if key in self.data:
+            self.data.move_to_end(key)
+            return self.data[key]
+        return None
+
+    def put(self, key, value) -> None:
+        if self.entries:
+            self.data[key] = value
+            self.data.move_to_end(key)
+            self.resize(self.entries)
+
+
+__all__ = ["GeneratorCore", "Overloaded", "Rejected", "Ticket", "Final", "Preview", "SampleSpec"]

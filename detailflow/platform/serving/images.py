@@ -1,4 +1,4 @@
-"""uint8 image arrays -> PNG bytes, grids, base64 (the ingress encodes; replicas only sample).
+"""uint8 image arrays -> PNG bytes, grids, base64 (the replica encodes them in a thread, off its loop).
 
     png = to_png(img_3HW)                       # one image
     png = grid_png(imgs_K3HW, columns=8)        # K images in rows of `columns`, 2 px white gaps
@@ -12,6 +12,8 @@ import io
 
 import numpy as np
 
+PNG_LEVEL = 1  # zlib level: fast (level 6, PIL's default, costs ~3x the time for ~10% fewer bytes)
+
 
 def _hwc(img_3HW: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(img_3HW, dtype=np.uint8).transpose(1, 2, 0))
@@ -21,7 +23,7 @@ def to_png(img_3HW: np.ndarray) -> bytes:
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.fromarray(_hwc(img_3HW)).save(buf, format="PNG")
+    Image.fromarray(_hwc(img_3HW)).save(buf, format="PNG", compress_level=PNG_LEVEL)
     return buf.getvalue()
 
 
@@ -44,7 +46,7 @@ def grid_png(imgs_K3HW: np.ndarray, columns: int = 8, pad: int = 2, scale: int =
         y, x = pad + (i // cols) * (h + pad), pad + (i % cols) * (w + pad)
         canvas[y:y + h, x:x + w] = _hwc(imgs[i])
     buf = io.BytesIO()
-    Image.fromarray(canvas).save(buf, format="PNG")
+    Image.fromarray(canvas).save(buf, format="PNG", compress_level=PNG_LEVEL)
     return buf.getvalue()
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import socket
 import uuid
 
-from detailflow.platform.serving.config import APP_IMPORT_PATH, GENERATOR, INGRESS, WATCHER
+from detailflow.platform.serving.config import APP_IMPORT_PATH, GENERATOR, WATCHER
 
 
 def unique_name(prefix: str) -> str:
@@ -61,8 +61,10 @@ def test_serve_config(model: str, keys_file: str, *, app: str = "dftest", route:
                       min_replicas: int = 1, max_replicas: int = 2, target_ongoing_requests: float = 2,
                       max_ongoing_requests: int = 16, max_queued_requests: int = 64, max_batch_size: int = 16,
                       batch_wait_timeout_s: float = 0.05, request_timeout_s: float = 60.0,
-                      downscale_delay_s: float = 4.0) -> dict:
-    """A serve config for a local test cluster: short autoscaling delays, small fractional CPUs."""
+                      downscale_delay_s: float = 4.0, backend: str = "engine", max_pending_images: int = 0,
+                      args: dict | None = None) -> dict:
+    """A serve config for a local test cluster: short autoscaling delays, small fractional CPUs; one
+    Generator deployment (HTTP front + engine) and the watcher."""
     return {
         "proxy_location": "HeadOnly",
         "http_options": {"host": "127.0.0.1", "port": port},
@@ -70,10 +72,8 @@ def test_serve_config(model: str, keys_file: str, *, app: str = "dftest", route:
             "name": app, "route_prefix": route, "import_path": APP_IMPORT_PATH,
             "args": {"api_keys_file": keys_file, "api_keys_env": "", "revoked_keys_env": "",
                      "request_timeout_s": request_timeout_s, "retry_after_s": 1, "watch_alias": True,
-                     "poll_interval_s": poll_interval_s},
+                     "poll_interval_s": poll_interval_s, **(args or {})},
             "deployments": [
-                {"name": INGRESS, "num_replicas": 1, "max_ongoing_requests": 256,
-                 "ray_actor_options": {"num_cpus": 0.05}},
                 {"name": GENERATOR, "max_ongoing_requests": max_ongoing_requests,
                  "max_queued_requests": max_queued_requests,
                  "autoscaling_config": {"min_replicas": min_replicas, "max_replicas": max_replicas,
@@ -86,7 +86,8 @@ def test_serve_config(model: str, keys_file: str, *, app: str = "dftest", route:
                                  "max_batch_size": max_batch_size,
                                  "batch_wait_timeout_s": batch_wait_timeout_s,
                                  "max_images_per_request": min(16, max_batch_size),
-                                 "simulated_pass_s": simulated_pass_s}},
+                                 "simulated_pass_s": simulated_pass_s, "backend": backend,
+                                 "max_pending_images": max_pending_images}},
                 {"name": WATCHER, "num_replicas": 1, "ray_actor_options": {"num_cpus": 0}},
             ]}],
     }
