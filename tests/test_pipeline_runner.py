@@ -171,6 +171,13 @@ def test_rerun_skips_done_stages_and_a_failed_stage_resumes(
     assert summary["ingest"]["outputs"]["version"] == version and calls == ["check", "check"]
     again = run_pipeline(spec, services, log=lambda m: None)
     assert again["check"]["status"] == "skipped" and calls == ["check", "check"]
+    import shutil  # `make clean` removes the synth folder: the recorded synth must not be trusted
+
+    shutil.rmtree(tmp_path / "shapes")
+    after_clean = run_pipeline(spec, services, log=lambda m: None)
+    assert {k: v["status"] for k, v in after_clean.items()} == {"data": "ran", "ingest": "ran",
+                                                                "check": "skipped"}  # keyed on the name
+    assert (tmp_path / "shapes").is_dir()
 
     client = MlflowClient(services.mlflow_tracking_uri)
     exp = client.get_experiment_by_name("detailflow-pipelines")
@@ -179,7 +186,7 @@ def test_rerun_skips_done_stages_and_a_failed_stage_resumes(
         "tags.`detailflow.pipeline` = 'runner-test' and attributes.run_name LIKE 'pipeline-%'",
         order_by=["attributes.start_time ASC"],
     )
-    assert [p.info.status for p in parents] == ["FAILED", "FINISHED", "FINISHED"]
+    assert [p.info.status for p in parents] == ["FAILED", "FINISHED", "FINISHED", "FINISHED"]
     assert "injected failure" in parents[0].data.tags["detailflow.error"]
     children = client.search_runs(
         [exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parents[1].info.run_id}'"
@@ -193,3 +200,29 @@ def test_rerun_skips_done_stages_and_a_failed_stage_resumes(
 def test_stage_context_is_a_dataclass():  # the kinds' contract stays explicit
     fields = {f.name for f in dataclasses.fields(stages_mod.StageContext)}
     assert fields >= {"settings", "identity", "resources"}
+
+
+def test_code_version_without_git_hashes_the_package_sources(tmp_path):
+    """An install without .git (an image): a code edit still changes the code version."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.copytree(ROOT / "detailflow", tmp_path / "detailflow",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    probe = ("import sys; sys.path.insert(0, sys.argv[1]); from detailflow.pipelines.runner.identity import "
+             "code_version; print(code_version()['tree'])")
+    env = {k: v for k, v in os.environ.items() if k != "DETAILFLOW_CODE_VERSION"}
+
+    def tree():
+        out = subprocess.run([sys.executable, "-c", probe, str(tmp_path)], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip()
+
+    before = tree()
+    assert before.startswith("src-")
+    with open(tmp_path / "detailflow" / "models" / "__init__.py", "a") as f:
+        f.write("\n# a code change\n")
+    assert tree() != before

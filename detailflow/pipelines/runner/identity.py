@@ -9,7 +9,8 @@ Usage:
 
 Code version: DETAILFLOW_CODE_VERSION (baked by an image build, e.g. `--build-arg` -> env) wins;
 else, from a checkout, the commit and the git tree of the package folder (`git rev-parse
-HEAD:detailflow`), each plus a hash of the package's uncommitted diff; the identity uses the tree, so a
+HEAD:detailflow`), each plus a hash of the package's uncommitted diff (without git: a hash of the
+package's .py files); the identity uses the tree, so a
 commit that changes no code (README, tests) retrains nothing; the package version always;
 DETAILFLOW_IMAGE_DIGEST (the image digest a pod runs) where set. Read once per
 process, so a run's stages agree even if the tree is edited while it runs.
@@ -44,8 +45,11 @@ def _commit() -> tuple[str, str]:
         return baked, baked
     pkg = Path(__file__).resolve().parents[2]  # .../detailflow
     head = _git(["rev-parse", "HEAD"], pkg).strip()
-    if not head:
-        return "unknown", "unknown"
+    if not head:  # an install without git (e.g. an image): the package's sources by content
+        h = hashlib.sha256()
+        for f in sorted(pkg.rglob("*.py")):
+            h.update(f.relative_to(pkg).as_posix().encode() + b"\0" + f.read_bytes())
+        return "unknown", "src-" + h.hexdigest()[:16]
     tree = _git(["rev-parse", f"{head}:{pkg.name}"], pkg).strip()
     # uncommitted changes to the package are code too (only the package: configs enter by content)
     diff = _git(["diff", "HEAD", "--", str(pkg)], pkg)
