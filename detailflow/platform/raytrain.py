@@ -98,13 +98,64 @@ def storage_path(settings) -> str:
     return f"{settings.s3_bucket}/runs"
 
 
+def worker_resources(*, use_gpu: bool, cpus_per_worker: float, reader_cpus: float = 0.0,
+                     accelerator: dict[str, float] | None = None) -> dict[str, float]:
+    """One rank's placement-group bundle: its CPUs plus its reader tasks' CPUs (reader_task_options
+    runs them in this bundle), a GPU, or `accelerator` in its place (a custom resource such as
+    {"sim_gpu": 1} that stands in for a GPU on a simulated cluster, tests/test_cluster_placement.py)."""
+    if cpus_per_worker <= 0 or reader_cpus < 0:
+        raise ValueError(f"cpus_per_worker ({cpus_per_worker}) must be > 0, reader_cpus ({reader_cpus}) >= 0")
+    out = {"CPU": cpus_per_worker + reader_cpus}
+    if use_gpu:
+        out["GPU"] = 1
+    out.update(accelerator or {})
+    return out
+
+
+def reader_task_options(local_rank: int | None = None) -> dict | None:
+    """Ray task options that run a rank's reader tasks inside the rank's placement-group bundle, on
+    the rank's node (None outside a placement group: a local run, a test driver).
+
+    The Train worker actor reserves its whole bundle, reader CPUs included (worker_resources), so the
+    tasks ask for no CPU of their own (num_cpus=0, the caller's): they can neither wait for a free
+    CPU (the lockstep deadlock of tests/test_data_reader.py) nor land anywhere else (the head,
+    another rank's node). The bundle
+    is the local_rank-th of the placement group's bundles on this node (Ray Train does not tell a
+    worker its bundle index; every bundle on the node is on the same machine)."""
+    import ray
+    from ray.util import get_current_placement_group, placement_group_table
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    if not ray.is_initialized():  # a first task will start a local Ray: no placement group then
+        return None
+    pg = get_current_placement_group()
+    if pg is None:
+        return None
+    node = ray.get_runtime_context().get_node_id()
+    here = sorted(int(i) for i, n in placement_group_table(pg)["bundles_to_node_id"].items() if n == node)
+    if not here:
+        raise RuntimeError(f"placement group {pg.id.hex()} has no bundle on this worker's node {node}")
+    if local_rank is None:
+        try:
+            import ray.train
+
+            local_rank = ray.train.get_context().get_local_rank()
+        except Exception:  # not a Ray Train worker: the first bundle on this node
+            local_rank = 0
+    return {"scheduling_strategy": PlacementGroupSchedulingStrategy(
+        pg, placement_group_bundle_index=here[local_rank % len(here)],
+        placement_group_capture_child_tasks=False)}
+
+
 def launch(train_loop, config: dict, settings, *, run_name: str, num_workers: int = 2,
            use_gpu: bool = False, cpus_per_worker: float = 0.5, max_failures: int = 2,
-           num_to_keep: int = 2, datasets: dict[str, Any] | None = None, experiment: str | None = None):
+           num_to_keep: int = 2, datasets: dict[str, Any] | None = None, experiment: str | None = None,
+           reader_cpus: float = 0.0, accelerator: dict[str, float] | None = None):
     """Run `train_loop` on `num_workers` Ray Train workers; returns the ray.train.Result.
 
     experiment: the MLflow experiment of the run (default config["experiment"]; else every
-    experiment is searched for the run name) — where a failure is recorded."""
+    experiment is searched for the run name) — where a failure is recorded.
+    reader_cpus / accelerator: see worker_resources (each rank's bundle)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -120,7 +171,8 @@ def launch(train_loop, config: dict, settings, *, run_name: str, num_workers: in
     if latest is not None:
         loop_config["resume_checkpoint"] = latest
     # Fractional CPUs: whole-CPU trainers starve Ray Data on a 2-core box (measured-here pitfall 3).
-    resources = {"GPU": 1, "CPU": cpus_per_worker} if use_gpu else {"CPU": cpus_per_worker}
+    resources = worker_resources(use_gpu=use_gpu, cpus_per_worker=cpus_per_worker, reader_cpus=reader_cpus,
+                                 accelerator=accelerator)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config,

@@ -51,7 +51,8 @@ class CodeStreamConfig:
     window_groups: int = 16  # blocks per window = per Ray task; a batch mixes up to this many blocks
     prefetch_windows: int = 2  # window tasks per rank at once (the one consumed + read-ahead)
     prefetch_batches: int = 4  # batches a window task may hold unconsumed
-    num_cpus: float = 0.0  # CPUs each window task reserves (placement.py sets them inside the bundle)
+    num_cpus: float = 0.0  # CPUs each window task asks for: 0, its CPUs are reserved in the rank's bundle
+    # (raytrain.worker_resources / reader_task_options)
 
 
 def diagonal(seed: int, epoch: int, block: int, num_views: int) -> int:
@@ -103,6 +104,10 @@ def window_code_batches(plan: EpochPlan, num_views: int, cfg: CodeStreamConfig, 
     batches = plan.window_batches(epoch, window)[skip:]
     if not batches:
         return
+    import ray
+
+    here = ray.get_runtime_context()
+    node, group = here.get_node_id(), here.get_placement_group_id()
     g = plan.groups
     parts = []
     for gi in plan.window_groups_of(epoch, window).tolist():
@@ -114,7 +119,7 @@ def window_code_batches(plan: EpochPlan, num_views: int, cfg: CodeStreamConfig, 
                 else np.asarray([parts[p][k][r] for p, r in pairs]) for k in parts[0]}
         out = select_pairs(rows, cfg.correction_prob, cfg.seed, epoch)
         out["key"] = rows["key"].astype(object)
-        out.update(epoch=epoch, unit=unit, index=skip + j)
+        out.update(epoch=epoch, unit=unit, index=skip + j, reader_node=node, reader_pg=group or "")
         yield out
 
 
@@ -135,7 +140,7 @@ class CodeStream:
                              f"{cfg.micro_batch} images; lower micro_batch or raise window_groups")
         self.storage, self.cfg, self.rank, self.epochs = storage, cfg, rank, epochs
         self.start = start or Position(0, 0, 0)
-        self.placement = placement  # task options (placement.reader_task_options) or None
+        self.placement = placement  # task options; default: raytrain.reader_task_options() at iteration
 
     def task_args(self) -> Iterator[tuple]:
         """(plan, V, cfg, storage, epoch, unit, window, skip) per window task, lazily, in plan order."""
@@ -155,15 +160,19 @@ class CodeStream:
         import torch
 
         from detailflow.pipelines.data.task_stream import ordered_task_stream
+        from detailflow.platform.raytrain import reader_task_options
 
         cfg = self.cfg
+        options = self.placement if self.placement is not None else reader_task_options()
         for out in ordered_task_stream(_window_task, self.task_args(), num_cpus=cfg.num_cpus,
                                        in_flight=cfg.prefetch_windows, buffered=cfg.prefetch_batches,
-                                       options=self.placement):
+                                       options=options):
             batch = {k: torch.from_numpy(out[k].copy()) for k in ("input", "target", "clean", "label", "view",
                                                           "corrected")}
             batch["key"] = out["key"].tolist()
             batch["position"] = Position(int(out["epoch"]), int(out["unit"]), int(out["index"]))
+            batch["reader_node"] = out["reader_node"]  # where the window task ran (placement checks):
+            batch["reader_pg"] = out["reader_pg"]  # its node and placement group ("" for none)
             yield batch
 
 

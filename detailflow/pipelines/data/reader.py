@@ -408,16 +408,21 @@ class DegradedStream:
         """The rank's micro-batches in plan order, read by Ray tasks (task_stream: no Ray Data executor
         in the training worker); memory: prefetch_windows x prefetch_batches micro-batches.
 
-        The tasks reserve no CPU (like DataLoader worker processes; the stream bounds its own
-        concurrency to prefetch_windows per rank): the ranks meet at every collective, so a reserved
-        reader CPU is a cross-rank deadlock. Rank 0's read-ahead tasks, paused by backpressure, held
-        the demo's only free CPU while rank 1's first window waited for it, and rank 0 waited for
-        rank 1 at the first all-reduce (seen: the demo's tokenizer stopped at step 0)."""
+        In a Ray Train worker the tasks run inside the rank's placement-group bundle, on its node, and
+        their CPUs are reserved there by the worker itself (raytrain.worker_resources' reader_cpus,
+        raytrain.reader_task_options): never on the head or another node. The tasks themselves ask
+        for no free CPU (the stream bounds its own concurrency to prefetch_windows per rank): the
+        ranks meet at every collective, so a reader that waits for a free CPU is a cross-rank
+        deadlock: rank 0's read-ahead tasks, paused by backpressure, held the demo's only free CPU
+        while rank 1's first window waited for it, and rank 0 waited for rank 1 at the first
+        all-reduce (seen: the demo's tokenizer stopped at step 0)."""
         from detailflow.pipelines.data.task_stream import ordered_task_stream
+        from detailflow.platform.raytrain import reader_task_options
 
         cfg = self.cfg
         for out in ordered_task_stream(_window_rows, self.task_args(), num_cpus=0,
-                                       in_flight=cfg.prefetch_windows, buffered=cfg.prefetch_batches):
+                                       in_flight=cfg.prefetch_windows, buffered=cfg.prefetch_batches,
+                                       options=reader_task_options()):
             for i in range(len(out["t"])):
                 yield row_to_microbatch({k: v[i:i + 1] for k, v in out.items()})
 
