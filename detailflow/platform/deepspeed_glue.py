@@ -64,8 +64,12 @@ def build_ds_config(
     grad_accum: int = 1,
     grad_clip: float = 1.0,
     precision: str = "fp32",
+    device: str = "cpu",
 ) -> dict[str, Any]:
-    """A DeepSpeed config dict for a client torch optimiser (no DS optimiser/scheduler sections)."""
+    """A DeepSpeed config dict for a client torch optimiser (no DS optimiser/scheduler sections).
+
+    On GPU (device "cuda") ZeRO >= 1 overlaps the gradient reduction with the backward pass
+    (overlap_comm); on CPU (gloo) it stays off."""
     if zero_stage not in ZERO_STAGES:
         raise ValueError(f"zero_stage must be one of {ZERO_STAGES}, got {zero_stage}")
     if precision not in PRECISIONS:
@@ -73,8 +77,10 @@ def build_ds_config(
     if micro_batch < 1 or grad_accum < 1:
         raise ValueError(f"micro_batch ({micro_batch}) and grad_accum ({grad_accum}) must be >= 1")
     zero: dict[str, Any] = {"stage": zero_stage}
+    if zero_stage >= 1:
+        zero["overlap_comm"] = device == "cuda"
     if zero_stage >= 2:
-        zero.update(overlap_comm=False, contiguous_gradients=True)
+        zero["contiguous_gradients"] = True
     cfg: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": grad_accum,
@@ -93,12 +99,17 @@ def build_ds_config(
 
 def make_optimizer(params, *, lr: float, betas=(0.9, 0.95), weight_decay: float = 0.0,
                    kind: str = "adam") -> torch.optim.Optimizer:
-    """A client torch Adam/AdamW; `params` may be an iterable of tensors or of param-group dicts."""
-    if kind == "adam":
-        return torch.optim.Adam(params, lr=lr, betas=betas, weight_decay=weight_decay)
-    if kind == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
-    raise ValueError(f"optimizer kind must be adam or adamw, got {kind!r}")
+    """A client torch Adam/AdamW; `params` may be an iterable of tensors or of param-group dicts.
+
+    Fused (one multi-tensor CUDA kernel per step) when every parameter is already on a GPU: move
+    the model to its device first."""
+    if kind not in ("adam", "adamw"):
+        raise ValueError(f"optimizer kind must be adam or adamw, got {kind!r}")
+    params = list(params)
+    tensors = [p for item in params for p in (item["params"] if isinstance(item, dict) else [item])]
+    fused = bool(tensors) and all(p.is_cuda for p in tensors)
+    cls = torch.optim.Adam if kind == "adam" else torch.optim.AdamW
+    return cls(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused or None)
 
 
 def _free_port() -> int:

@@ -32,8 +32,10 @@ from dataclasses import dataclass, field
 import torch
 
 from detailflow.pipelines.train.loop_common import (
+    DeviceSums,
     StepAdapter,
     WorkerContext,
+    resolve_batch,
     resolved_config,
     stage_from_config,
     zero3_external,
@@ -51,16 +53,18 @@ class ARStageConfig(DistributedStageConfig):
     model_overrides: dict = field(default_factory=dict)  # ARConfig field overrides
     tokenizer: str = ""  # tokenizer run name or s3:// export URI; codes version = that run name
     codes_version: str = ""  # codes/<version>/train to read (default: derived from `tokenizer`)
-    steps: int = 2000  # optimiser steps in total
+    steps: int = 2000  # optimiser steps in total (each takes grad_accum micro-batches per worker)
+    global_batch: int | None = None  # the recipe's samples per optimiser step (micro x accum x workers):
+    # set, grad_accum is derived from it for the worker count (or the run refuses); None: as configured
     lr: float = 1e-3  # peak learning rate (spec §6.3 tiny; 1e-4 in the paper)
     betas: list = field(default_factory=lambda: [0.9, 0.95])  # AdamW betas
     weight_decay: float = 0.05  # on >= 2-D params only (spec §2.4)
     warmup_frac: float = 0.05  # linear warm-up share of all steps (from 0.005·lr)
     correction_prob: float = 0.3  # per-sample probability of the (input, target) self-correction pair
     ema_decay: float = 0.999  # EMA of the weights (0.9999 in the paper)
-    checkpoint_every: int = 500  # steps between checkpoints (and always at the end)
-    eval_every: int = 500  # steps between sample PNGs (and at the end)
-    log_every: int = 20  # steps between MLflow metric writes
+    checkpoint_every: int = 500  # optimiser steps between checkpoints (and always at the end)
+    eval_every: int = 500  # optimiser steps between sample PNGs (and at the end)
+    log_every: int = 20  # optimiser steps between MLflow metric writes
     sample_classes: int = 10  # classes in the sample PNG (one row each)
     cfg_scale: float = 1.5  # classifier-free guidance of the PNG samples
     experiment: str = "detailflow-ar"  # MLflow experiment
@@ -147,18 +151,20 @@ def train_loop(config: dict) -> None:
 
     cfg = stage_from_config(ARStageConfig, config)
     ctx = WorkerContext.from_ray(config, cfg)
-    torch.manual_seed(cfg.seed)
+    ctx.check_batch(cfg)  # before anything is built: the recipe's global batch on this worker group
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model_cfg = ar_config(cfg)
-    model = DetailFlowGPT(model_cfg)
+    model = DetailFlowGPT(model_cfg).to(ctx.device)  # on its device first: fused AdamW on GPU
     opt = dsg.make_optimizer(model.param_groups(cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
                              weight_decay=cfg.weight_decay, kind="adamw")
     engine = ctx.engine(StepAdapter(model, "loss"), opt, cfg)
     zero3_external(engine)  # loss() calls self.forward directly: query_emb must be gathered too
+    ctx.seed_rank(cfg.seed)  # weights are equal; from here each rank draws its own dropout/class drops
     # EMA of the fp32 masters, each rank over its own optimiser partition: no gather per step (ZeRO-3)
     ema = ShardedEMA(dsg.master_fragments(engine), decay=cfg.ema_decay)
     engines = {"ds": engine}
     resume = checkpoints.resume_checkpoint(config)
-    state = checkpoints.restore(engines, resume)
+    state = ctx.restore(engines, config)  # refuses another world size before reading any shard
     if resume is not None:
         _restore_ema(ema, resume)
     resolved = resolved_config(config)
@@ -176,24 +182,28 @@ def train_loop(config: dict) -> None:
                         every_s=cfg.progress_every_s, enabled=ctx.rank == 0, tracker=tracker)
     stream = _stream(cfg, ctx, config, state)
     full_ema = None  # the whole EMA, gathered (all ranks) only when samples/checkpoints need it
+    sums = DeviceSums()  # loss and corrected fraction of every micro-batch, summed on device
     seen, tic = 0, time.perf_counter()
-    for step in range(start, cfg.steps):
+    for step in range(start, cfg.steps):  # optimiser steps: LR schedule, EMA, cadence
         ctx.maybe_fail(cfg, step)
-        batch = next(stream)
-        last_pos = batch["position"]
         lr = dsg.ar_lr(step, total_steps=cfg.steps, base_lr=cfg.lr, warmup_frac=cfg.warmup_frac)
         dsg.set_lr(engine.optimizer, lr)
-        loss = engine(batch["input"].to(ctx.device), batch["target"].to(ctx.device),
-                      batch["label"].to(ctx.device))
-        engine.backward(loss)
-        engine.step()
+        tokens = 0
+        for _ in range(cfg.grad_accum):  # DeepSpeed steps the optimiser after the last one
+            batch = next(stream)
+            last_pos = batch["position"]
+            loss = engine(batch["input"].to(ctx.device), batch["target"].to(ctx.device),
+                          batch["label"].to(ctx.device))
+            engine.backward(loss)
+            engine.step()
+            sums.add({"loss": loss, "corrected_fraction": batch["corrected"].float().mean()})
+            tokens += batch["input"].numel() * ctx.world
         ema.update(dsg.master_fragments(engine))  # local, elementwise: this rank's fp32 pieces
-        seen += batch["input"].numel() * ctx.world
+        seen += tokens
         if WorkerContext.due(step, cfg.log_every, cfg.steps):
             dt = time.perf_counter() - tic
-            logs = dsg.mean_over_ranks({"loss": float(loss.item()), "lr": lr,
+            logs = dsg.mean_over_ranks({**sums.means(), "lr": lr,
                                         "grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                                        "corrected_fraction": float(batch["corrected"].float().mean()),
                                         "tokens_per_s": seen / max(dt, 1e-9)})  # all ranks
             tracker.log_metrics(logs, step=step)
             progress.loss = logs["loss"]
@@ -205,11 +215,12 @@ def train_loop(config: dict) -> None:
         if sample_due and tokenizer is not None:
             tracker.log_png(sample_png(model_cfg, full_ema, tokenizer, cfg, ctx.device),
                             f"samples/step_{step + 1:06d}.png")
-        if ckpt_due:
-            ctx.checkpoint(engines, {"loss": float(loss.item())}, step=step + 1, tracker=tracker,
-                           resolved=resolved, extra_files={EMA_FILE: _ema_bytes(full_ema, ema)},
+        if ckpt_due:  # only rank 0 writes extra files: only rank 0 serialises the EMA
+            ema_file = {EMA_FILE: _ema_bytes(full_ema, ema)} if ctx.rank == 0 else None
+            ctx.checkpoint(engines, {} if progress.loss is None else {"loss": progress.loss}, step=step + 1,
+                           tracker=tracker, resolved=resolved, extra_files=ema_file,
                            data_position=last_pos._asdict())
-        progress.update(step + 1, batch["input"].numel() * ctx.world)
+        progress.update(step + 1, tokens)
     if full_ema is None:  # nothing left to train (a resubmitted finished run)
         full_ema = dsg.gather_fragments(ema.fragments_of_shadow(), ctx.device)
     if ctx.rank == 0:
@@ -263,6 +274,7 @@ def run(cfg: ARStageConfig, settings) -> dict:
     if manifest.get("codebook_size") not in (None, model_cfg.vocab_size):
         raise ValueError(f"codes use a codebook of {manifest['codebook_size']} but the AR vocab is "
                          f"{model_cfg.vocab_size}")
+    cfg = resolve_batch(cfg)  # the recipe's global batch on num_workers (or refuse before any worker)
     resolved = dataclasses.asdict(cfg)
     name = make_run_name(STAGE, cfg.name, cfg.date, resolved)
     use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and settings.resolved_device().startswith("cuda"))

@@ -29,8 +29,10 @@ import torch
 from torch import nn
 
 from detailflow.pipelines.train.loop_common import (
+    DeviceSums,
     StepAdapter,
     WorkerContext,
+    resolve_batch,
     resolved_config,
     stage_from_config,
     to_float,
@@ -47,14 +49,16 @@ class TokenizerStageConfig(DistributedStageConfig):
     model: str = "tiny"  # model registry name (detailflow.models.configs.get_model_config)
     model_overrides: dict = field(default_factory=dict)  # TokenizerConfig field overrides
     dataset: str = "shapes"  # dataset under s3://<bucket>/datasets/<name>/train
-    steps: int = 1000  # optimiser steps in total
+    steps: int = 1000  # optimiser steps in total (each takes grad_accum micro-batches per worker)
+    global_batch: int | None = None  # the recipe's images per optimiser step (micro x accum x workers):
+    # set, grad_accum is derived from it for the worker count (or the run refuses); None: as configured
     lr: float = 3e-4  # peak learning rate (spec §6.2 tiny; 1e-4 at batch 256 in the paper)
     betas: list = field(default_factory=lambda: [0.9, 0.95])  # Adam betas (spec §1.11)
     warmup_steps: int = 50  # linear warm-up steps (paper: one epoch)
     min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
-    checkpoint_every: int = 200  # steps between checkpoints (and always at the end)
-    eval_every: int = 200  # steps between reconstruction PNGs (and at the end)
-    log_every: int = 10  # steps between MLflow metric writes
+    checkpoint_every: int = 200  # optimiser steps between checkpoints (and always at the end)
+    eval_every: int = 200  # optimiser steps between reconstruction PNGs (and at the end)
+    log_every: int = 10  # optimiser steps between MLflow metric writes
     eval_images: int = 6  # rows in the reconstruction PNG
     experiment: str = "detailflow-tokenizer"  # MLflow experiment
     window_groups: int = 16  # reader: row groups mixed into each micro-batch (one Ray task each)
@@ -81,6 +85,20 @@ def get_model_tokenizer(name: str):
     from detailflow.models.configs import get_model_config
 
     return get_model_config(name).tokenizer
+
+
+def micro_step(engine, disc_engine, model, img, target, t: int, step: int) -> dict:
+    """One micro-batch of optimiser step `step`: generator forward/backward, then the
+    discriminator's; engine.step() (DeepSpeed steps the optimisers at the accumulation boundary).
+    Returns the logs as they come (tensors stay on device: no host sync here)."""
+    disc_module = disc_engine.module.disc if disc_engine is not None else None
+    _, logs = generator_step(engine, disc_module, img, target, t, step)
+    if disc_engine is not None:
+        d_loss, d_logs = disc_engine(model.last_target, model.last_reconstruction, step)
+        disc_engine.backward(d_loss)
+        disc_engine.step()
+        logs.update(d_logs)
+    return logs
 
 
 def generator_step(engine, disc: nn.Module | None, img, target, t: int, step: int):
@@ -134,8 +152,10 @@ def _stream(cfg: TokenizerStageConfig, ctx, rmap, state: dict):
         start = Position(int(pos["epoch"]), 0, 0)
     elif pos:
         start = next_position(Position(int(pos["epoch"]), int(pos["unit"]), int(pos["batch"])))
+    # the stream counts micro-batches (t is drawn from that index): an optimiser step takes grad_accum
+    first = int(state.get("step", 0)) * cfg.grad_accum
     stream = DegradedStream(Storage(ctx.settings), cfg.dataset, "train", reader, rmap, rank=ctx.rank,
-                            world=ctx.world, start=start, start_step=int(state.get("step", 0)))
+                            world=ctx.world, start=start, start_step=first)
     yield from stream
 
 
@@ -169,9 +189,10 @@ def train_loop(config: dict) -> None:
 
     cfg = stage_from_config(TokenizerStageConfig, config)
     ctx = WorkerContext.from_ray(config, cfg)
+    ctx.check_batch(cfg)  # before anything is built: the recipe's global batch on this worker group
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     tok_cfg = resolve_weights(tokenizer_config(cfg), Storage(ctx.settings))  # s3:// -> local, sha256 checked
-    model = DetailFlowTokenizer(tok_cfg)
+    model = DetailFlowTokenizer(tok_cfg).to(ctx.device)  # on its device first: fused Adam on GPU
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = dsg.make_optimizer(trainable, lr=cfg.lr, betas=tuple(cfg.betas), kind="adam")
     engine = ctx.engine(StepAdapter(model, "training_step"), opt, cfg)
@@ -181,10 +202,11 @@ def train_loop(config: dict) -> None:
     if tok_cfg.gan_weight > 0:
         from detailflow.models.losses import Discriminator
 
-        disc = Discriminator(tok_cfg)
+        disc = Discriminator(tok_cfg).to(ctx.device)
         dopt = dsg.make_optimizer(disc.trainable_parameters(), lr=cfg.lr, betas=tuple(cfg.betas), kind="adam")
         disc_engine = ctx.engine(DiscriminatorStep(disc, tok_cfg), dopt, cfg)
         engines["disc"] = disc_engine
+    ctx.seed_rank(cfg.seed)  # weights are equal; from here each rank draws its own dropout/spans/augments
     state = ctx.restore(engines, config)
     resolved = resolved_config(config)
     tracker = ctx.tracker(cfg.experiment, resolved, state)
@@ -195,39 +217,31 @@ def train_loop(config: dict) -> None:
                         every_s=cfg.progress_every_s, enabled=ctx.rank == 0, tracker=tracker)
     dtype = dsg.engine_dtype(engine)
     stream = _stream(cfg, ctx, model.rmap, state)
-    last_pos = None
     eval_img = None
-    seen = 0
-    tic = time.perf_counter()
-    for step in range(start, cfg.steps):
+    sums = DeviceSums()  # the logs of every micro-batch, summed on device until the next log
+    images = cfg.micro_batch * cfg.grad_accum * ctx.world  # per optimiser step, all ranks
+    seen, tic = 0, time.perf_counter()
+    for step in range(start, cfg.steps):  # optimiser steps: LR, GAN/perceptual schedules, cadence
         ctx.maybe_fail(cfg, step)
-        mb = next(stream)
-        last_pos = mb.position
-        if cfg.consumed_log:
-            with open(f"{cfg.consumed_log}.rank{ctx.rank}", "a") as f:
-                f.write(f"{step} {last_pos.epoch} {last_pos.unit} {last_pos.batch}\n")
-        img = to_float(mb.images, ctx.device, dtype)
-        target = to_float(mb.targets, ctx.device, dtype)
-        t = mb.t
-        if eval_img is None:
-            eval_img = img[: cfg.eval_images].clone()
         lr = dsg.tokenizer_lr(step, total_steps=cfg.steps, base_lr=cfg.lr, warmup_steps=cfg.warmup_steps,
                               min_lr_ratio=cfg.min_lr_ratio)
         for e in engines.values():
             dsg.set_lr(e.optimizer, lr)
-        disc_module = disc_engine.module.disc if disc_engine is not None else None
-        loss, logs = generator_step(engine, disc_module, img, target, t, step)
-        if disc_engine is not None:
-            d_loss = disc_engine(model.last_target, model.last_reconstruction, step)
-            d_loss, d_logs = d_loss
-            disc_engine.backward(d_loss)
-            disc_engine.step()
-            logs.update(d_logs)
-        seen += img.shape[0] * ctx.world
+        for _ in range(cfg.grad_accum):  # DeepSpeed steps the optimisers after the last one
+            mb = next(stream)
+            if cfg.consumed_log:
+                with open(f"{cfg.consumed_log}.rank{ctx.rank}", "a") as f:
+                    f.write(f"{step} {mb.position.epoch} {mb.position.unit} {mb.position.batch}\n")
+            img = to_float(mb.images, ctx.device, dtype)
+            if eval_img is None:
+                eval_img = img[: cfg.eval_images].clone()
+            sums.add(micro_step(engine, disc_engine, model, img, to_float(mb.targets, ctx.device, dtype),
+                                mb.t, step))
+        seen += images
         if WorkerContext.due(step, cfg.log_every, cfg.steps):
             dt = time.perf_counter() - tic
-            logs.update(lr=lr, grad_norm=float(engine.get_global_grad_norm() or 0.0),
-                        images_per_s=seen / max(dt, 1e-9))
+            logs = {**sums.means(), "lr": lr, "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                    "images_per_s": seen / max(dt, 1e-9)}
             logs = dsg.mean_over_ranks(logs)  # all ranks: each trained on its own images and t
             tracker.log_metrics(logs, step=step)
             progress.loss = logs["loss"]  # the console shows the last logged mean loss
@@ -237,9 +251,10 @@ def train_loop(config: dict) -> None:
             tracker.log_png(png, f"reconstructions/step_{step + 1:06d}.png")
             tracker.log_metrics({"eval_full_mse": mse}, step=step)
         if WorkerContext.due(step, cfg.checkpoint_every, cfg.steps):
-            ctx.checkpoint(engines, {"loss": float(loss.item())}, step=step + 1, tracker=tracker,
-                           resolved=resolved, data_position=last_pos._asdict())
-        progress.update(step + 1, img.shape[0] * ctx.world)  # rank 0 prints when due
+            last = {} if progress.loss is None else {"loss": progress.loss}  # last logged mean
+            ctx.checkpoint(engines, last, step=step + 1, tracker=tracker, resolved=resolved,
+                           data_position=mb.position._asdict())
+        progress.update(step + 1, images)  # rank 0 prints when due
     tracker.finish()
 
 
@@ -274,6 +289,7 @@ def run(cfg: TokenizerStageConfig, settings) -> dict:
     from detailflow.platform.tracking import Tracker
     from detailflow.platform.weights import check_weights
 
+    cfg = resolve_batch(cfg)  # the recipe's global batch on num_workers (or refuse before any worker)
     storage = Storage(settings)
     resolved = dataclasses.asdict(cfg)
     name = make_run_name(STAGE, cfg.name, cfg.date, resolved)
