@@ -437,3 +437,15 @@ def test_pipelines_val_ingest_names_staged_labels_beside_its_source():
             else:
                 assert (root / labels).is_file(), f"{path.name}: {labels} does not exist"
     assert seen >= 3
+
+
+def test_tasks_in_flight_scale_with_the_cluster(ray_session):
+    """Not a fixed 8: twice the tasks the cluster's CPUs run at once (the session's Ray has 4 CPUs),
+    unless max_in_flight says otherwise."""
+    from detailflow.pipelines.data.ingest import in_flight
+
+    cpus = ray_session.cluster_resources()["CPU"]
+    assert cpus == 4
+    assert in_flight(IngestConfig(name="x", task_cpus=0.25)) == 2 * 4 / 0.25 == 32
+    assert in_flight(IngestConfig(name="x", task_cpus=1.0)) == 8
+    assert in_flight(IngestConfig(name="x", max_in_flight=3)) == 3
