@@ -190,9 +190,10 @@ def generate(class_ids, num_images, out, strip, cfg_scale, seed, tokens, tempera
             pyfunc = mlflow.pyfunc.load_model(uri)
             bar.update()
             bar.set_postfix_str("sampling")
-            images = pyfunc.predict(np.array(ids, dtype=np.int64), params={
-                "seed": seed, "cfg_scale": cfg_scale, "num_tokens": tokens, "temperature": temperature,
-                "top_k": top_k, "top_p": top_p})
+            # as the endpoint's engine backend samples them: image i is image 0 of seed + i
+            images = np.concatenate([pyfunc.predict(np.array([c], dtype=np.int64), params={
+                "seed": seed + i, "cfg_scale": cfg_scale, "num_tokens": tokens, "temperature": temperature,
+                "top_k": top_k, "top_p": top_p}) for i, c in enumerate(ids)])
             bar.update()
             Path(out).write_bytes(grid_png(images, columns))
             bar.update()

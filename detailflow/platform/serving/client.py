@@ -72,7 +72,8 @@ class Client:
         return r.json()
 
     def health(self) -> dict:
-        r = self.session.get(f"{self.url}/healthz", timeout=self.timeout_s)
+        """GET /readyz: the served model's version once one is loaded (/healthz only says alive)."""
+        r = self.session.get(f"{self.url}/readyz", timeout=self.timeout_s)
         _raise_for(r)
         return r.json()
 
