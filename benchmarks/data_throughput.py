@@ -230,6 +230,9 @@ def main() -> None:
         windows = DegradedStream(storage, "bench", "train", cfg, rmap).plan.num_windows
         assert expect - cfg.micro_batch * windows <= n <= expect, (n, expect)  # partials per window dropped
         print(describe("ray tasks (training stream in a rank's bundle), warm pass", warm), flush=True)
+        driver = timed(ray_epoch, storage, "bench", cfg, rmap)  # the same stream consumed by this driver
+        print(describe("ray tasks (training stream consumed by the driver, no bundle), warm pass", driver),
+              flush=True)
         ray_dataset_epoch(storage, "bench", cfg, rmap)  # warm
         dataset = timed(ray_dataset_epoch, storage, "bench", cfg, rmap)
         assert dataset["images"] == n, (dataset["images"], n)
@@ -281,6 +284,7 @@ def main() -> None:
                           "plain_processes_vs_single": round(plain_ratio, 3),
                           "ray_vs_plain_processes": round(ray_rate / plain["rate"], 3),
                           "ray_dataset_vs_plain_processes": round(dataset["rate"] / plain["rate"], 3),
+                          "driver_stream_vs_plain_processes": round(driver["rate"] / plain["rate"], 3),
                           "ray_dataset_cpu_ms_per_image": round(dataset["cpu_ms_per_image"], 3),
                           "ray_cpu_vs_plain": round(warm["cpu_ms_per_image"] / plain["cpu_ms_per_image"], 3),
                           "plain_cpu_ms_per_image": round(plain["cpu_ms_per_image"], 3),
