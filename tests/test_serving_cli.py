@@ -56,7 +56,8 @@ def test_serve_up_status_generate_down(services, storage, tmp_path):
         assert key_file.stat().st_mode & 0o077 == 0, "the key file must be private"
         key = next(line for line in key_file.read_text().splitlines() if line.startswith("dfk_"))
         assert key not in up.stdout + up.stderr, "serve up printed the key"
-        assert requests.get(f"{url}/healthz", timeout=30).json()["model_version"] == version
+        assert requests.get(f"{url}/healthz", timeout=30).json() == {"status": "ok"}
+        assert requests.get(f"{url}/readyz", timeout=30).json()["model_version"] == version
         r = requests.post(f"{url}/v1/generate", json={"class_ids": [2], "seed": 1},
                           headers={"Authorization": f"Bearer {key}"}, timeout=120)
         assert r.status_code == 200 and r.json()["model_version"] == version
