@@ -73,6 +73,9 @@ def test_tokenizer_export_equals_consolidated_checkpoint(services, storage, toke
     assert checkpoints.read_client_state(ckpt)["step"] == cfg.steps
     gathered = checkpoints.consolidated_state_dict(ckpt)
     exported = tok.state_dict()
+    # the inference export: every trained tensor except the training-only align head
+    assert any(k.startswith("align_head.") for k in gathered)
+    gathered = checkpoints.inference_state(gathered)
     assert set(gathered) <= set(exported)
     for k, v in gathered.items():
         torch.testing.assert_close(exported[k].float(), v, rtol=0, atol=0)
