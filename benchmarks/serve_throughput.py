@@ -135,6 +135,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.front == "throughput":
         os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"  # read by Serve's processes at import
+        # it turns the router's own loop off, which this (synchronous) driver's stats handle needs
+        os.environ.setdefault("RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP", "1")
     elif args.front == "haproxy":
         os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
 
