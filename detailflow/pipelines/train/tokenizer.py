@@ -192,7 +192,12 @@ def train_loop(config: dict) -> None:
     ctx.check_batch(cfg)  # before anything is built: the recipe's global batch on this worker group
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     tok_cfg = resolve_weights(tokenizer_config(cfg), Storage(ctx.settings))  # s3:// -> local, sha256 checked
-    model = DetailFlowTokenizer(tok_cfg).to(ctx.device)  # on its device first: fused Adam on GPU
+    from detailflow.models.featurenets import FrozenPlacement
+
+    # Frozen teacher / perceptual / D-backbone nets: loaded straight onto this rank's device and
+    # probed at the training micro-batch (a trace that baked another batch size is refused here).
+    where = FrozenPlacement(device=str(ctx.device), batch=cfg.micro_batch)
+    model = DetailFlowTokenizer(tok_cfg, where).to(ctx.device)  # on its device first: fused Adam on GPU
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = dsg.make_optimizer(trainable, lr=cfg.lr, betas=tuple(cfg.betas), kind="adam")
     engine = ctx.engine(StepAdapter(model, "training_step"), opt, cfg)
@@ -202,7 +207,7 @@ def train_loop(config: dict) -> None:
     if tok_cfg.gan_weight > 0:
         from detailflow.models.losses import Discriminator
 
-        disc = Discriminator(tok_cfg).to(ctx.device)
+        disc = Discriminator(tok_cfg, where=where).to(ctx.device)
         dopt = dsg.make_optimizer(disc.trainable_parameters(), lr=cfg.lr, betas=tuple(cfg.betas), kind="adam")
         disc_engine = ctx.engine(DiscriminatorStep(disc, tok_cfg), dopt, cfg)
         engines["disc"] = disc_engine
