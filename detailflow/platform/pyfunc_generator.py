@@ -23,13 +23,8 @@ from __future__ import annotations
 import mlflow
 from mlflow.pyfunc import PythonModel
 
-# Tokenizer fields that only training uses and that may name local files the serving box does not
-# have (teacher / perceptual / discriminator / encoder-init weights): off for inference. Their
-# modules are not needed to decode codes; the align head's weights are dropped on load.
-TRAINING_ONLY = {"align_teacher": "none", "align_teacher_path": None, "perceptual_weight": 0.0,
-                 "perceptual_net_path": None, "gan_weight": 0.0, "disc_net_path": None,
-                 "encoder_init_path": None}
-TRAINING_ONLY_PREFIXES = ("align_head.",)  # state-dict entries of the modules switched off above
+# The training-only tokenizer fields/state entries: one list, shared with the inference export.
+from detailflow.platform.checkpoints import TOKENIZER_TRAINING_ONLY_PREFIXES, inference_tokenizer_fields
 
 
 def build_tokenizer(directory):
@@ -43,9 +38,9 @@ def build_tokenizer(directory):
     config = read_config(directory)
     if config.get("kind") != "tokenizer":
         raise ValueError(f"{directory}: expected a tokenizer export, got kind {config.get('kind')!r}")
-    model = DetailFlowTokenizer(TokenizerConfig(**{**config["tokenizer"], **TRAINING_ONLY}))
+    model = DetailFlowTokenizer(TokenizerConfig(**inference_tokenizer_fields(config["tokenizer"])))
     state = {k: v for k, v in load_file(f"{directory}/{WEIGHTS_NAME}").items()
-             if not k.startswith(TRAINING_ONLY_PREFIXES)}
+             if not k.startswith(TOKENIZER_TRAINING_ONLY_PREFIXES)}
     expected = model.state_dict()
     missing = {k: v.shape for k, v in expected.items() if k not in state}
     unexpected = {k: v.shape for k, v in state.items() if k not in expected}
