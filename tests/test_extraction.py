@@ -70,3 +70,23 @@ def test_extraction_is_reproducible(tok):
     a = extract_triplets(tok, img, torch.Generator().manual_seed(5))
     b = extract_triplets(tok, img, torch.Generator().manual_seed(5))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("kind,shard_rows", [("tencrop", 65536), ("tencrop", 25), ("tiny", 30), ("tiny", 3)])
+def test_write_tasks_never_split_an_images_views_across_shards(kind, shard_rows):
+    """Extraction emits V rows per image, image after image; each write task is one shard. Cut into
+    shard_batch_rows chunks, every image of every shard is complete (the view-diagonal layout keeps all
+    of them; a split image's rows went to a trailing row group the training stream never reads)."""
+    from detailflow.pipelines.data.codes import diagonal_order
+    from detailflow.pipelines.train.extract_codes import shard_batch_rows
+
+    side = view_input_size(kind, 20)
+    v = make_views(torch.zeros(1, 3, side, side), kind, 20).shape[1]  # V as make_views produces it
+    rows = shard_batch_rows(shard_rows, kind)
+    images = 3 * max(rows // v, 1) + 1
+    keys = [f"img{i}" for i in range(images) for _ in range(v)]
+    views = [j for _ in range(images) for j in range(v)]
+    for start in range(0, len(keys), rows):
+        chunk_keys, chunk_views = keys[start:start + rows], views[start:start + rows]
+        _, _, complete = diagonal_order(chunk_keys, chunk_views, v, block_images=256)
+        assert complete == len(set(chunk_keys)), (start, complete)

@@ -66,6 +66,13 @@ def view_input_size(kind: str, image_size: int) -> int:
     return int(1.1 * image_size) if kind == "tencrop" else image_size
 
 
+def num_views(kind: str) -> int:
+    """V, the views make_views returns per image: 10 for tencrop (5 crops x flip), 4 for tiny."""
+    if kind not in VIEW_KINDS:
+        raise ValueError(f"unknown view kind {kind!r}; expected one of {VIEW_KINDS}")
+    return 10 if kind == "tencrop" else 4
+
+
 def make_views(img_BCHW: torch.Tensor, kind: str = "tiny", image_size: int | None = None) -> torch.Tensor:
     """B x C x H x W -> B x V x C x R x R views (R = image_size: required for tencrop, default H for tiny)."""
     if kind not in VIEW_KINDS:

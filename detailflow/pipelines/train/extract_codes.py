@@ -127,6 +127,15 @@ class TripletExtractor:
         return rows
 
 
+def shard_batch_rows(shard_rows: int, views: str) -> int:
+    """Rows per write task: shard_rows rounded down to whole images (V rows each, at least one image),
+    so no image's views are split across two shards (the stream never reads a split image's rows)."""
+    from detailflow.models.extraction import num_views
+
+    v = num_views(views)
+    return max(v, shard_rows - shard_rows % v)
+
+
 def write_shards(batch: dict, *, storage, prefix: str) -> dict:
     """map_batches fn: one batch of code rows -> one shard on S3 -> one manifest-entry row."""
     from detailflow.pipelines.data.codes import write_code_shard
@@ -171,7 +180,8 @@ def extract_codes(cfg: ExtractConfig, settings) -> dict:
         fn_constructor_kwargs={"settings": settings, "tokenizer_ref": storage.uri(key), "views": cfg.views,
                                "seed": cfg.seed, "use_gpu": cfg.use_gpu},
         **resources)
-    written = rows.map_batches(write_shards, batch_size=cfg.shard_rows, batch_format="numpy",
+    written = rows.map_batches(write_shards, batch_size=shard_batch_rows(cfg.shard_rows, cfg.views),
+                               batch_format="numpy",
                                num_cpus=cfg.cpus_per_task,
                                fn_kwargs={"storage": storage, "prefix": run_prefix(version, cfg.split, run)})
     # same order in, same actor batches, same codes out: extraction is reproducible
