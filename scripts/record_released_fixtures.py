@@ -5,6 +5,26 @@ tests/test_weights_siglip2.py). Run once, by hand, never in CI; nothing is downl
         transformers==4.53.2 huggingface_hub==0.34.4 tokenizers==0.21.4 regex
     PYTHONPATH=/tmp/dfref_pkgs .venv/bin/python scripts/record_released_fixtures.py tests/data/released
 
+With the authors' repository (a work tree of ByteFlow-AI/DetailFlow, e.g. `git archive HEAD | tar -x`),
+record the references from THEIR code (how tests/data/released was recorded):
+
+    PYTHONPATH=/tmp/dfref_pkgs .venv/bin/python scripts/record_released_fixtures.py tests/data/released \
+        --authors-repo /tmp/authors
+
+`--authors-repo` loads the same random weights strictly into their classes (modelling/tokenizer.py VQModel
+built by their VQ_models["VQ-16"] from the fixture's config.json, with SiglipEncoder/SiglipDecoder,
+VectorQuantizer; autoregressive/models/gpt.py Transformer) and records their outputs: codes from
+VQModel.encode, pixels from VQModel.decode_code at the canvas of their ResolutionDegradation, GPT logits from
+Transformer.forward(basic_group_inference=True), CFG by generate.py's formula. It prints the max
+|authors - re-implementation| per output (recorded 2026-12-04: 0 for codes and all GPT logits, <= 9.4e-7 for
+the pixels). Only what their forward never calls is stood in for: `tools` (json_dump, used by save_config)
+and, when timm cannot import (it needs torchvision), timm.layers.trunc_normal_ (init only, overwritten by
+the load). Their towers read the SigLIP2 config from $CACHE_DATA_PATH/siglip2-so400m-patch16-naflex: a tiny
+random SigLIP2 is saved there, both towers are built "pretrained" from it with every block kept
+(encoder_model/decoder_model "siglip2": "siglip2_base" would demand 12 pretrained blocks; the key layout is
+the same), and global_token_loss_weight=1 builds their training-only repa_model.* / global_token_proj.*,
+which the fixture leaves out (the importer drops them by name).
+
 What it does, on random weights of tiny dimensions (seed 0):
 - builds the released tokenizer's state dict in the authors' layout (ByteFlow-AI/DetailFlow,
   modelling/tokenizer.py VQModel with SiglipEncoder/SiglipDecoder): the two towers are real Hugging Face
@@ -16,8 +36,8 @@ What it does, on random weights of tiny dimensions (seed 0):
   are the Hugging Face modules themselves; the glue around them (latent-token concatenation, the
   create_attn_mask_for_x_z mask, l2 VQ by squared distance, ToPixel's unpatchify, the GPT's sequence
   layout, group-causal mask, 2D RoPE table and split-qkv attention) is re-written here from reading the
-  authors' code (their repository needs files and services that are not public or not installable here,
-  so it is not imported; this is the documented fallback: an independent re-computation in their layout);
+  authors' code (without --authors-repo this independent re-computation is what gets recorded; with it, it
+  is cross-checked against their code and their outputs are recorded);
 - records a synthetic SigLIP2 vision tower (HF names, tiny dims) and its HF output on patch tokens.
 
 Outputs (all small): released_tok.safetensors / released_ar.safetensors (authors' key names; the
@@ -44,6 +64,16 @@ AR = dict(dim=32, n_layer=2, n_head=2, vocab_size=K, block_size=N, group_size=G,
           num_classes=10, multiple_of=32, norm_eps=1e-5, rope_base=10000.0, class_dropout_prob=0.1)
 PREFIXES = [1, 2, 4, 8, 16]
 CFG_SCALE = 1.5
+TOK_JSON = {
+    "image_size": IMG, "max_image_size": IMG, "codebook_size": K, "codebook_embed_dim": CODE_DIM,
+    "codebook_l2_norm": True, "codebook_show_usage": True, "commit_loss_beta": 0.25,
+    "entropy_loss_ratio": 0.0, "vq_loss_ratio": 1.0, "num_codebooks": 1,
+    "encoder_ch_mult": [1, 1, 2, 2, 4], "decoder_ch_mult": [1, 1, 2, 2, 4],
+    "enc_type": "siglip2", "dec_type": "siglip2", "encoder_model": "siglip2_base",
+    "decoder_model": "siglip2_base", "num_latent_tokens": N, "enc_pretrained": True,
+    "dec_pretrained": False, "enc_patch_size": PATCH, "dec_patch_size": PATCH, "repa": False,
+    "causal_encoder": True, "causal_decoder": False, "group_size": G, "causal_num": CAUSAL,
+    "global_token_loss_weight": 1.0, "correction_training": True}
 
 
 def tower(width: int, depth: int, heads: int):
@@ -158,6 +188,73 @@ def tokenizer_reference(enc, dec, s, img):
     return out
 
 
+def authors_reference(repo: str, tok: dict, ar: dict, img, codes, classes, work: Path) -> dict:
+    """The same outputs computed by the authors' own classes (their VQModel, SiglipEncoder/SiglipDecoder,
+    VectorQuantizer, ResolutionDegradation, GPT Transformer) with the fixture weights loaded strictly."""
+    import os
+    import types
+
+    sys.path.insert(0, repo)
+    # `tools` (their package __init__ also pulls hdfs helpers and ruamel.yaml) is imported by tokenizer.py and
+    # gpt.py for json_dump, used only by save_config: never called here, so a bare module stands in for it
+    sys.modules.setdefault("tools", types.ModuleType("tools")).json_dump = None
+    try:  # timm.layers.trunc_normal_ only initialises parameters that load_state_dict then overwrites
+        import timm.layers  # noqa: F401
+    except ImportError:  # timm needs torchvision; torch's own trunc_normal_ does the same init
+        timm = sys.modules["timm"] = types.ModuleType("timm")
+        timm.layers = sys.modules["timm.layers"] = types.ModuleType("timm.layers")
+        timm.layers.trunc_normal_ = torch.nn.init.trunc_normal_
+    # their towers read the SigLIP2 config (and, pretrained, its weights) from $CACHE_DATA_PATH: a tiny one
+    enc_cfg = tower(ENC_W, ENC_D, ENC_H).config
+    pre = work / "siglip2-so400m-patch16-naflex"
+    from transformers import Siglip2VisionModel
+
+    Siglip2VisionModel(enc_cfg).save_pretrained(str(pre))
+    os.environ["CACHE_DATA_PATH"] = str(work)
+    from autoregressive.models.gpt import ModelArgs, Transformer
+    from modelling.detail_token import ResolutionDegradation
+    from modelling.tokenizer import VQ_models
+
+    cj = dict(TOK_JSON)
+    cj.pop("encoder_ch_mult"), cj.pop("decoder_ch_mult")  # as their load_vq_model does
+    # both towers from the (tiny) "pretrained" SigLIP2 with all its blocks: "siglip2" keeps every layer
+    # (siglip2_base would demand 12 pretrained blocks); the key layout is the same
+    # global_token_loss_weight != 0 builds the frozen teacher (repa_model, "siglip2" is the only one their
+    # builder accepts) and the first-token alignment head (global_token_proj): training-only parts
+    cj.update(encoder_model="siglip2", decoder_model="siglip2", dec_pretrained=True, repa_model="siglip2",
+              repa_patch_size=PATCH)
+    vq = VQ_models["VQ-16"](**cj).eval()
+    full = dict(tok, **{"quantize.codebook_used": torch.zeros(65536)})
+    theirs = {k: tuple(v.shape) for k, v in vq.state_dict().items()}
+    extra = sorted({k.split(".")[0] for k in set(theirs) - set(full)})
+    assert extra == ["global_token_proj", "repa_model"], extra  # the importer's named drops
+    assert all(theirs[k] == tuple(v.shape) for k, v in full.items()), "fixture layout != authors' layout"
+    missing, unexpected = vq.load_state_dict(full, strict=False)
+    assert not unexpected and all(k.split(".")[0] in extra for k in missing)
+    print(f"authors' VQModel: {len(full)} fixture keys loaded; training-only keys not in the fixture: "
+          f"{len(missing)} under {extra}")
+    rd = ResolutionDegradation(max_img_size=IMG, max_token_num=N, group_size=G, causal_num=CAUSAL, p=1.5,
+                               enc_patch_size=PATCH, dec_patch_size=PATCH, min_dec_res=PATCH)
+    out = {"images": img}
+    with torch.no_grad():
+        _, _, info = vq.encode(img)
+        out["codes"] = info[-1].reshape(img.shape[0], N)
+        for t in PREFIXES:
+            out[f"pixels_t{t}"] = vq.decode_code(out["codes"], t, img_size=rd.token2dec_out_res[t])
+        gpt = Transformer(ModelArgs(**{k: v for k, v in AR.items()})).eval()
+        gpt.load_state_dict(ar, strict=True)
+
+        def logits(idx, cls):
+            return gpt(idx, cls, basic_group_inference=True)[0]
+
+        null = torch.full_like(classes, AR["num_classes"])
+        cond, uncond = logits(codes[:, : N - G], classes), logits(codes[:, : N - G], null)
+        out.update(ar_codes=codes, ar_classes=classes, ar_logits_cond=cond, ar_logits_uncond=uncond,
+                   ar_logits_cfg=uncond + (cond - uncond) * CFG_SCALE,  # generate.py's formula
+                   ar_prefix_logits=logits(codes[:, : 2 * G], classes)[:, -G:])
+    return out
+
+
 def ar_state(gen):
     d, hidden = AR["dim"], AR["multiple_of"] * math.ceil(int(2 * 4 * AR["dim"] / 3) / AR["multiple_of"])
     r = lambda *shape: 0.2 * torch.randn(*shape, generator=gen)  # noqa: E731
@@ -214,7 +311,7 @@ def ar_logits(s, idx, cls):  # their training-mode forward, dropout off
     return rms(x, s["norm.weight"]) @ s["output.weight"].t()
 
 
-def main(out_dir: str) -> None:
+def main(out_dir: str, authors_repo: str | None = None) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
@@ -230,6 +327,15 @@ def main(out_dir: str) -> None:
     refs.update(ar_codes=codes, ar_classes=classes, ar_logits_cond=cond, ar_logits_uncond=uncond,
                 ar_logits_cfg=uncond + CFG_SCALE * (cond - uncond),
                 ar_prefix_logits=ar_logits(ar, codes[:, : 2 * G], classes)[:, -G:])
+    if authors_repo:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as work, torch.random.fork_rng():  # leave the seed stream as is
+            theirs = authors_reference(authors_repo, tok, ar, img, codes, classes, Path(work))
+        for k, v in theirs.items():  # the re-computation above vs the authors' own code
+            diff = (v.double() - refs[k].double()).abs().max().item() if v.shape == refs[k].shape else "shape"
+            print(f"{k}: max |authors - re-implementation| = {diff}")
+        refs = theirs
     sig = tower(ENC_W, 3, ENC_H)
     jitter(sig, gen)
     sig_state = {f"vision_model.{k}": v for k, v in sig.state_dict().items()}
@@ -245,16 +351,7 @@ def main(out_dir: str) -> None:
     tok_keys = {k: list(v.shape) for k, v in tok.items()}
     tok_keys["quantize.codebook_used"] = [65536]
     manifest = {
-        "tokenizer_config_json": {
-            "image_size": IMG, "max_image_size": IMG, "codebook_size": K, "codebook_embed_dim": CODE_DIM,
-            "codebook_l2_norm": True, "codebook_show_usage": True, "commit_loss_beta": 0.25,
-            "entropy_loss_ratio": 0.0, "vq_loss_ratio": 1.0, "num_codebooks": 1,
-            "encoder_ch_mult": [1, 1, 2, 2, 4], "decoder_ch_mult": [1, 1, 2, 2, 4],
-            "enc_type": "siglip2", "dec_type": "siglip2", "encoder_model": "siglip2_base",
-            "decoder_model": "siglip2_base", "num_latent_tokens": N, "enc_pretrained": True,
-            "dec_pretrained": False, "enc_patch_size": PATCH, "dec_patch_size": PATCH, "repa": False,
-            "causal_encoder": True, "causal_decoder": False, "group_size": G, "causal_num": CAUSAL,
-            "global_token_loss_weight": 1.0, "correction_training": True},
+        "tokenizer_config_json": TOK_JSON,
         "tokenizer_config_yaml": {
             "vq_model": "VQ-16", "image_size": IMG, "max_image_size": IMG, "min_image_size": IMG,
             "content_degradation": "resolution_power", "causal_encoder": True, "causal_decoder": False,
@@ -278,4 +375,10 @@ def main(out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "tests/data/released")
+    args = sys.argv[1:]
+    repo = None
+    if "--authors-repo" in args:
+        i = args.index("--authors-repo")
+        repo = args[i + 1]
+        del args[i: i + 2]
+    main(args[0] if args else "tests/data/released", repo)

@@ -1,10 +1,11 @@
 """Released DetailFlow checkpoints -> this project's modules: equivalence with the authors' computation.
 
-Fixtures (tests/data/released, written once by scripts/record_released_fixtures.py): tiny random weights in
-the authors' key layout and reference outputs computed with their semantics (HF SigLIP2 layers for the
-towers; encoder codes, decoder pixels at several prefix lengths, GPT logits with and without CFG). Each
-test writes those weights as the released files look (torch checkpoint {"model", "ema"} in
-<run>/checkpoints/, config.json + config.yaml two folders up), imports them and compares outputs.
+Fixtures (tests/data/released, written once by scripts/record_released_fixtures.py --authors-repo):
+tiny random weights in the authors' key layout, loaded strictly into the authors' own classes
+(ByteFlow-AI/DetailFlow VQModel and GPT Transformer), and the outputs THEIR code computes (encoder codes,
+decoder pixels at several prefix lengths, GPT logits with and without CFG). Each test writes those weights
+as the released files look (torch checkpoint {"model", "ema"} in <run>/checkpoints/, config.json +
+config.yaml two folders up), imports them and compares outputs.
 """
 
 from __future__ import annotations
