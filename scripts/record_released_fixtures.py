@@ -251,7 +251,9 @@ def authors_reference(repo: str, tok: dict, ar: dict, img, codes, classes, work:
         cond, uncond = logits(codes[:, : N - G], classes), logits(codes[:, : N - G], null)
         out.update(ar_codes=codes, ar_classes=classes, ar_logits_cond=cond, ar_logits_uncond=uncond,
                    ar_logits_cfg=uncond + (cond - uncond) * CFG_SCALE,  # generate.py's formula
-                   ar_prefix_logits=logits(codes[:, : 2 * G], classes)[:, -G:])
+                   ar_prefix_logits=logits(codes[:, : 2 * G], classes)[:, -G:],
+                   # the sequential phase (fewer than causal_num codes: no query tokens in the sequence)
+                   ar_sequential_logits=logits(codes[:, :2], classes)[:, -1:])
     return out
 
 
@@ -332,7 +334,7 @@ def main(out_dir: str, authors_repo: str | None = None) -> None:
 
         with tempfile.TemporaryDirectory() as work, torch.random.fork_rng():  # leave the seed stream as is
             theirs = authors_reference(authors_repo, tok, ar, img, codes, classes, Path(work))
-        for k, v in theirs.items():  # the re-computation above vs the authors' own code
+        for k, v in ((k, v) for k, v in theirs.items() if k in refs):  # re-computation vs their code
             diff = (v.double() - refs[k].double()).abs().max().item() if v.shape == refs[k].shape else "shape"
             print(f"{k}: max |authors - re-implementation| = {diff}")
         refs = theirs

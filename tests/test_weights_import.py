@@ -95,6 +95,8 @@ def test_ar_logits_match_with_and_without_cfg(tmp_path):
         g = rel.ar_cfg.group_size  # a sampling-time prefix: [cls, first 2 groups + queries], last group
         x = rel.ar.embed_range(codes, classes, 0, 3 * g)
         torch.testing.assert_close(rel.ar.run(x, last=g), REFS["ar_prefix_logits"], atol=1e-4, rtol=1e-4)
+        x = rel.ar.embed_range(codes, classes, 0, 3)  # sequential phase: [cls, t_0, t_1] -> logits of t_2
+        torch.testing.assert_close(rel.ar.run(x, last=1), REFS["ar_sequential_logits"], atol=1e-4, rtol=1e-4)
 
 
 def test_ema_or_raw_generator_weights_are_selectable(tmp_path):
