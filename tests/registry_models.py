@@ -28,12 +28,10 @@ EVAL_EXPERIMENT = "test-registry-eval"
 
 
 def upload_export(storage, module, config: dict, key: str) -> str:
-    from detailflow.models.export import save_pretrained
+    from detailflow.platform.checkpoints import uploaded_export
 
-    with tempfile.TemporaryDirectory() as d:
-        save_pretrained(module, config, d)
-        for name in ("model.safetensors", "config.json"):
-            storage.upload_file(f"{d}/{name}", f"{key}/{name}")
+    with uploaded_export(storage, module, config, key):
+        pass
     return storage.uri(key)
 
 

@@ -28,6 +28,7 @@ Which checkpoint to resume from (`resume_checkpoint`):
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -300,6 +301,20 @@ def consolidated_state_dict(checkpoint, tag: str = "ds", strip_prefix: str = "mo
     return {strip(k): v.detach().clone().float().contiguous() for k, v in state.items()}
 
 
+@contextlib.contextmanager
+def uploaded_export(storage, module, config: dict, key_prefix: str):
+    """save_pretrained(module, config) into a temporary folder and upload its files (model.safetensors +
+    config.json) under key_prefix; yields the local folder (for a sha256 or tracker.log_export) until
+    the with-block ends. The one place an export folder is written and published."""
+    from detailflow.models.export import save_pretrained
+
+    with tempfile.TemporaryDirectory(prefix="df-export-") as d:
+        save_pretrained(module, config, d)
+        for name in sorted(os.listdir(d)):
+            storage.upload_file(os.path.join(d, name), f"{key_prefix}/{name}")
+        yield d
+
+
 def export_consolidated(checkpoint, build_model, model_config: dict, storage, key_prefix: str,
                         tag: str = "ds", tracker=None, step: int | None = None,
                         select=lambda state: state) -> str:
@@ -308,15 +323,10 @@ def export_consolidated(checkpoint, build_model, model_config: dict, storage, ke
 
     With a tracker, the export is also logged on its MLflow run as a model (tracker.log_export).
     Returns the S3 URI of the export folder (model.safetensors + config.json)."""
-    from detailflow.models.export import save_pretrained
-
     model = build_model()
     model.load_state_dict(select(consolidated_state_dict(checkpoint, tag=tag)), strict=True)
     uri = storage.uri(key_prefix)
-    with tempfile.TemporaryDirectory(prefix="df-export-") as d:
-        save_pretrained(model, model_config, d)
-        for name in sorted(os.listdir(d)):
-            storage.upload_file(os.path.join(d, name), f"{key_prefix}/{name}")
+    with uploaded_export(storage, model, model_config, key_prefix) as d:
         if tracker is not None:
             tracker.log_export(d, model_config, uri=uri, step=step,
                                checkpoint_uri=checkpoint_uri(checkpoint))

@@ -114,14 +114,12 @@ def check_fits(module: torch.nn.Module, state: dict, what: str) -> None:
 
 
 def _upload(storage, module, config: dict, key: str) -> dict:
-    from detailflow.models.export import CONFIG_NAME, WEIGHTS_NAME, save_pretrained
+    from detailflow.models.export import WEIGHTS_NAME
+    from detailflow.platform.checkpoints import uploaded_export
     from detailflow.platform.storage import sha256_file
 
-    with tempfile.TemporaryDirectory(prefix="df-import-") as d:
-        save_pretrained(module, config, d)
+    with uploaded_export(storage, module, config, key) as d:
         sha = sha256_file(Path(d) / WEIGHTS_NAME)
-        for name in (WEIGHTS_NAME, CONFIG_NAME):
-            storage.upload_file(Path(d) / name, f"{key}/{name}")
     return {"uri": storage.uri(key), "sha256": sha}
 
 

@@ -25,7 +25,6 @@ over the ranks; rank 0 prints a progress line every progress_every_s seconds.
 from __future__ import annotations
 
 import dataclasses
-import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -231,8 +230,8 @@ def train_loop(config: dict) -> None:
 def _export_ema(model_cfg, ema_full: dict, cfg: ARStageConfig, ctx, config: dict, tracker) -> None:
     """Rank 0: the EMA weights as the AR export, uploaded and logged on the MLflow run as a model."""
     from detailflow.models.ar import DetailFlowGPT
-    from detailflow.models.export import save_pretrained
     from detailflow.pipelines.train.exports import export_prefix
+    from detailflow.platform.checkpoints import uploaded_export
     from detailflow.platform.storage import Storage
 
     net = DetailFlowGPT(model_cfg)
@@ -240,11 +239,7 @@ def _export_ema(model_cfg, ema_full: dict, cfg: ARStageConfig, ctx, config: dict
     storage = Storage(ctx.settings)
     export_cfg = {"kind": "ar", "model": cfg.model, "run_name": ctx.run_name, "weights": "ema",
                   "tokenizer": config["_tokenizer_ref"], "ar": dataclasses.asdict(model_cfg)}
-    with tempfile.TemporaryDirectory(prefix="df-ar-export-") as d:
-        save_pretrained(net, export_cfg, d)
-        for name in ("model.safetensors", "config.json"):
-            with open(f"{d}/{name}", "rb") as f:
-                storage.put_bytes(f"{export_prefix(ctx.run_name)}/{name}", f.read())
+    with uploaded_export(storage, net, export_cfg, export_prefix(ctx.run_name)) as d:
         tracker.log_export(d, export_cfg, uri=storage.uri(export_prefix(ctx.run_name)), step=cfg.steps,
                            checkpoint_uri=tracker.last_checkpoint[1] if tracker.last_checkpoint else None)
 
