@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from detailflow.pipelines.runner.stage_idx import class_score, import_idx
 from detailflow.pipelines.runner.stage_rayservice import check_rayservice
 
 
@@ -294,4 +295,9 @@ KINDS: dict[str, Kind] = {
                             exists=_export_exists),
     "deploy": Kind(deploy, ("url", "playground", "model"), volatile=True),
     "check-rayservice": Kind(check_rayservice, ("url", "model", "version"), volatile=True),
+    "import-idx": Kind(import_idx, ("path", "train_images", "val_images"),
+                       exists=lambda out, ctx: Path(out["path"]).is_dir()),
+    "class-score": Kind(class_score, ("class_accuracy", "fid", "kid", "kid_std", "classifier_test_accuracy",
+                                      "out"),
+                        exists=lambda out, ctx: (Path(out["out"]) / "score.json").is_file()),
 }
