@@ -121,8 +121,8 @@ class Discriminator(Fp32Buffers, nn.Module):
 
     def __init__(self, cfg, backbone: nn.Module | None = None, where: FrozenPlacement | None = None):
         super().__init__()
-        if backbone is None and cfg.disc_net_path:  # probed at the micro-batch (real, fake: separate calls)
-            batches = where.batches() if where else ()
+        if backbone is None and cfg.disc_net_path:  # real, fake: separate calls, each B or, after a
+            batches = where.batches(1, 2) if where else ()  # self-corrected step, 2B images
             backbone = load_feature_net(cfg.disc_net_path, where, cfg.image_size, batches)
         if backbone is None and not cfg.random_feature_nets:
             raise _missing_weights("disc_net_path", "the frozen discriminator backbone (DINO ViT-S/16)")
