@@ -41,8 +41,10 @@ WARM_DS := from deepspeed.accelerator import get_accelerator as g; b = g().creat
 warm: setup
 	$(if $(HAS_CUDA),,DS_ACCELERATOR=cpu) $(PY) -c '$(WARM_DS)'
 
+# DEMO_DATA=shapes (default: the built-in procedural set) | fashion-mnist (Debian's dataset-fashion-mnist)
+DEMO_DATA ?= shapes
 demo: setup warm
-	DETAILFLOW=$(VENV)/bin/detailflow bash infra/demo.sh
+	DETAILFLOW=$(VENV)/bin/detailflow DEMO_DATA=$(DEMO_DATA) bash infra/demo.sh
 
 # pytest exit code 5 = "no tests collected": not a failure for a fresh checkout.
 test: setup warm

@@ -3,7 +3,7 @@ images, it reads which class a generated image shows, so "class accuracy of samp
 samples whose predicted class equals the class they were conditioned on.
 
 API:
-    clf = train_classifier(train_u8_BCHW, train_y_B, ClassifierTrainConfig(steps=1500))
+    clf = train_classifier(train_u8_BCHW, train_y_B, ClassifierTrainConfig(steps=800))
     pred_B = predict(clf, to_model_range(images_u8_BCHW))
     acc = class_accuracy(pred_B, cond_B)          # float in [0, 1]
 
@@ -22,10 +22,10 @@ from detailflow.models.tokenizer import to_model_range
 
 
 class SmallCNN(nn.Module):
-    """Three conv-BN-ReLU blocks (32, 64, 64 channels, two 2x max-pools), global average pool, linear head;
-    input: B x 3 x R x R in [-1, 1] (any R >= 4)."""
+    """Three conv-BN-ReLU blocks (width, 2 width, 2 width channels, two 2x max-pools), global average pool,
+    linear head; input: B x 3 x R x R in [-1, 1] (any R >= 4)."""
 
-    def __init__(self, num_classes: int = 10):
+    def __init__(self, num_classes: int = 10, width: int = 32):
         super().__init__()
 
         def block(cin, cout):
@@ -33,8 +33,9 @@ class SmallCNN(nn.Module):
 
         self.num_classes = num_classes
         self.net = nn.Sequential(
-            *block(3, 32), nn.MaxPool2d(2), *block(32, 64), nn.MaxPool2d(2), *block(64, 64),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes))
+            *block(3, width), nn.MaxPool2d(2), *block(width, 2 * width), nn.MaxPool2d(2),
+            *block(2 * width, 2 * width), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.Linear(2 * width, num_classes))
 
     def forward(self, img_BCHW: torch.Tensor) -> torch.Tensor:
         return self.net(img_BCHW)
@@ -42,8 +43,9 @@ class SmallCNN(nn.Module):
 
 @dataclass
 class ClassifierTrainConfig:
-    steps: int = 1500  # optimiser steps (Adam)
-    batch: int = 128  # images per step
+    steps: int = 800  # optimiser steps (Adam)
+    batch: int = 64  # images per step
+    width: int = 32  # channels of the first block (SmallCNN width)
     lr: float = 1e-3  # Adam learning rate (constant)
     flip: bool = False  # random horizontal flips (off for Fashion-MNIST: shoes all face one way)
     seed: int = 0  # init + batch draws
@@ -58,7 +60,7 @@ def train_classifier(train_u8_BCHW: torch.Tensor, train_y_B: torch.Tensor, cfg: 
     if len(train_y_B) != len(train_u8_BCHW):
         raise ValueError(f"{len(train_y_B)} labels for {len(train_u8_BCHW)} images")
     torch.manual_seed(cfg.seed)
-    clf = SmallCNN(num_classes or int(train_y_B.max()) + 1).train()
+    clf = SmallCNN(num_classes or int(train_y_B.max()) + 1, cfg.width).train()
     opt = torch.optim.Adam(clf.parameters(), lr=cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     for step in range(cfg.steps):

@@ -76,7 +76,8 @@ def cached_classifier(directory: str | Path, cache_dir: str | Path, cfg=None, lo
     if path.is_file() and digest_path.is_file():
         if sha256_file(path) == digest_path.read_text().strip():
             state = load_file(str(path))
-            clf = SmallCNN(int([v for v in state.values() if v.ndim == 2][-1].shape[0]))  # the head's rows
+            head = [v for v in state.values() if v.ndim == 2][-1]  # the linear head: classes x 2 width
+            clf = SmallCNN(int(head.shape[0]), int(head.shape[1]) // 2)
             clf.load_state_dict(state)
             log(f"[class-score] classifier from cache {path}")
             return clf.eval(), path
@@ -96,13 +97,13 @@ def cached_classifier(directory: str | Path, cache_dir: str | Path, cfg=None, lo
 class ClassScoreConfig:
     ar: str  # AR run name or s3:// export URI (its export names the tokenizer)
     data_dir: str = FMNIST_DIR  # folder of the IDX files (train-*/t10k-* .gz)
-    out: str = "out/demo-fmnist"  # score.json + samples.png go here
+    out: str = "out/demo-fmnist"  # score.json + scored_samples.png go here
     cache_dir: str = ""  # classifier cache ("" = ~/.cache/detailflow/classifier)
     per_class: int = 100  # samples per class
     cfg_scale: float = 1.5  # classifier-free guidance of the samples
     seed: int = 0  # sampling seed
     n_real: int = 2000  # test-split images for FID/KID (class-balanced, the first of each class)
-    classifier_steps: int = 1500  # training steps of the judge (batch 128)
+    classifier_steps: int = 800  # training steps of the judge (batch 64, on all training images)
     grid_per_class: int = 8  # samples per class row in samples.png
 
 
@@ -162,9 +163,10 @@ def run_class_score(cfg: ClassScoreConfig, settings, log=print) -> dict:
               "classifier_test_accuracy": real_acc, "n_samples": len(cond), "n_real": len(real_x),
               "cfg_scale": cfg.cfg_scale, "seed": cfg.seed, "ar": ar_uri, "tokenizer": tok_uri,
               "classifier": str(clf_path), "seconds": round(time.perf_counter() - t0, 1)}
-    rows = [[samples_u8[c * cfg.per_class + j] for j in range(min(cfg.grid_per_class, cfg.per_class))]
+    rows = [[to_model_range(samples_u8[c * cfg.per_class + j]) for j in range(min(cfg.grid_per_class,
+                                                                                   cfg.per_class))]
             for c in range(num_classes)]
-    (out / "samples.png").write_bytes(grid_png([[to_model_range(im) for im in r] for r in rows], cell=32))
+    (out / "scored_samples.png").write_bytes(grid_png(rows, cell=32))
     (out / "score.json").write_text(json.dumps(result, indent=1) + "\n")
     log(f"[class-score] class accuracy {result['class_accuracy']:.4f} | FID {result['fid']:.2f} | "
         f"KID {kid_mean:.4f} +- {kid_std:.4f} (vs {len(real_x)} test images) -> {out}/score.json")
