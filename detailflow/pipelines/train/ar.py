@@ -277,5 +277,6 @@ def run(cfg: ARStageConfig, settings) -> dict:
     config = {**resolved, "_tokenizer_ref": storage.uri(tok_key), "_codes_version": version}
     raytrain.launch(train_loop, config, settings, run_name=name,
                     num_workers=cfg.num_workers, use_gpu=use_gpu, cpus_per_worker=cfg.cpus_per_worker,
+                    reader_cpus=cfg.reader_cpus,  # the reader tasks' CPUs, in the rank's bundle
                     max_failures=cfg.max_failures, num_to_keep=cfg.num_to_keep)
     return {"run_name": name, "export_uri": storage.uri(export_prefix(name)), "codes_version": version}

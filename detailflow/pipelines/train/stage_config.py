@@ -37,6 +37,9 @@ class DistributedStageConfig:
     device: str = "auto"  # auto | cpu | cuda
     num_workers: int = 2  # Ray Train workers (0 = in-process)
     cpus_per_worker: float = 0.5  # fractional CPUs so Ray Data is never starved (pitfall 3)
+    reader_cpus: float = 0.0  # CPUs of the rank's reader tasks (decode + crop, or code reads), reserved
+    # in the rank's own placement-group bundle on its node (raytrain.worker_resources/reader_task_options):
+    # a bundle asks cpus_per_worker + reader_cpus, and a GPU node's ranks must fit its pod's CPUs
     seed: int = 42  # model init / data / selection seed
     max_failures: int = 2  # worker-group restarts before the run fails
     num_to_keep: int = 2  # checkpoints kept in storage
@@ -50,8 +53,9 @@ class DistributedStageConfig:
 # Fields that change where/how a run executes, not what it computes: excluded from the run hash,
 # so e.g. re-running with more workers or in-process still resumes the same run.
 # code_version is lineage only (the pipeline identity already holds the code's tree, not the commit).
-EXECUTION_FIELDS = frozenset({"num_workers", "in_process", "cpus_per_worker", "use_gpu", "max_failures",
-                              "num_to_keep", "date", "fail_at_step", "fail_marker", "code_version"})
+EXECUTION_FIELDS = frozenset({"num_workers", "in_process", "cpus_per_worker", "reader_cpus", "use_gpu",
+                              "max_failures", "num_to_keep", "date", "fail_at_step", "fail_marker",
+                              "code_version"})
 
 
 def _coerce(text: str, annotation) -> object:

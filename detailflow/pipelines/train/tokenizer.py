@@ -309,6 +309,7 @@ def run(cfg: TokenizerStageConfig, settings) -> dict:
     use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and settings.resolved_device().startswith("cuda"))
     result = raytrain.launch(train_loop, resolved, settings, run_name=name, num_workers=cfg.num_workers,
                              use_gpu=use_gpu, cpus_per_worker=cfg.cpus_per_worker,
+                             reader_cpus=cfg.reader_cpus,  # the reader tasks' CPUs, in the rank's bundle
                              max_failures=cfg.max_failures, num_to_keep=cfg.num_to_keep)
     ckpt = result.checkpoint or raytrain.latest_checkpoint(settings, name)
     state = checkpoints.read_client_state(ckpt)  # one small JSON: step and the MLflow run id
