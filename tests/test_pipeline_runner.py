@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
 
 from detailflow.pipelines.runner import stages as stages_mod
 from detailflow.pipelines.runner.identity import code_version, stage_identity
@@ -57,7 +58,29 @@ def test_shipped_pipeline_files_validate():
     files = sorted((ROOT / "configs" / "pipelines").glob("*.yaml"))
     assert any(f.name == "tiny.yaml" for f in files)
     for f in files:
-        assert load_pipeline(f).stages
+        required = {k for k, v in (yaml.safe_load(f.read_text()).get("vars") or {}).items() if v is None}
+        assert load_pipeline(f, variables={k: f"s3://b/{k}" for k in required}).stages
+
+
+def test_pipeline_variables_fill_params_and_refuse_when_missing_or_unknown(tmp_path):
+    body = """
+    name: v
+    vars: {uri: null, port: 8000}
+    stages:
+      - name: a
+        kind: synth
+        params: {out: "${vars.uri}", per_class: 1, note: "at ${vars.uri}:${vars.port}", port: "${vars.port}"}
+    """
+    path = _write(tmp_path, body)
+    with pytest.raises(PipelineError, match=r"uri have no value: give them with --set uri=\.\.\."):
+        load_pipeline(path)
+    with pytest.raises(PipelineError, match="--set nope: no such variable; the file declares port, uri"):
+        load_pipeline(path, variables={"uri": "s3://b/x", "nope": "1"})
+    params = load_pipeline(path, variables={"uri": "s3://b/x"}).stages[0].params
+    assert params == {"out": "s3://b/x", "per_class": 1, "note": "at s3://b/x:8000", "port": 8000}
+    undeclared = _write(tmp_path, body.replace("{uri: null, port: 8000}", "{port: 8000}"))
+    with pytest.raises(PipelineError, match=r"\$\{vars.uri\} is used but not declared"):
+        load_pipeline(undeclared)
 
 
 def test_resolve_keeps_types_and_interpolates_strings():

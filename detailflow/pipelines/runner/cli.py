@@ -5,6 +5,8 @@ Usage:
     detailflow pipeline run configs/pipelines/tiny.yaml                  # skips what is done
     detailflow pipeline run configs/pipelines/tiny.yaml --force tokenizer  # a new attempt (+ all after)
     detailflow pipeline run configs/pipelines/tiny.yaml --from ar          # ar and every stage after
+    detailflow pipeline run configs/pipelines/rehearsal.yaml --set teacher_uri=s3://... --set ...
+        # --set NAME=VALUE fills the file's ${vars.NAME} (validate/run/status/submit take it too)
     detailflow pipeline history tiny                                     # past invocations
     detailflow pipeline status configs/pipelines/tiny.yaml               # state, time, MLflow link
     detailflow pipeline submit configs/pipelines/detailflow-16.yaml --address http://head:8265
@@ -23,13 +25,20 @@ from detailflow.platform.cli_settings import get_settings
 from detailflow.platform.raytrain import ensure_ray
 
 
-def _load(path: str):
+def _load(path: str, sets: tuple[str, ...] = ()):
     from detailflow.pipelines.runner.spec import PipelineError, load_pipeline
 
+    bad = [s for s in sets if "=" not in s]
+    if bad:
+        raise click.UsageError(f"--set {bad[0]!r}: expected NAME=VALUE")
     try:
-        return load_pipeline(path)
+        return load_pipeline(path, variables=dict(s.split("=", 1) for s in sets))
     except PipelineError as exc:
         raise click.UsageError(str(exc)) from exc
+
+
+set_option = click.option("--set", "sets", multiple=True, metavar="NAME=VALUE",
+                          help="value of the pipeline file's ${vars.NAME} (repeatable)")
 
 
 @click.group()
@@ -39,9 +48,10 @@ def pipeline():
 
 @pipeline.command("validate")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
-def validate(file):
+@set_option
+def validate(file, sets):
     """Check a pipeline file (schema, stage kinds, references) without running it."""
-    spec = _load(file)
+    spec = _load(file, sets)
     for i, s in enumerate(spec.stages, 1):
         click.echo(f"{i}. {s.name:<20} {s.kind:<20} {json.dumps(s.params, default=str)[:80]}")
     click.echo(f"{spec.path}: {len(spec.stages)} stages, valid")
@@ -52,12 +62,13 @@ def validate(file):
 @click.option("--force", multiple=True,
               help="stage to run as a new attempt (new run name) even if done; stages after it follow")
 @click.option("--from", "from_stage", default=None, help="re-run this stage and every stage after it")
-def run(file, force, from_stage):
+@set_option
+def run(file, force, from_stage, sets):
     """Run FILE against the current settings; finished stages with the same identity are skipped."""
     from detailflow.pipelines.runner.lease import LeaseHeld
     from detailflow.pipelines.runner.runner import StageFailed, Terminated, run_pipeline
 
-    spec = _load(file)
+    spec = _load(file, sets)
     unknown = (set(force) | ({from_stage} if from_stage else set())) - {s.name for s in spec.stages}
     if unknown:
         raise click.UsageError(f"--force/--from: no stage named {sorted(unknown)} in {file}")
@@ -79,14 +90,15 @@ def run(file, force, from_stage):
 @pipeline.command("status")
 @click.argument("file_or_name")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable")
-def status(file_or_name, as_json):
+@set_option
+def status(file_or_name, as_json, sets):
     """Each stage's state, timing and MLflow link (FILE_OR_NAME: the file or the pipeline name)."""
     from pathlib import Path
 
     from detailflow.pipelines.runner.runner import read_state, status_rows
     from detailflow.platform.storage import Storage
 
-    spec = _load(file_or_name) if Path(file_or_name).is_file() else None
+    spec = _load(file_or_name, sets) if Path(file_or_name).is_file() else None
     name = spec.name if spec else file_or_name
     settings = get_settings()
     state = read_state(Storage(settings), name)
@@ -132,20 +144,23 @@ def history(file_or_name, limit, as_json):
 @click.option("--working-dir/--no-working-dir", default=True, show_default=True,
               help="upload this checkout as the job's working dir (off: the image already has the code)")
 @click.option("--follow/--no-follow", default=True, show_default=True, help="stream the job's logs")
-def submit(file, address, working_dir, follow):
+@set_option
+def submit(file, address, working_dir, follow, sets):
     """Submit FILE as a Ray Job that runs `detailflow pipeline run FILE` on the cluster."""
     import asyncio
     import datetime as dt
+    import shlex
 
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    spec = _load(file)
+    spec = _load(file, sets)
     client = JobSubmissionClient(address)
     runtime_env = {"env_vars": {"DETAILFLOW_RAY_ADDRESS": "auto"}}
     if working_dir:
         runtime_env["working_dir"] = "."
         runtime_env["excludes"] = [".venv", ".git", "out", ".detailflow", "*.pyc"]
-    job_id = client.submit_job(entrypoint=f"detailflow pipeline run {file}", runtime_env=runtime_env,
+    entrypoint = shlex.join(["detailflow", "pipeline", "run", file, *(a for s in sets for a in ("--set", s))])
+    job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
                                submission_id=f"pipeline-{spec.name}-{dt.datetime.now():%Y%m%d-%H%M%S}",
                                metadata={"detailflow.pipeline": spec.name})
     click.echo(f"submitted {job_id} to {address}")

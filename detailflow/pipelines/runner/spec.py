@@ -18,6 +18,15 @@ File format (configs/pipelines/*.yaml):
 
 A `${stages.X.key}` reference must point to an EARLIER stage and a key its kind outputs; the
 reference also orders the stages (inputs before outputs) and is part of the stage's content hash.
+
+Variables: values a user supplies per run (weight URIs, their sha256) without editing the file:
+    vars:                              # name -> default; null = required (the run refuses without it)
+      teacher_uri: null
+    stages: [... params: {overrides: {model_overrides.align_teacher_path: "${vars.teacher_uri}"}} ...]
+    detailflow pipeline run FILE --set teacher_uri=s3://bucket/weights/siglip2.pt2
+    load_pipeline(path, variables={"teacher_uri": "s3://..."})
+`${vars.x}` is filled in at load time (a whole-string reference keeps the value's type), so the value
+is part of the stage's params and of its content hash: another URI or sha256 is another run.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from pathlib import Path
 import yaml
 
 REF = re.compile(r"\$\{stages\.([A-Za-z0-9_-]+)\.([A-Za-z0-9_]+)\}")
+VAR = re.compile(r"\$\{vars\.([A-Za-z0-9_]+)\}")
 
 SCHEMA = {
     "type": "object",
@@ -37,6 +47,7 @@ SCHEMA = {
     "properties": {
         "name": {"type": "string", "pattern": "^[a-z0-9][a-z0-9-]{0,62}$"},
         "description": {"type": "string"},
+        "vars": {"type": "object", "propertyNames": {"pattern": "^[A-Za-z0-9_]+$"}},
         "stages": {
             "type": "array",
             "minItems": 1,
@@ -57,6 +68,11 @@ SCHEMA = {
                             "cpus_per_worker": {"type": "number", "exclusiveMinimum": 0},
                             "data_cpus": {"type": "number", "exclusiveMinimum": 0},
                             "num_actors": {"type": "integer", "minimum": 1},
+                            # the stage's own Ray task (runner/stages.py "Where work runs")
+                            "cpus": {"type": "number", "exclusiveMinimum": 0},
+                            "gpus": {"type": "number", "minimum": 0},
+                            "accelerator": {"type": "object",
+                                            "additionalProperties": {"type": "number", "exclusiveMinimum": 0}},
                         },
                     },
                 },
@@ -102,8 +118,48 @@ def refs(obj) -> list[tuple[str, str]]:
     return []
 
 
-def load_pipeline(path: str | Path, kinds: dict | None = None) -> PipelineSpec:
-    """Parse + validate a pipeline file (schema, unique names, known kinds, backward references)."""
+def substitute(obj, pattern: re.Pattern, value):
+    """Replace every match of `pattern` in the strings of obj by value(match); a string that IS one
+    reference takes the value itself (its type kept)."""
+    if isinstance(obj, str):
+        whole = pattern.fullmatch(obj)
+        if whole:
+            return value(whole)
+        return pattern.sub(lambda m: str(value(m)), obj)
+    if isinstance(obj, dict):
+        return {k: substitute(v, pattern, value) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [substitute(v, pattern, value) for v in obj]
+    return obj
+
+
+def fill_vars(obj, values: dict):
+    """Substitute ${vars.x}."""
+    return substitute(obj, VAR, lambda m: values[m.group(1)])
+
+
+def _var_values(path: Path, data: dict, given: dict) -> dict:
+    """The file's vars with the given values applied; unknown or missing (null, not given) ones refuse."""
+    declared = data.get("vars") or {}
+    unknown = sorted(set(given) - set(declared))
+    if unknown:
+        raise PipelineError(f"{path}: --set {', '.join(unknown)}: no such variable; the file declares "
+                            f"{', '.join(sorted(declared)) or 'none'}")
+    values = {**declared, **given}
+    used = sorted({n for s in data["stages"] for n in VAR.findall(str(s.get("params", {})))})
+    undeclared = [n for n in used if n not in declared]
+    if undeclared:
+        raise PipelineError(f"{path}: ${{vars.{undeclared[0]}}} is used but not declared under vars:")
+    missing = [n for n in used if values[n] is None]
+    if missing:
+        raise PipelineError(f"{path}: variable(s) {', '.join(missing)} have no value: give them with "
+                            + " ".join(f"--set {n}=..." for n in missing))
+    return values
+
+
+def load_pipeline(path: str | Path, kinds: dict | None = None, variables: dict | None = None) -> PipelineSpec:
+    """Parse + validate a pipeline file (schema, unique names, known kinds, backward references);
+    `variables` fill its ${vars.x} references (see the module docstring)."""
     import jsonschema
 
     from detailflow.pipelines.runner.stages import KINDS
@@ -121,8 +177,10 @@ def load_pipeline(path: str | Path, kinds: dict | None = None) -> PipelineSpec:
         e = errors[0]
         where = "/".join(str(p) for p in e.path) or "(top level)"
         raise PipelineError(f"{path}: {where}: {e.message}")
+    values = _var_values(path, data, dict(variables or {}))
     stages = [
-        Stage(s["name"], s["kind"], s.get("params", {}), s.get("resources", {})) for s in data["stages"]
+        Stage(s["name"], s["kind"], fill_vars(s.get("params", {}), values), s.get("resources", {}))
+        for s in data["stages"]
     ]
     seen: dict[str, Stage] = {}
     for i, st in enumerate(stages):
@@ -151,13 +209,4 @@ def load_pipeline(path: str | Path, kinds: dict | None = None) -> PipelineSpec:
 
 def resolve(obj, outputs: dict[str, dict]):
     """Fill ${stages.X.key} from earlier stages' outputs (a whole-string ref keeps its type)."""
-    if isinstance(obj, str):
-        whole = REF.fullmatch(obj)
-        if whole:
-            return outputs[whole.group(1)][whole.group(2)]
-        return REF.sub(lambda m: str(outputs[m.group(1)][m.group(2)]), obj)
-    if isinstance(obj, dict):
-        return {k: resolve(v, outputs) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [resolve(v, outputs) for v in obj]
-    return obj
+    return substitute(obj, REF, lambda m: outputs[m.group(1)][m.group(2)])
