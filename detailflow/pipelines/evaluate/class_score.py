@@ -117,33 +117,47 @@ def score_samples(clf, images_u8_BCHW: torch.Tensor, cond_B: torch.Tensor) -> di
     return {"class_accuracy": class_accuracy(pred, cond_B), "class_accuracy_per_class": per_class}
 
 
-@torch.no_grad()
 def run_class_score(cfg: ClassScoreConfig, settings, log=print) -> dict:
-    """Sample per_class images of every class, judge them, FID/KID vs the test split; writes out/."""
-    from detailflow.models.classifier import ClassifierTrainConfig, predict
-    from detailflow.models.sampler import sample
-    from detailflow.models.tokenizer import to_model_range
+    """Judge + test split from cfg.data_dir, generator from its export on S3; see score_generator."""
+    from detailflow.models.classifier import ClassifierTrainConfig
     from detailflow.pipelines.evaluate.generator_eval import GeneratorEvalConfig, resolve_tokenizer
     from detailflow.pipelines.evaluate.inception import InceptionConfig, InceptionFeatures
-    from detailflow.pipelines.evaluate.metrics import fid_from_features, kid
-    from detailflow.pipelines.evaluate.visuals import grid_png
     from detailflow.pipelines.train.exports import load_ar, load_tokenizer
     from detailflow.platform.storage import Storage
 
     t0 = time.perf_counter()
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     cache = cfg.cache_dir or str(Path.home() / ".cache" / "detailflow" / "classifier")
     clf, clf_path = cached_classifier(cfg.data_dir, cache, ClassifierTrainConfig(steps=cfg.classifier_steps),
                                       log=log)
-    test_x, test_y = load_idx_split(cfg.data_dir, "test")
-    real_acc = float((predict(clf, to_model_range(test_x)) == test_y).float().mean())
-    log(f"[class-score] classifier accuracy on the {len(test_y)} test images: {real_acc:.4f}")
-
     storage = Storage(settings)
     ar_model, ar_config, ar_uri = load_ar(storage, cfg.ar)
     tok_uri = resolve_tokenizer(storage, GeneratorEvalConfig(ar=cfg.ar), ar_config)
     tok, _ = load_tokenizer(storage, tok_uri)
+    result = score_generator(cfg, ar_model, tok, clf, InceptionFeatures(InceptionConfig(batch_size=50)), log)
+    result.update(ar=ar_uri, tokenizer=tok_uri, classifier=str(clf_path),
+                  seconds=round(time.perf_counter() - t0, 1))
+    (Path(cfg.out) / "score.json").write_text(json.dumps(result, indent=1) + "\n")
+    log(f"[class-score] class accuracy {result['class_accuracy']:.4f} | FID {result['fid']:.2f} | "
+        f"KID {result['kid']:.4f} +- {result['kid_std']:.4f} (vs {result['n_real']} test images) -> "
+        f"{cfg.out}/score.json")
+    return result
+
+
+@torch.no_grad()
+def score_generator(cfg: ClassScoreConfig, ar_model, tok, clf, inception, log=print) -> dict:
+    """Sample per_class images of every class, judge them with `clf`, FID/KID of their `inception`
+    features vs the test split's; writes out/scored_samples.png (grid_per_class samples per class row)."""
+    from detailflow.models.classifier import predict
+    from detailflow.models.sampler import sample
+    from detailflow.models.tokenizer import to_model_range
+    from detailflow.pipelines.evaluate.metrics import fid_from_features, kid
+    from detailflow.pipelines.evaluate.visuals import grid_png
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    test_x, test_y = load_idx_split(cfg.data_dir, "test")
+    real_acc = float((predict(clf, to_model_range(test_x)) == test_y).float().mean())
+    log(f"[class-score] classifier accuracy on the {len(test_y)} test images: {real_acc:.4f}")
     num_classes = ar_model.cfg.num_classes
     cond = torch.arange(num_classes).repeat_interleave(cfg.per_class)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -154,20 +168,13 @@ def run_class_score(cfg: ClassScoreConfig, settings, log=print) -> dict:
         log(f"[class-score] sampled {min(lo + 250, len(cond))}/{len(cond)}")
     samples_u8 = torch.cat(imgs)
     scores = score_samples(clf, samples_u8, cond)
-
     real_x, _ = load_idx_split(cfg.data_dir, "test", per_class=max(1, cfg.n_real // num_classes))
-    inception = InceptionFeatures(InceptionConfig(batch_size=50))
     real_f, fake_f = inception(real_x), inception(samples_u8)
     kid_mean, kid_std = kid(real_f, fake_f, num_subsets=100, subset_size=1000, seed=cfg.seed)
-    result = {**scores, "fid": fid_from_features(real_f, fake_f), "kid": kid_mean, "kid_std": kid_std,
-              "classifier_test_accuracy": real_acc, "n_samples": len(cond), "n_real": len(real_x),
-              "cfg_scale": cfg.cfg_scale, "seed": cfg.seed, "ar": ar_uri, "tokenizer": tok_uri,
-              "classifier": str(clf_path), "seconds": round(time.perf_counter() - t0, 1)}
     rows = [[to_model_range(samples_u8[c * cfg.per_class + j]) for j in range(min(cfg.grid_per_class,
                                                                                    cfg.per_class))]
             for c in range(num_classes)]
     (out / "scored_samples.png").write_bytes(grid_png(rows, cell=32))
-    (out / "score.json").write_text(json.dumps(result, indent=1) + "\n")
-    log(f"[class-score] class accuracy {result['class_accuracy']:.4f} | FID {result['fid']:.2f} | "
-        f"KID {kid_mean:.4f} +- {kid_std:.4f} (vs {len(real_x)} test images) -> {out}/score.json")
-    return result
+    return {**scores, "fid": fid_from_features(real_f, fake_f), "kid": kid_mean, "kid_std": kid_std,
+            "classifier_test_accuracy": real_acc, "n_samples": len(cond), "n_real": len(real_x),
+            "cfg_scale": cfg.cfg_scale, "seed": cfg.seed}
