@@ -46,10 +46,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from detailflow.models.ar import DetailFlowGPT, select_correction_pairs
+from detailflow.models.classifier import SmallCNN, predict
 from detailflow.models.configs import TokenizerConfig, get_model_config
 from detailflow.models.degrade import degrade_to_prefix, sample_prefix_len
 from detailflow.models.ema import EMA
@@ -58,10 +58,9 @@ from detailflow.models.extraction import extract_triplets
 from detailflow.models.host import host_floats
 from detailflow.models.sampler import sample
 from detailflow.models.tokenizer import DetailFlowTokenizer, to_model_range
+from detailflow.pipelines.evaluate.class_score import FMNIST_DIR, load_idx_split
 from detailflow.pipelines.evaluate.visuals import grid_png
 from detailflow.platform.deepspeed_glue import ar_lr, set_lr, tokenizer_lr
-
-FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 
 def log(msg: str) -> None:
@@ -80,19 +79,6 @@ def shapes_split(per_class: int, split_id: int, seed: int, size: int) -> tuple[t
             imgs.append(render(cid, size, np.random.default_rng([seed, split_id, cid, i])))
             labels.append(cid)
     return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous(), torch.tensor(labels)
-
-
-def fmnist_split(directory: str, split: str, per_class: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first per_class images of every class from the IDX files, as 3-channel uint8 tensors."""
-    from detailflow.pipelines.data.idx import read_idx, to_rgb
-
-    prefix = "train" if split == "train" else "t10k"
-    root = Path(directory)
-    images = read_idx(root / f"{prefix}-images-idx3-ubyte.gz")
-    labels = read_idx(root / f"{prefix}-labels-idx1-ubyte.gz").astype(np.int64)
-    keep = np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in range(10)])
-    imgs = np.stack([to_rgb(images[k], size) for k in keep])
-    return torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels[keep])
 
 
 def to_full_res(img_BCcc: torch.Tensor, r: int) -> torch.Tensor:
@@ -219,21 +205,6 @@ def ar_nll(model, codes_in, codes_tgt, labels, batch: int = 256) -> float:
 
 # ---- classifier -----------------------------------------------------------------------------------
 
-class SmallCNN(nn.Module):
-    def __init__(self, num_classes: int = 10):
-        super().__init__()
-
-        def block(cin, cout):
-            return [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
-
-        self.net = nn.Sequential(
-            *block(3, 32), nn.MaxPool2d(2), *block(32, 64), nn.MaxPool2d(2), *block(64, 64),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes))
-
-    def forward(self, x):
-        return self.net(x)
-
-
 def train_classifier(train_x, train_y, args, rmap=None, degrade_prob: float = 0.0) -> SmallCNN:
     """Adam 1e-3 on real training images with horizontal flips (shape classes are flip-invariant).
 
@@ -263,11 +234,6 @@ def train_classifier(train_x, train_y, args, rmap=None, degrade_prob: float = 0.
         if step % args.log_every == 0 or step == args.clf_steps - 1:
             log(f"  clf step {step:5d} loss {loss.item():.4f}")
     return clf.eval()
-
-
-@torch.no_grad()
-def predict(clf, img_float: torch.Tensor, batch: int = 256) -> torch.Tensor:
-    return torch.cat([clf(img_float[sl]).argmax(-1) for sl in batches(len(img_float), batch)])
 
 
 # ---- samples -------------------------------------------------------------------------------------
@@ -344,8 +310,8 @@ def main(argv=None) -> dict:
         train_x, train_y = shapes_split(args.train_per_class, 0, args.seed, r)
         val_x, val_y = shapes_split(args.val_per_class, 1, args.seed, r)
     else:
-        train_x, train_y = fmnist_split(args.fmnist_dir, "train", args.train_per_class, r)
-        val_x, val_y = fmnist_split(args.fmnist_dir, "val", args.val_per_class, r)
+        train_x, train_y = load_idx_split(args.fmnist_dir, "train", args.train_per_class, r)
+        val_x, val_y = load_idx_split(args.fmnist_dir, "test", args.val_per_class, r)
     num_classes = int(train_y.max()) + 1
     phase("data", t0)
     log(f"data: {args.dataset} train {len(train_y)} held-out {len(val_y)} images, {num_classes} classes")
