@@ -3,6 +3,7 @@
 Usage:
     .venv/bin/python benchmarks/serve_throughput.py                 # ~3 min on 2 busy cores
     .venv/bin/python benchmarks/serve_throughput.py --model smoke --seconds 10
+    .venv/bin/python benchmarks/serve_throughput.py --ar-size gpt-b  # GPT-B-sized AR: the sampler dominates
 
 Setup: its own SeaweedFS + MLflow (platform.testing.isolated_services) and Ray (4 logical CPUs); a
 random-init model of the named config (default tiny: N = 32, 11 passes) registered through
@@ -43,24 +44,30 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
-def random_models(name: str, seed: int = 0):
+AR_SIZES = {"model": {}, "gpt-b": {"dim": 768, "depth": 12, "heads": 12}}  # LlamaGen GPT-B: 12 x 768
+
+
+def random_models(name: str, seed: int = 0, ar_size: str = "model"):
+    """Random-init tokenizer + AR of config `name`; ar_size gpt-b: the AR at GPT-B width/depth (same
+    tokens and groups), where the sampler's forward passes dominate the per-request overhead."""
     from detailflow.models.ar import DetailFlowGPT
     from detailflow.models.configs import get_model_config
     from detailflow.models.tokenizer import DetailFlowTokenizer
 
     mc = get_model_config(name)
+    mc = dataclasses.replace(mc, ar=dataclasses.replace(mc.ar, **AR_SIZES[ar_size]))
     torch.manual_seed(seed)
     tok, ar = DetailFlowTokenizer(mc.tokenizer).eval(), DetailFlowGPT(mc.ar).eval()
     torch.nn.init.normal_(ar.head.weight, 0.0, 0.2)
     return mc, tok, ar
 
 
-def register(settings, storage, name: str, model: str) -> str:
+def register(settings, storage, name: str, model: str, ar_size: str) -> str:
     from detailflow.models.export import save_pretrained
     from detailflow.pipelines.registry.register import register as register_pair
     from detailflow.platform.serving.testing import promote_now
 
-    mc, tok, ar = random_models(model)
+    mc, tok, ar = random_models(model, ar_size=ar_size)
     uris = {}
     for kind, module, cfg in (("tokenizer", tok, mc.tokenizer), ("ar", ar, mc.ar)):
         key = f"bench/{name}/{kind}/export"
@@ -77,12 +84,12 @@ def register(settings, storage, name: str, model: str) -> str:
     return version
 
 
-def in_process(model: str, batch: int, seconds: float) -> tuple[float, float]:
+def in_process(model: str, batch: int, seconds: float, ar_size: str) -> tuple[float, float]:
     """(images/s of full static batches, p50 s of one request alone incl. its PNG + base64)."""
     from detailflow.platform.serving.images import b64, to_png
     from detailflow.platform.serving.sampling import BatchJob, SampleSpec
 
-    _, tok, ar = random_models(model)
+    _, tok, ar = random_models(model, ar_size=ar_size)
     torch.set_num_threads(1)
     specs = lambda k: [SampleSpec([i % 10], 1.5, seed=k * batch + i) for i in range(batch)]
     BatchJob(ar, tok, specs(0)).run()  # warm-up
@@ -132,6 +139,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16, help="concurrency = max_batch_size")
     ap.add_argument("--backend", default="engine", choices=["engine", "batch"])
     ap.add_argument("--front", default="proxy", choices=["proxy", "throughput", "haproxy"])
+    ap.add_argument("--ar-size", default="model", choices=sorted(AR_SIZES),
+                    help="model: the config's AR; gpt-b: GPT-B width/depth (sampler-dominated)")
     args = ap.parse_args()
     if args.front == "throughput":
         os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"  # read by Serve's processes at import
@@ -151,7 +160,7 @@ def main() -> None:
     from detailflow.platform.storage import Storage
     from detailflow.platform.testing import isolated_services
 
-    inproc, inproc_c1 = in_process(args.model, args.batch, args.seconds)
+    inproc, inproc_c1 = in_process(args.model, args.batch, args.seconds, args.ar_size)
     print(f"in-process BatchJob, batch {args.batch}: {inproc:.1f} images/s; one alone p50 "
           f"{1000 * inproc_c1:.1f} ms")
     with isolated_services() as settings, tempfile.TemporaryDirectory() as tmp:
@@ -159,7 +168,7 @@ def main() -> None:
                  log_to_driver=False)
         try:
             name = f"bench{os.getpid()}"
-            version = register(settings, Storage(settings), name, args.model)
+            version = register(settings, Storage(settings), name, args.model, args.ar_size)
             key = "dfk_benchmark_key_0123456789"
             keys = f"{tmp}/keys"
             with open(keys, "w") as f:
@@ -194,7 +203,7 @@ def main() -> None:
            "p50_ms_c1": ms(statistics.median(lat1)), "p95_ms_c1": ms(percentile(lat1, .95)),
            "p50_ms_inprocess_c1": ms(inproc_c1), "backend": args.backend, "front": args.front,
            "p50_ms_c16": ms(statistics.median(lat16)), "p95_ms_c16": ms(percentile(lat16, .95)),
-           "model": args.model, "model_version": version, "requests_c16": len(lat16),
+           "model": args.model, "ar_size": args.ar_size, "model_version": version, "requests_c16": len(lat16),
            "requests_c1": len(lat1), "mean_images_per_pass_c16": round(mean_batch, 2),
            "load_avg_1m": round(os.getloadavg()[0], 2)}
     print(f"HTTP c16: {rate16:.1f} images/s = {out['http_vs_inprocess']} x in-process; p50/p95 "
