@@ -124,3 +124,26 @@ def test_imagenet_sized_plan_is_cheap_and_independent_of_epochs():
 def test_too_few_row_groups_for_the_workers_is_a_clear_error():
     with pytest.raises(ValueError, match="fewer than the 4 workers"):
         EpochPlan(RowGroups.from_manifest(_manifest([5], group_rows=4)), seed=0, micro_batch=2, world=4)
+
+
+@pytest.mark.parametrize("micro_batch,window_groups", [(32, 16), (4, 16), (5, 3)])
+def test_read_ahead_tasks_may_hold_their_whole_window(micro_batch, window_groups):
+    """Every window task of a rank's stream runs to the end of its window without waiting for the
+    consumer (Ray's generator backpressure pauses a task at read_ahead_batches unconsumed): else only
+    the consumed task decodes and reader_tasks CPUs give ~one CPU's images (data_throughput.py)."""
+    from detailflow.models.configs import get_model_config
+    from detailflow.models.resolution import ResolutionMap
+    from detailflow.pipelines.data.reader import DegradedStream, ReaderConfig
+
+    rmap = ResolutionMap.from_config(get_model_config("tiny").tokenizer)
+    m = _manifest([64 * 5 + 17] * 40, group_rows=64)  # 5 full row groups and one of 17 rows per shard
+    cfg = ReaderConfig(image_size=rmap.image_size, micro_batch=micro_batch, window_groups=window_groups,
+                       prefetch_windows=6)
+    stream = DegradedStream(None, "x", "train", cfg, rmap, rank=1, world=3, manifest=m)
+    plan = stream.plan
+    most = max(len(plan.window_batches(e, w)) for e in range(3) for w in range(plan.num_windows))
+    assert most >= 64 * (stream.plan.window_size - 1) // micro_batch  # far more than the old bound of 4
+    assert stream.read_ahead_batches >= most
+    cfg4 = ReaderConfig(image_size=rmap.image_size, micro_batch=micro_batch, prefetch_batches=4)
+    pinned = DegradedStream(None, "x", "train", cfg4, rmap, manifest=m)
+    assert pinned.read_ahead_batches == 4  # an explicit bound is kept

@@ -72,7 +72,10 @@ class ReaderConfig:
     window_groups: int = 16  # row groups per window = per Ray task; a micro-batch mixes all of them
     shared_t: bool = False  # draw t from (seed, step): every rank trains the same t (needed when world > 1)
     prefetch_windows: int = 2  # DegradedStream: window tasks per rank at once (the one consumed + read-ahead)
-    prefetch_batches: int = 4  # DegradedStream: micro-batches a window task may hold unconsumed
+    prefetch_batches: int | None = None  # DegradedStream: micro-batches a window task may hold unconsumed;
+    # None: its whole window, so every read-ahead task decodes on its own CPU while the consumer reads the
+    # first (a few: the read-ahead tasks stop after that many and ~one task decodes at a time). Memory:
+    # prefetch_windows windows per rank (window_groups x 64 rows: 6 x 1024 images at 256 px = 1.2 GB)
 
     def __post_init__(self) -> None:
         if self.micro_batch < 1 or self.image_size < 1:
@@ -341,6 +344,15 @@ class DegradedStream:
                              f"micro_batch={cfg.micro_batch} images; lower micro_batch or window_groups")
 
     @property
+    def read_ahead_batches(self) -> int:
+        """Micro-batches each window task may hold unconsumed: cfg.prefetch_batches, else the most a
+        window holds (a read-ahead task then never waits for the consumer while its CPU is free)."""
+        if self.cfg.prefetch_batches:
+            return int(self.cfg.prefetch_batches)
+        g = self.plan.groups
+        return max(1, -(-self.plan.window_size * int(g.rows.max()) // self.cfg.micro_batch))
+
+    @property
     def end_epoch(self) -> int | None:
         return None if self.cfg.num_epochs is None else self.cfg.epoch + self.cfg.num_epochs
 
@@ -406,7 +418,7 @@ class DegradedStream:
 
     def __iter__(self) -> Iterator[MicroBatch]:
         """The rank's micro-batches in plan order, read by Ray tasks (task_stream: no Ray Data executor
-        in the training worker); memory: prefetch_windows x prefetch_batches micro-batches.
+        in the training worker); memory: prefetch_windows x read_ahead_batches micro-batches.
 
         In a Ray Train worker the tasks run inside the rank's placement-group bundle, on its node, and
         their CPUs are reserved there by the worker itself (raytrain.worker_resources' reader_cpus,
@@ -421,7 +433,7 @@ class DegradedStream:
 
         cfg = self.cfg
         for out in ordered_task_stream(_window_rows, self.task_args(), num_cpus=0,
-                                       in_flight=cfg.prefetch_windows, buffered=cfg.prefetch_batches,
+                                       in_flight=cfg.prefetch_windows, buffered=self.read_ahead_batches,
                                        options=reader_task_options()):
             for i in range(len(out["t"])):
                 yield row_to_microbatch({k: v[i:i + 1] for k, v in out.items()})
