@@ -10,6 +10,16 @@ A kind never re-implements its stage: it loads the stage's typed config (file + 
 stage's own validation), applies the pipeline's resources, calls the stage's `run`, and returns the
 small dict of names/URIs the next stages need. Resumability is the stage's own (deterministic run
 names resume their checkpoints; ingest resumes by shard markers; extraction by its manifest).
+
+Where work runs (DESIGN.md "Where work runs"): evaluation (evaluate-tokenizer, evaluate-generator, the
+promote stage's generator evaluation), the extraction driver (extract-codes: its Ray Data pipeline, the
+ten-crop/eval writes) and the tokenizer's consolidation (train-tokenizer's export) run through
+platform.placement.run_placed with the stage's `resources:` keys `cpus` (default 1), `gpus` and
+`accelerator` ({custom resource: amount}): as one Ray task on a worker node of a cluster, in this
+process on a one-node local Ray or without Ray. `gpus` > 0 also sets the evaluation's torch device to
+cuda. train-tokenizer's ranks also ask for `accelerator` in their bundles (one rank per simulated GPU).
+The inner workers keep their own keys (num_workers / cpus_per_worker / gpus_per_worker for training
+ranks, num_actors / gpus_per_worker for evaluation and extraction actors).
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ from pathlib import Path
 
 from detailflow.pipelines.runner.stage_idx import class_score, import_idx
 from detailflow.pipelines.runner.stage_rayservice import check_rayservice
+from detailflow.platform.placement import Placement, run_placed
 
 
 @dataclass
@@ -66,6 +77,15 @@ def _training_resources(ctx: StageContext) -> dict:
     if r.get("gpus_per_worker"):
         out["device"] = "cuda"
     return out
+
+
+def _placement(ctx: StageContext) -> Placement:
+    """The stage's own task: resources `cpus`, `gpus`, `accelerator` (module docstring)."""
+    return Placement.from_resources(ctx.resources)
+
+
+def _placed_eval_device(placement: Placement) -> dict:
+    return {"device": "cuda"} if placement.uses_gpu else {}
 
 
 def synth(params: dict, ctx: StageContext) -> dict:
@@ -148,7 +168,8 @@ def train_tokenizer(params: dict, ctx: StageContext) -> dict:
 
     cfg = _stage_config(TokenizerStageConfig, params, ctx, _training_resources(ctx))
     _check_dataset_version(cfg, ctx)
-    info = run(cfg, ctx.settings)
+    info = run(cfg, ctx.settings, placement=_placement(ctx), log=ctx.log,
+               accelerator=ctx.resources.get("accelerator"))
     return {"run_name": info["run_name"], "export_uri": info["export_uri"], "dataset": cfg.dataset}
 
 
@@ -161,7 +182,8 @@ def extract_codes(params: dict, ctx: StageContext) -> dict:
     if r.get("gpus_per_worker"):
         extra["use_gpu"] = True
     cfg = ExtractConfig(**{**params, **extra})
-    info = run_extract(cfg, ctx.settings)
+    info = run_placed(run_extract, cfg, ctx.settings, placement=_placement(ctx),
+                      name=f"{ctx.stage}: extract-codes", log=ctx.log)
     return {
         "version": info["version"],
         "num_rows": info["num_rows"],
@@ -186,8 +208,10 @@ def evaluate_tokenizer(params: dict, ctx: StageContext) -> dict:
     from detailflow.pipelines.evaluate.tokenizer_eval import TokenizerEvalConfig
     from detailflow.pipelines.evaluate.tokenizer_eval import evaluate_tokenizer as run_eval
 
-    cfg = _stage_config(TokenizerEvalConfig, params, ctx, {})
-    results = run_eval(cfg, ctx.settings, log=ctx.log)
+    placement = _placement(ctx)
+    cfg = _stage_config(TokenizerEvalConfig, params, ctx, _placed_eval_device(placement))
+    results = run_placed(run_eval, cfg, ctx.settings, placement=placement,
+                         name=f"{ctx.stage}: evaluate-tokenizer", log=ctx.log)
     return {
         "mlflow_run_id": results["mlflow_run_id"],
         "metrics": _scalars(results),
@@ -199,22 +223,29 @@ def evaluate_generator(params: dict, ctx: StageContext) -> dict:
     from detailflow.pipelines.evaluate.generator_eval import GeneratorEvalConfig
     from detailflow.pipelines.evaluate.generator_eval import evaluate_generator as run_eval
 
+    placement = _placement(ctx)
     extra = {"num_actors": ctx.resources["num_actors"]} if "num_actors" in ctx.resources else {}
     if ctx.resources.get("gpus_per_worker"):
         extra["use_gpu"] = True
-    cfg = _stage_config(GeneratorEvalConfig, params, ctx, extra)
-    results = run_eval(cfg, ctx.settings, log=ctx.log)
+    cfg = _stage_config(GeneratorEvalConfig, params, ctx, {**extra, **_placed_eval_device(placement)})
+    results = run_placed(run_eval, cfg, ctx.settings, placement=placement,
+                         name=f"{ctx.stage}: evaluate-generator", log=ctx.log)
     return {"mlflow_run_id": results["mlflow_run_id"], "metrics": _scalars(results), "ar": cfg.ar}
 
 
 def promote(params: dict, ctx: StageContext) -> dict:
     """Register + gated promotion. A gate rejection is a finished stage (a decision, recorded on the
     version); an evaluation that failed is a failed stage (the champion stays where it was)."""
-    from detailflow.pipelines.registry.promote import PromoteConfig
+    import functools
+
+    from detailflow.pipelines.registry.promote import PromoteConfig, load_evaluator
     from detailflow.pipelines.registry.promote import promote as run_promote
 
     cfg = _stage_config(PromoteConfig, params, ctx, {})
-    decision = run_promote(cfg, ctx.settings)
+    # the generator evaluation runs placed like evaluate-generator (the registry work stays here)
+    evaluator = functools.partial(run_placed, load_evaluator(cfg.evaluator), placement=_placement(ctx),
+                                  name=f"{ctx.stage}: generator evaluation", log=ctx.log)
+    decision = run_promote(cfg, ctx.settings, evaluator=evaluator)
     if decision["decision"] == "failed":
         raise RuntimeError(
             f"promotion of {cfg.name} v{decision.get('version')} failed: {decision.get('reason')}"

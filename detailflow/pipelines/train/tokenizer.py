@@ -281,17 +281,38 @@ def inference_model(export_cfg: dict):
     return DetailFlowTokenizer(TokenizerConfig(**export_cfg["tokenizer"]))
 
 
-def run(cfg: TokenizerStageConfig, settings) -> dict:
+def export_tokenizer(cfg: TokenizerStageConfig, settings, name: str, ckpt) -> str:
+    """Consolidate the final checkpoint into the INFERENCE export (no training-only network is built,
+    read or downloaded; the align head is dropped), log it on the run; returns the export URI."""
+    from detailflow.pipelines.train.exports import export_prefix
+    from detailflow.platform import checkpoints
+    from detailflow.platform.storage import Storage
+    from detailflow.platform.tracking import Tracker
+
+    state = checkpoints.read_client_state(ckpt)  # one small JSON: step and the MLflow run id
+    export_cfg = export_config(cfg, name)
+    return checkpoints.export_consolidated(ckpt, lambda: inference_model(export_cfg), export_cfg,
+                                           Storage(settings), export_prefix(name),
+                                           select=checkpoints.inference_state,
+                                           tracker=Tracker.attach(settings.mlflow_tracking_uri,
+                                                                  state.get("mlflow_run_id")),
+                                           step=int(state["step"]))
+
+
+def run(cfg: TokenizerStageConfig, settings, placement=None, log=print, accelerator=None) -> dict:
     """Driver: check the dataset, fit (each worker streams its own part), export.
+    placement (platform.placement.Placement, default 1 CPU): where the consolidation runs (a Ray task
+    on a worker node of a cluster; in this process on a local one-node Ray).
+    accelerator: a custom resource each rank's bundle asks for besides its CPUs (raytrain.launch), e.g.
+    {"sim_gpu": 1} on platform/cluster_sim.py's cluster.
     Returns {run_name, checkpoint, export_uri}."""
     from detailflow.models.resolution import ResolutionMap
     from detailflow.pipelines.data.plan import EpochPlan, RowGroups
     from detailflow.pipelines.data.reader import read_manifest_checked
-    from detailflow.pipelines.train.exports import export_prefix
     from detailflow.pipelines.train.stage_config import run_name as make_run_name
-    from detailflow.platform import checkpoints, raytrain
+    from detailflow.platform import raytrain
+    from detailflow.platform.placement import Placement, run_placed
     from detailflow.platform.storage import Storage
-    from detailflow.platform.tracking import Tracker
     from detailflow.platform.weights import check_weights
 
     cfg = resolve_batch(cfg)  # the recipe's global batch on num_workers (or refuse before any worker)
@@ -310,14 +331,9 @@ def run(cfg: TokenizerStageConfig, settings) -> dict:
     result = raytrain.launch(train_loop, resolved, settings, run_name=name, num_workers=cfg.num_workers,
                              use_gpu=use_gpu, cpus_per_worker=cfg.cpus_per_worker,
                              reader_cpus=cfg.reader_cpus,  # the reader tasks' CPUs, in the rank's bundle
-                             max_failures=cfg.max_failures, num_to_keep=cfg.num_to_keep)
+                             max_failures=cfg.max_failures, num_to_keep=cfg.num_to_keep,
+                             accelerator=accelerator)
     ckpt = result.checkpoint or raytrain.latest_checkpoint(settings, name)
-    state = checkpoints.read_client_state(ckpt)  # one small JSON: step and the MLflow run id
-    # the inference export: no training-only network is built, read or downloaded (align head dropped)
-    export_cfg = export_config(cfg, name)
-    uri = checkpoints.export_consolidated(ckpt, lambda: inference_model(export_cfg), export_cfg, storage,
-                                          export_prefix(name), select=checkpoints.inference_state,
-                                          tracker=Tracker.attach(settings.mlflow_tracking_uri,
-                                                                 state.get("mlflow_run_id")),
-                                          step=int(state["step"]))
+    uri = run_placed(export_tokenizer, cfg, settings, name, ckpt, placement=placement or Placement(),
+                     name=f"consolidate {name}", log=log)
     return {"run_name": name, "checkpoint": ckpt.path, "export_uri": uri}
