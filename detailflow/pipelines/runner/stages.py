@@ -17,7 +17,8 @@ ten-crop/eval writes) and the tokenizer's consolidation (train-tokenizer's expor
 platform.placement.run_placed with the stage's `resources:` keys `cpus` (default 1), `gpus` and
 `accelerator` ({custom resource: amount}): as one Ray task on a worker node of a cluster, in this
 process on a one-node local Ray or without Ray. `gpus` > 0 also sets the evaluation's torch device to
-cuda. train-tokenizer's ranks also ask for `accelerator` in their bundles (one rank per simulated GPU).
+cuda. Training ranks (train-tokenizer, train-ar) also ask for `accelerator` in their bundles (one
+rank per simulated GPU).
 The inner workers keep their own keys (num_workers / cpus_per_worker / gpus_per_worker for training
 ranks, num_actors / gpus_per_worker for evaluation and extraction actors).
 """
@@ -196,7 +197,7 @@ def train_ar(params: dict, ctx: StageContext) -> dict:
     from detailflow.pipelines.train.ar import ARStageConfig, run
 
     cfg = _stage_config(ARStageConfig, params, ctx, _training_resources(ctx))
-    info = run(cfg, ctx.settings)
+    info = run(cfg, ctx.settings, accelerator=ctx.resources.get("accelerator"))
     return {"run_name": info["run_name"], "export_uri": info["export_uri"], "tokenizer": cfg.tokenizer}
 
 

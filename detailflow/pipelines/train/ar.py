@@ -244,8 +244,9 @@ def _export_ema(model_cfg, ema_full: dict, cfg: ARStageConfig, ctx, config: dict
                            checkpoint_uri=tracker.last_checkpoint[1] if tracker.last_checkpoint else None)
 
 
-def run(cfg: ARStageConfig, settings) -> dict:
-    """Driver: read the code shards, check them against the model, fit. Returns {run_name, export_uri}."""
+def run(cfg: ARStageConfig, settings, accelerator=None) -> dict:
+    """Driver: read the code shards, check them against the model, fit. Returns {run_name, export_uri}.
+    accelerator: a custom resource each rank's bundle asks for (raytrain.launch), e.g. {"sim_gpu": 1}."""
     from detailflow.pipelines.data.code_stream import code_blocks
     from detailflow.pipelines.data.codes import codes_prefix
     from detailflow.pipelines.train.exports import export_prefix, resolve_export
@@ -278,5 +279,5 @@ def run(cfg: ARStageConfig, settings) -> dict:
     raytrain.launch(train_loop, config, settings, run_name=name,
                     num_workers=cfg.num_workers, use_gpu=use_gpu, cpus_per_worker=cfg.cpus_per_worker,
                     reader_cpus=cfg.reader_cpus,  # the reader tasks' CPUs, in the rank's bundle
-                    max_failures=cfg.max_failures, num_to_keep=cfg.num_to_keep)
+                    max_failures=cfg.max_failures, num_to_keep=cfg.num_to_keep, accelerator=accelerator)
     return {"run_name": name, "export_uri": storage.uri(export_prefix(name)), "codes_version": version}
