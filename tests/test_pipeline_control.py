@@ -266,3 +266,42 @@ def test_sigterm_mid_stage_ends_runs_failed_and_leaves_the_pipeline_resumable(se
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     after = read_state(storage, "sigterm-test")["stages"]["train"]
     assert after["status"] == "done" and after["identity"] == rec["identity"] and after["attempts"] == 2
+
+def test_baked_code_version_wins_over_git_and_enters_the_identity(tmp_path):
+    """`identity bake --commit C` (what infra/Dockerfile runs): the package then reports C, not what a
+    runtime `git` says (a pod has no .git); an edit after the bake falls back to the checkout; the
+    package version and the baked tree enter the stage identity."""
+    import shutil
+
+    pkg = tmp_path / "detailflow"
+    shutil.copytree(ROOT / "detailflow", pkg,
+                    ignore=shutil.ignore_patterns("__pycache__", "_build_info.json"))
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("DETAILFLOW_CODE_VERSION", "DETAILFLOW_IMAGE_DIGEST")}
+    git = lambda *a: subprocess.run(["git", *a], cwd=tmp_path, env=env, capture_output=True, text=True,  # noqa: E731
+                                    check=True).stdout.strip()
+    git("init", "-q")
+    git("add", "detailflow")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c1")
+    head = git("rev-parse", "HEAD")
+    probe = ("import json, pathlib, sys; sys.path.insert(0, sys.argv[1]); "
+             "from detailflow.pipelines.runner import identity; cv = identity.code_version(); "
+             "print(json.dumps([cv, identity.stage_identity('k', {}, {}, pathlib.Path('.'))]))")
+
+    def run(*args):
+        out = subprocess.run([sys.executable, *args], cwd=tmp_path, env={**env, "PYTHONPATH": str(tmp_path)},
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    (cv, ident_git) = run("-c", probe, str(tmp_path))
+    assert cv["commit"] == head  # no bake: the checkout's commit
+    baked = run("-m", "detailflow.pipelines.runner.identity", "bake", "--commit", "c0ffee" * 6 + "beef")
+    assert json.loads((pkg / "_build_info.json").read_text()) == baked
+    (cv, ident_baked) = run("-c", probe, str(tmp_path))
+    assert cv["commit"] == "c0ffee" * 6 + "beef" != head and cv["tree"] == baked["tree"]  # the bake wins
+    assert cv["package"] == baked["package"] and ident_baked != ident_git  # and it is the identity's code
+    with open(pkg / "models" / "__init__.py", "a") as f:
+        f.write("\n# edited after the bake\n")
+    (cv, _) = run("-c", probe, str(tmp_path))
+    assert cv["commit"].startswith(head + "+dirty-")  # a stale bake is ignored: the checkout decides
