@@ -159,6 +159,11 @@ def test_shipped_serve_files_are_valid_ray_configs(name):
     assert {"min_replicas", "max_replicas", "target_ongoing_requests", "upscale_delay_s",
             "downscale_delay_s"} <= set(auto) and auto["min_replicas"] >= 1
     assert gen["max_ongoing_requests"] >= sf.generator.max_batch_size and gen["max_queued_requests"] > 0
+    # capacity in images: Serve's request bound equals the image bound (a request is >= 1 image), the
+    # autoscaler counts images, and a replica being removed outlives its requests' deadline (drains)
+    assert gen["max_ongoing_requests"] == sf.generator.max_pending_images
+    assert auto["policy"]["policy_function"] == "detailflow.platform.serving.autoscale:ImageQueuePolicy"
+    assert gen["graceful_shutdown_timeout_s"] > app["args"]["request_timeout_s"]
     if name == "serve-gpu.yaml":
         assert gen["ray_actor_options"]["num_gpus"] == 1 and sf.generator.device == "cuda"
     else:
@@ -406,6 +411,48 @@ def test_front_413_from_content_length_and_while_streaming_request_ids_and_json_
     assert body["error"]["request_id"] == head["x-request-id"]
 
 
+def test_proxy_errors_answer_502_json_with_the_request_id_when_no_replica_answers():
+    """Serve's proxy returns without a response when the replica died mid-request (uvicorn would send
+    a plain-text 500): ProxyErrors answers 502 JSON naming the request id; the id it puts on the request
+    is the one the app behind it sees; answers that did start pass through untouched."""
+    from detailflow.platform.serving.proxy_errors import ProxyErrors, proxy_middlewares
+
+    seen = {}
+
+    async def silent(scope, receive, send):  # what the proxy does for a dead replica
+        seen["id"] = dict(scope["headers"]).get(b"x-request-id", b"").decode()
+
+    async def raising(scope, receive, send):
+        raise RuntimeError("actor died")
+
+    async def answering(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type",
+                                                                                b"application/json")]})
+        await send({"type": "http.response.body", "body": b"{\"ok\": 1}"})
+
+    status, head, body = _asgi(ProxyErrors(silent), "POST", "/v1/generate", [b"{}"])
+    assert status == 502 and head["content-type"] == "application/json" and head["retry-after"] == "1"
+    assert body["error"]["type"] == "replica_failed" and len(head["x-request-id"]) == 16
+    assert body["error"]["request_id"] == head["x-request-id"] == seen["id"]
+    status, head, body = _asgi(ProxyErrors(raising), "GET", "/x", [b""], {"x-request-id": "client-7"})
+    assert status == 502 and head["x-request-id"] == body["error"]["request_id"] == "client-7"
+    _asgi(ProxyErrors(silent), "GET", "/x", [b""], {"x-request-id": "bad id with spaces"})
+    assert seen["id"] != "bad id with spaces" and len(seen["id"]) == 16  # an insane id is replaced
+    status, head, body = _asgi(ProxyErrors(answering), "GET", "/x", [b""])
+    assert status == 200 and body == {"ok": 1}
+    assert [m.cls for m in proxy_middlewares()] == [ProxyErrors]
+    # what Serve's proxy does at start with the env variable: import + call + validate, then wrap its app
+    # (its own RequestIdMiddleware innermost): the id the proxy's app sees is the one the 502 names
+    from ray.serve._private.http_util import _apply_middlewares, validate_http_proxy_callback_return
+    from ray.serve._private.utils import call_function_from_import_path
+
+    from detailflow.platform.serving.proxy_errors import IMPORT_PATH
+
+    middlewares = validate_http_proxy_callback_return(call_function_from_import_path(IMPORT_PATH))
+    status, head, body = _asgi(_apply_middlewares(silent, middlewares), "POST", "/v1/generate", [b"{}"])
+    assert status == 502 and body["error"]["request_id"] == head["x-request-id"] == seen["id"]
+
+
 def test_result_cache_is_an_lru_of_its_size():
     from detailflow.platform.serving.generator import ResultCache
 
@@ -418,3 +465,59 @@ def test_result_cache_is_an_lru_of_its_size():
     cache.resize(0)
     cache.put("d", 4)
     assert cache.get("d") is None and not cache.data
+
+
+def _autoscaling_ctx(config, pending: dict, queued: float, current: int, target: int):
+    from ray.serve._private.common import DeploymentID, ReplicaID
+    from ray.serve.config import AutoscalingContext
+
+    dep = DeploymentID(name="Generator", app_name="t")
+    replicas = [ReplicaID(unique_id=r, deployment_id=dep) for r in pending]
+    return AutoscalingContext(
+        deployment_id=dep, deployment_name="Generator", app_name="t", current_num_replicas=current,
+        target_num_replicas=target, running_replicas=replicas,
+        total_num_requests=lambda: queued + len(pending), total_queued_requests=queued,
+        aggregated_metrics={"pending_images": dict(zip(replicas, pending.values(), strict=True))},
+        raw_metrics={}, capacity_adjusted_min_replicas=config.min_replicas,
+        capacity_adjusted_max_replicas=config.max_replicas, policy_state={}, last_scale_up_time=None,
+        last_scale_down_time=None, current_time=0.0, config=config)
+
+
+@pytest.mark.parametrize("pending, queued, current, want", [
+    ({"a": 40.0, "b": 30.0}, 0.0, 2, 3),     # 70 images / 32 -> 2.19 -> 3 replicas
+    ({"a": 32.0, "b": 32.0}, 0.0, 2, 2),     # exactly at target: stay
+    ({"a": 32.0, "b": 32.0}, 1.0, 2, 3),     # one queued request (>= 1 image) tips it over
+    ({"a": 2.0, "b": 1.0, "c": 0.0}, 0.0, 3, 1),  # little work: down to min_replicas
+    ({"a": 16.0 * 16}, 0.0, 1, 8),           # 16 requests of 16 images: capped at max_replicas
+])
+def test_image_queue_autoscaling_policy_closed_form(pending, queued, current, want):
+    """desired = ceil((sum of pending images + queued requests) / target), clipped to [min, max], through
+    Serve's own wrapper (delays 0); the policy is the one a serve file names (string import path)."""
+    import math
+
+    from ray.serve.autoscaling_policy import _apply_autoscaling_config
+    from ray.serve.config import AutoscalingConfig
+
+    config = AutoscalingConfig(min_replicas=1, max_replicas=8, upscale_delay_s=0, downscale_delay_s=0,
+                               policy={"policy_function":
+                                       "detailflow.platform.serving.autoscale:ImageQueuePolicy",
+                                       "policy_kwargs": {"target_images_per_replica": 32}})
+    policy_cls = config.policy.get_policy()
+    policy = policy_cls(**config.policy.policy_kwargs)
+    closed = min(8, max(1, math.ceil((sum(pending.values()) + queued) / 32)))
+    assert closed == want
+    ctx = _autoscaling_ctx(config, pending, queued, current, current)
+    decided, _ = _apply_autoscaling_config(policy)(ctx)
+    assert decided == want
+    raw, state = policy(_autoscaling_ctx(config, pending, queued, current, current))
+    assert raw == pytest.approx((sum(pending.values()) + queued) / 32)
+    assert state == {"pending_images": sum(pending.values()), "queued_requests": queued}
+
+
+def test_image_queue_policy_refuses_a_non_positive_target():
+    from detailflow.platform.serving.autoscale import ImageQueuePolicy, desired_replicas
+
+    with pytest.raises(ValueError, match="target_images_per_replica"):
+        ImageQueuePolicy(0)
+    with pytest.raises(ValueError, match="target_images_per_replica"):
+        desired_replicas(1, 0, -1)

@@ -42,6 +42,7 @@ from starlette.exceptions import HTTPException
 
 from detailflow.platform.serving import images as img
 from detailflow.platform.serving.auth import MISSING, OK, REVOKED, KeyStore
+from detailflow.platform.serving.autoscale import IMAGE_POLICY
 from detailflow.platform.serving.config import GENERATOR, WATCHER, AppArgs, GeneratorOptions
 from detailflow.platform.serving.front import Front
 from detailflow.platform.serving.generator import GeneratorCore, Overloaded, Rejected
@@ -121,7 +122,9 @@ def _sse(event: str, data: dict) -> bytes:
 @serve.deployment(name=GENERATOR, ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64,
                   max_queued_requests=64, health_check_period_s=10, graceful_shutdown_timeout_s=30,
                   autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8,
-                                      "upscale_delay_s": 10, "downscale_delay_s": 60})
+                                      "upscale_delay_s": 10, "downscale_delay_s": 60,
+                                      "policy": {"policy_function": IMAGE_POLICY,
+                                                 "policy_kwargs": {"target_images_per_replica": 16}}})
 @serve.ingress(app)
 class Generator(GeneratorCore):
     def __init__(self, watcher=None, args: dict | None = None):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import socket
 import uuid
 
+from detailflow.platform.serving.autoscale import IMAGE_POLICY
 from detailflow.platform.serving.config import APP_IMPORT_PATH, GENERATOR, WATCHER
 
 
@@ -62,7 +63,7 @@ def test_serve_config(model: str, keys_file: str, *, app: str = "dftest", route:
                       max_ongoing_requests: int = 16, max_queued_requests: int = 64, max_batch_size: int = 16,
                       batch_wait_timeout_s: float = 0.05, request_timeout_s: float = 60.0,
                       downscale_delay_s: float = 4.0, backend: str = "engine", max_pending_images: int = 0,
-                      args: dict | None = None) -> dict:
+                      target_images_per_replica: float = 2.0, args: dict | None = None) -> dict:
     """A serve config for a local test cluster: short autoscaling delays, small fractional CPUs; one
     Generator deployment (HTTP front + engine) and the watcher."""
     return {
@@ -79,7 +80,9 @@ def test_serve_config(model: str, keys_file: str, *, app: str = "dftest", route:
                  "autoscaling_config": {"min_replicas": min_replicas, "max_replicas": max_replicas,
                                         "target_ongoing_requests": target_ongoing_requests,
                                         "upscale_delay_s": 1.0, "downscale_delay_s": downscale_delay_s,
-                                        "metrics_interval_s": 0.5, "look_back_period_s": 2.0},
+                                        "metrics_interval_s": 0.5, "look_back_period_s": 2.0,
+                                        "policy": {"policy_function": IMAGE_POLICY, "policy_kwargs": {
+                                            "target_images_per_replica": target_images_per_replica}}},
                  "graceful_shutdown_timeout_s": 5, "graceful_shutdown_wait_loop_s": 0.5,
                  "ray_actor_options": {"num_cpus": 0.25},
                  "user_config": {"model": model, "device": "cpu", "torch_threads": 1,
