@@ -78,8 +78,10 @@ def ray_session(services):
     import ray
 
     from detailflow.platform.raytrain import ray_runtime_env
+    from detailflow.platform.serving.proxy_errors import use_proxy_errors
 
     if not ray.is_initialized():
+        use_proxy_errors()  # Serve's proxy (started later) answers JSON 502 + request id if a replica dies
         ray.init(address="local", num_cpus=4,
                  _node_ip_address="127.0.0.1", include_dashboard=False,
                  object_store_memory=2 * 1024**3, log_to_driver=True,

@@ -91,12 +91,14 @@ def start_head(settings, num_cpus: int, timeout_s: float = 90.0) -> dict:
     """`ray start --head --block` in its own session; returns {pid, address, ...} once it accepts drivers."""
     import psutil
 
+    from detailflow.platform.serving import proxy_errors
     from detailflow.platform.storage import storage_env
 
     if (info := head_info(settings)) is not None:
         return info
     port, client_port = _free_port(), _free_port()
     env = {**os.environ, **settings.to_env(), **storage_env(settings), **_ensure_keys(settings)}
+    env.setdefault(proxy_errors.ENV, proxy_errors.IMPORT_PATH)  # the proxy answers JSON when a replica dies
     ray_bin = str(Path(sys.executable).with_name("ray"))
     cmd = [ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
            f"--ray-client-server-port={client_port}", f"--num-cpus={num_cpus}", "--include-dashboard=false",

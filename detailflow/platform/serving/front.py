@@ -23,7 +23,7 @@ import uuid
 from starlette.exceptions import HTTPException
 
 logger = logging.getLogger("ray.serve")
-_SANE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+SANE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 
 class BodyTooLarge(HTTPException):
@@ -52,7 +52,7 @@ class Front:
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
         given = headers.get(b"x-request-id", b"").decode("latin-1")
-        rid = given if _SANE_ID.match(given) else uuid.uuid4().hex[:16]
+        rid = given if SANE_ID.match(given) else uuid.uuid4().hex[:16]
         echo = [] if given else [(b"x-request-id", rid.encode())]  # the proxy echoes the one it gave
         scope.setdefault("state", {})["request_id"] = rid
         t0, limit, status = time.perf_counter(), self.max_body_bytes(), [0]

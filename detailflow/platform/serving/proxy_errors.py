@@ -1,0 +1,76 @@
+"""JSON errors with a request id from Serve's HTTP proxy itself, when no replica answers.
+
+    RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=detailflow.platform.serving.proxy_errors:proxy_middlewares
+    use_proxy_errors()            # sets it in this process's env before Ray starts (the proxy inherits it)
+
+The replica's Front middleware (front.py) makes every answer the replica gives JSON with X-Request-Id.
+When the replica itself is gone (kill -9, OOM, node loss) while it holds a request, Serve's proxy has
+nothing to send: it returns without a response and uvicorn answers a plain-text 500 with no request id.
+This middleware runs in the proxy, in front of that: it gives each request an id (the client's sane
+X-Request-Id, or a fresh one) before Serve reads it, so the proxy, the replica and the logs name the same
+one, and when the proxy returns without starting a response it answers 502 JSON
+{"error": {"type": "replica_failed", ...,"request_id"}} with X-Request-Id and Retry-After: 1.
+The proxy reads the variable when it starts, so it must be in the environment of the process that starts
+Ray (`detailflow serve up` sets it for its head; the tests' and benchmarks' ray.init call
+use_proxy_errors first; a KubeRay head sets it in the container env).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+
+from detailflow.platform.serving.front import SANE_ID, json_response_parts
+
+logger = logging.getLogger("ray.serve")
+ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
+IMPORT_PATH = "detailflow.platform.serving.proxy_errors:proxy_middlewares"
+
+
+class ProxyErrors:
+    """ASGI middleware for Serve's proxy: one request id per request; 502 JSON when no response came."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = list(scope.get("headers") or [])
+        given = dict(headers).get(b"x-request-id", b"").decode("latin-1")
+        rid = given if SANE_ID.match(given) else uuid.uuid4().hex[:16]
+        if rid != given:  # Serve (and the replica behind it) use and echo this one
+            headers = [(k, v) for k, v in headers if k != b"x-request-id"] + [(b"x-request-id", rid.encode())]
+            scope = {**scope, "headers": headers}
+        started = [False]
+
+        async def watch(message):
+            if message["type"] == "http.response.start":
+                started[0] = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception:  # noqa: BLE001 - logged, answered below as JSON when nothing was sent
+            logger.exception("request %s failed in the proxy", rid)
+        if not started[0]:
+            logger.warning("request %s %s %s: no replica answered", rid, scope.get("method"),
+                           scope.get("path"))
+            message = f"the replica serving this request failed before answering (request id {rid}); retry"
+            parts = json_response_parts(502, "replica_failed", message, rid,
+                                        [(b"x-request-id", rid.encode()), (b"retry-after", b"1")])
+            for part in parts:
+                await send(part)
+
+
+def proxy_middlewares() -> list:
+    """The callback Serve's proxy calls (ENV names it): its extra Starlette middlewares."""
+    from starlette.middleware import Middleware
+
+    return [Middleware(ProxyErrors)]
+
+
+def use_proxy_errors() -> None:
+    """Put ENV into this process's environment (unless set): a Ray started from here passes it on."""
+    os.environ.setdefault(ENV, IMPORT_PATH)
