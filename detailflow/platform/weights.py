@@ -6,8 +6,9 @@ Usage:
     tok_cfg = resolve_weights(tok_cfg, storage)    # worker: s3:// URIs -> local cached files, sha256 ok
 
 A path is a local file (it must exist on every worker node) or an s3:// URI in the configured bucket
-(downloaded once per node into <state_dir>/weights/<sha256 or key>). When the config gives the
-matching *_sha256 field, the file's sha256 must equal it, or the stage stops with both values.
+(downloaded once per node into <state_dir>/weights/<sha256><the key's suffix> or /<key>: the loaders
+tell the format by the suffix). When the config gives the matching *_sha256 field, the file's sha256
+must equal it, or the stage stops with both values.
 The field list and what each file must be: detailflow.models.configs.WEIGHT_FILES.
 """
 
@@ -63,7 +64,9 @@ def resolve_weights(tok_cfg, storage, cache_dir: str | os.PathLike | None = None
         if str(path).startswith("s3://"):
             key = _s3_key(storage, path)
             cache = Path(cache_dir or Path(storage.settings.state_dir) / "weights")
-            local = cache / (want_sha or key.replace("/", "_"))
+            # the loaders tell a .pt2 / .safetensors / TorchScript file by its suffix: keep it
+            local = cache / (f"{want_sha.lower()}{Path(key).suffix}" if want_sha
+                             else key.replace("/", "_"))
             if not local.is_file():  # download beside, then rename: a crash never leaves half a file
                 cache.mkdir(parents=True, exist_ok=True)
                 part = local.with_name(local.name + f".part{os.getpid()}")

@@ -1,0 +1,244 @@
+"""The DetailFlow-16 recipe rehearsed in miniature (issue 18): configs/pipelines/rehearsal.yaml end to end on
+the real local stack (SeaweedFS S3, MLflow, Ray, DeepSpeed, Ray Serve).
+
+The weight files are written here as users have them: a SigLIP2 stand-in teacher as a torch.export
+archive (.pt2, dynamic batch), perceptual and DINO stand-ins as TorchScript, and a vision tower in
+SigLIP2's own key layout converted by `detailflow weights convert siglip2`, all on S3, named to the
+pipeline by s3:// URI + sha256 through its variables (--set). The run trains the tokenizer in bf16
+DeepSpeed engines on 2 Ray workers with grad accumulation 2, the GAN (hinge + LeCAM + CR, spectral-norm
+heads) on from step 2; ten-crop codes; AR in bf16; both evaluations; registration, promotion and an
+HTTP generate of the served champion returning PNGs."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import torch
+import torch.nn as nn
+from PIL import Image
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[1]
+PIPELINE = ROOT / "configs/pipelines/rehearsal.yaml"
+
+
+class Teacher(nn.Module):
+    """SigLIP2 stand-in: patch tokens B x C x L through two layers (mean-pooled by the align loss)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv2d(3, 16, 8, stride=8)
+        self.mix = nn.Conv1d(16, 24, 1)
+
+    def forward(self, x):
+        tok = self.embed(x).flatten(2)
+        return [tok, self.mix(torch.tanh(tok))]
+
+
+class Perceptual(nn.Module):
+    """VGG16 stand-in: feature maps of a small conv stack."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 16, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        a = torch.relu(self.c1(x))
+        return [a, torch.relu(self.c2(a))]
+
+
+class Dino(nn.Module):
+    """DINO ViT-S/16 stand-in: patch-embedding tokens and one mixed layer, B x C x L."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv2d(3, 12, 4, stride=4)
+        self.mix = nn.Conv1d(12, 12, 1)
+
+    def forward(self, x):
+        tok = self.embed(x).flatten(2)
+        return [tok, tok + self.mix(torch.nn.functional.gelu(tok))]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-c", "from detailflow.cli import main; main()", *args],
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def write_weight_files(storage, tmp_path: Path, prefix: str) -> dict[str, str]:
+    """The four files on S3; returns the pipeline variables naming them (URI + sha256)."""
+    from safetensors.torch import save_file
+    from test_weights_siglip2 import synthetic_tower
+
+    from detailflow.models.configs import get_model_config
+    from detailflow.platform.weights import sha256_file
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    files = {}
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    torch.export.save(torch.export.export(Teacher().eval(), (x,), dynamic_shapes=({0: batch},)),
+                      str(tmp_path / "siglip2-teacher.pt2"))
+    files["teacher"] = tmp_path / "siglip2-teacher.pt2"
+    for name, net in (("perceptual", Perceptual()), ("disc", Dino())):
+        path = tmp_path / f"{name}.pt"
+        torch.jit.save(torch.jit.trace(net.eval(), x), str(path))
+        files[name] = path
+    values = {}
+    for name, path in files.items():
+        key = f"{prefix}/{path.name}"
+        storage.upload_file(path, key)
+        values[f"{name}_uri"] = f"s3://{storage.bucket}/{key}"
+        values[f"{name}_sha256"] = sha256_file(path)
+    # the encoder init as users get it: SigLIP2's published key layout, converted by the CLI straight to S3
+    tok = get_model_config("smoke").tokenizer
+    tower = tmp_path / "siglip2-vision-tower.safetensors"
+    save_file(synthetic_tower(tok, tok.enc_depth + 2), str(tower))
+    uri = f"s3://{storage.bucket}/{prefix}/encoder-init.safetensors"
+    res = _cli("weights", "convert", "siglip2", str(tower), uri, "--model", "smoke", timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    values["encoder_init_uri"] = uri
+    values["encoder_init_sha256"] = res.stdout.split("sha256 ")[1].split()[0]
+    return values
+
+
+def test_weight_files_fetched_from_s3_load_in_their_own_format(storage, tmp_path):
+    """resolve_weights caches an s3:// file under its sha256: the cached name must keep the key's
+    suffix, or the loaders (which tell .pt2 / .safetensors / TorchScript apart by it) read a .pt2
+    teacher as TorchScript and a .safetensors encoder init with torch.load, and both fail."""
+    import dataclasses
+
+    from detailflow.models.configs import get_model_config
+    from detailflow.models.tokenizer import DetailFlowTokenizer
+    from detailflow.platform.weights import resolve_weights
+
+    values = write_weight_files(storage, tmp_path, "tests/weights-format")
+    cfg = dataclasses.replace(
+        get_model_config("smoke").tokenizer, align_teacher="siglip2",
+        **{f: values[v] for f, v in (("align_teacher_path", "teacher_uri"), ("disc_net_path", "disc_uri"),
+                                     ("encoder_init_path", "encoder_init_uri"),
+                                     ("align_teacher_sha256", "teacher_sha256"),
+                                     ("disc_net_sha256", "disc_sha256"),
+                                     ("encoder_init_sha256", "encoder_init_sha256"))})
+    local = resolve_weights(cfg, storage, cache_dir=tmp_path / "cache")
+    assert local.align_teacher_path.endswith(".pt2") and local.encoder_init_path.endswith(".safetensors")
+    tok = DetailFlowTokenizer(local)  # loads the .pt2 teacher and the converted SigLIP2 encoder init
+    assert tok.teacher.dim == 24  # Teacher's last feature width
+    from safetensors.torch import load_file
+
+    table = load_file(str(tmp_path / "siglip2-vision-tower.safetensors"))[
+        "vision_model.embeddings.position_embedding.weight"]
+    assert torch.equal(tok.encoder.pos_2d.detach().reshape(table.shape), table)
+
+
+def _metric_history(client, run_id: str, key: str) -> dict[int, float]:
+    return {m.step: m.value for m in client.get_metric_history(run_id, key)}
+
+
+def test_rehearsal_pipeline_runs_every_recipe_feature_end_to_end(services, storage, ray_session, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from detailflow.pipelines.runner.runner import run_pipeline
+    from detailflow.pipelines.runner.spec import load_pipeline
+    from detailflow.platform.serving.auth import first_key
+
+    variables = write_weight_files(storage, tmp_path, "tests/rehearsal/weights")
+    variables.update(out=str(tmp_path / "data"), port=str(_free_port()))
+    spec = load_pipeline(PIPELINE, variables=variables)
+    try:
+        summary = run_pipeline(spec, services)
+        assert all(v["status"] == "ran" for v in summary.values()), summary
+        out = {k: v["outputs"] for k, v in summary.items()}
+        client = MlflowClient(services.mlflow_tracking_uri)
+
+        # tokenizer: 2 ranks x micro-batch 2 x grad accumulation 2, bf16 engines, GAN on from step 2
+        tok_run = client.search_runs([client.get_experiment_by_name("detailflow-tokenizer").experiment_id],
+                                     f"attributes.run_name = '{out['tokenizer']['run_name']}'")[0]
+        params = tok_run.data.params
+        assert (params["world_size"], params["grad_accum"], params["global_batch"]) == ("2", "2", "8")
+        assert params["precision"] == "bf16"
+        logged = {key: _metric_history(client, tok_run.info.run_id, key)
+                  for key in ("d_loss", "d_hinge", "d_lecam", "d_cr", "gan_g", "align", "perceptual")}
+        for key, history in logged.items():
+            assert all(math.isfinite(v) for v in history.values()), (key, history)
+        steps = list(range(6))
+        assert sorted(logged["align"]) == sorted(logged["d_loss"]) == steps, logged
+        for key in ("d_hinge", "d_lecam", "d_cr", "gan_g"):  # the GAN's terms from disc_start = 2 on
+            assert sorted(logged[key]) == steps[2:], (key, logged[key])
+        assert all(logged["d_loss"][s] == 0 for s in (0, 1)), logged["d_loss"]
+        assert all(logged["d_loss"][s] > 0 for s in steps[2:]), logged["d_loss"]
+        assert sorted(logged["perceptual"]) == steps[1:], logged["perceptual"]  # warm-up weight 0 at step 0
+        # the spectral-norm discriminator trained in its bf16 engine: bf16 weights, fp32 power-iteration
+        # vectors and LeCAM EMAs (moved off their zero init) in the last checkpoint DeepSpeed wrote
+        run = out["tokenizer"]["run_name"]
+        key = max(k for k in storage.list_keys(f"runs/{run}/")
+                  if k.endswith("disc/mp_rank_00_model_states.pt"))
+        disc = torch.load(io.BytesIO(storage.get_bytes(key)), weights_only=True)["module"]
+        heads = [k for k in disc if k.endswith("parametrizations.weight.original")]
+        assert heads and all(disc[k].dtype == torch.bfloat16 for k in heads), heads
+        vectors = [k for k in disc if k.endswith(("._u", "._v"))]
+        assert len(vectors) == 2 * len(heads) and all(disc[k].dtype == torch.float32 for k in vectors)
+        for k in ("disc.ema_real", "disc.ema_fake"):
+            assert disc[k].dtype == torch.float32 and disc[k] != 0 and torch.isfinite(disc[k]), k
+
+        # codes: ten crops of every training image
+        assert out["codes"]["num_rows"] == 10 * out["ingest-train"]["num_images"]
+        # both evaluations ran and the generator evaluation gated the registration
+        assert math.isfinite(out["eval-tokenizer"]["metrics"]["rfid"])
+        assert out["promote"]["decision"] == "promoted"
+        champion = client.get_model_version_by_alias("rehearsal-generator", "champion")
+        assert champion.version == out["promote"]["champion"]
+
+        # serving: the champion answers an HTTP generate with PNGs
+        endpoint = json.loads((services.state_dir / "serve" / "endpoint.json").read_text())
+        key = first_key(endpoint["api_keys_file"])
+        resp = requests.post(f"{endpoint['url']}/v1/generate", json={"class_ids": [1, 2], "seed": 0},
+                             headers={"Authorization": f"Bearer {key}", "Accept": "image/png"}, timeout=120)
+        assert resp.status_code == 200, resp.text[:500]
+        img = np.asarray(Image.open(io.BytesIO(resp.content)))
+        assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3 and img.std() > 0
+    finally:
+        _cli("serve", "down", timeout=120)
+
+
+def test_resume_at_another_world_size_refuses_before_step_0_in_the_real_loop(services, storage, ray_session):
+    """Issue 18 item 4 in the real Ray Train loop: a run resubmitted (same run name: num_workers is an
+    execution field) on 1 worker after 2 wrote its checkpoint stops before any step or shard load,
+    naming both worker counts, and its MLflow run gains no step."""
+    import ray.cloudpickle
+    import test_train_distributed as td
+    from ray.train.v2.api.exceptions import TrainingFailedError
+
+    from detailflow.platform.tracking import ERROR_TAG
+
+    ray.cloudpickle.register_pickle_by_value(td)  # the workers cannot import tests/
+    cfg = td.ToyStageConfig(tag="world-change", steps=2, checkpoint_every=2)
+    name, _ = td._run(services, cfg, num_workers=2)
+    client, runs = td._mlflow_run(services, name)
+    run_id = runs[0].info.run_id
+    losses = lambda: [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")]  # noqa: E731
+    before = losses()
+    with pytest.raises(TrainingFailedError) as failed:
+        td._run(services, cfg, num_workers=1)
+    _, runs_1 = td._mlflow_run(services, name)
+    assert [r.info.run_id for r in runs_1] == [run_id]
+    said = str(failed.value) + runs_1[0].data.tags.get(ERROR_TAG, "")
+    assert "saved by 2 workers but this run has 1" in said, said[-2000:]
+    assert losses() == before and before
+    assert not client.get_metric_history(run_id, "resumed_from_step")
