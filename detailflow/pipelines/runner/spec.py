@@ -71,8 +71,10 @@ SCHEMA = {
                             # the stage's own Ray task (runner/stages.py "Where work runs")
                             "cpus": {"type": "number", "exclusiveMinimum": 0},
                             "gpus": {"type": "number", "minimum": 0},
-                            "accelerator": {"type": "object",
-                                            "additionalProperties": {"type": "number", "exclusiveMinimum": 0}},
+                            "accelerator": {
+                                "type": "object",
+                                "additionalProperties": {"type": "number", "exclusiveMinimum": 0},
+                            },
                         },
                     },
                 },
