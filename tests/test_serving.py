@@ -528,6 +528,62 @@ def test_generator_scales_1_to_2_and_back_after_the_load(stack):
     print(f"scaled 1 -> 2 under load ({len(results)} requests), back to 1 {time.time() - t_stop:.1f} s after")
 
 
+def test_autoscaling_counts_images_and_scale_down_drains(stack):
+    """Two clients of 16-image requests: 2 requests in flight, under the request target (2 per replica) -
+    Serve's request-counting policy stays at 1 replica - but 32 images over the image target (2 per
+    replica, autoscale.ImageQueuePolicy): it scales to 2, and both replicas serve. Then one client of
+    1-image requests: the demand falls to <= 1 image, Serve removes a replica while requests keep coming,
+    and none fails (the replica being removed finishes what it holds)."""
+    import threading
+
+    deadline = time.time() + 60
+    while _replicas() != 1:
+        assert time.time() < deadline
+        time.sleep(1)
+
+    def load(stop, out, seed0, images):
+        i = 0
+        while not stop.is_set():
+            r = post(stack, {"class_ids": [i % 10], "num_images": images, "seed": seed0 + i}, timeout=60)
+            out.append((time.time(), r.status_code, r.json() if r.status_code == 200 else r.text))
+            i += 1
+
+    big_stop, big = threading.Event(), []
+    threads = [threading.Thread(target=load, args=(big_stop, big, 70_000 + 1000 * k, 16)) for k in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        deadline, peak = time.time() + 60, 1
+        while time.time() < deadline and peak < 2:
+            peak = max(peak, _replicas())
+            time.sleep(0.5)
+        time.sleep(3.0)  # both replicas take the image load
+    finally:
+        big_stop.set()
+        for t in threads:
+            t.join(60)
+    assert peak == 2, "2 requests of 16 images each did not scale the Generator to 2 replicas"
+    assert big and all(code == 200 for _, code, _ in big), [(c, b) for _, c, b in big if c != 200][:3]
+    late = collections.Counter(j["replica"] for t, _, j in big[-8:])
+    small_stop, small = threading.Event(), []
+    t_small = threading.Thread(target=load, args=(small_stop, small, 80_000, 1))
+    t_small.start()
+    try:
+        deadline = time.time() + 60
+        while _replicas() != 1:
+            assert time.time() < deadline, "did not scale back to 1 replica under a 1-image load"
+            time.sleep(0.5)
+        time.sleep(2.0)
+    finally:
+        small_stop.set()
+        t_small.join(60)
+    assert small and all(code == 200 for _, code, _ in small), [(c, b) for _, c, b in small if c != 200][:3]
+    served = collections.Counter(j["replica"] for _, _, j in big + small)
+    assert len(served) == 2, f"only one replica served: {served} (last 16-image requests: {late})"
+    print(f"images: scaled to 2 with {len(big)} 16-image requests, back to 1 under {len(small)} 1-image "
+          f"requests, 0 failed; served by {dict(served)}")
+
+
 def test_cli_generate_from_the_endpoint_and_locally(stack, tmp_path):
     from click.testing import CliRunner
 
