@@ -256,6 +256,25 @@ def class_accuracy_of_samples(ar_model, tok, clfs: dict, num_classes, per_class,
     return accs, prefixes, codes
 
 
+def project_judge(args, ar_model, tok, scale: float, out: Path) -> dict:
+    """Fashion-MNIST: what `make demo DEMO_DATA=fashion-mnist` reports (pipelines/evaluate/class_score):
+    class accuracy by the project's classifier (trained on all 60,000 training images, cached) and
+    FID/KID vs 2,000 test images, for samples_per_class samples per class at CFG `scale`."""
+    from detailflow.pipelines.evaluate.class_score import ClassScoreConfig, cached_classifier, score_generator
+    from detailflow.pipelines.evaluate.inception import InceptionConfig, InceptionFeatures
+
+    cfg = ClassScoreConfig(ar="(in-process)", data_dir=args.fmnist_dir, out=str(out.parent),
+                           per_class=args.samples_per_class, cfg_scale=scale, seed=args.seed)
+    clf, _ = cached_classifier(cfg.data_dir, Path.home() / ".cache" / "detailflow" / "classifier", log=log)
+    res = score_generator(cfg, ar_model, tok, clf, InceptionFeatures(InceptionConfig(batch_size=50)), log)
+    log(f"(e) project judge: class accuracy {res['class_accuracy']:.3f} (its test accuracy "
+        f"{res['classifier_test_accuracy']:.3f}); FID {res['fid']:.2f}, KID {res['kid']:.4f} +- "
+        f"{res['kid_std']:.4f} vs {res['n_real']} test images; grid {out.parent}/scored_samples.png")
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()
+            if k != "class_accuracy_per_class"} | {
+        "class_accuracy_per_class": {c: round(a, 3) for c, a in res["class_accuracy_per_class"].items()}}
+
+
 # ---- main ------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
@@ -416,6 +435,12 @@ def main(argv=None) -> dict:
     log(f"samples with coarse-to-fine prefix strips (columns t = {[p.shape[1] for p in strip]}, "
         f"CFG {scales[0]}, sc_on EMA model): {out}")
 
+    project = None
+    if args.dataset == "fashion-mnist":  # the demo's class-score stage on the same sc_on model
+        t0 = time.perf_counter()
+        project = project_judge(args, runs["sc_on"]["model"], tok, scales[0], out)
+        phase("project_judge_fid_kid", t0)
+
     seconds = round(time.perf_counter() - t_start, 1)
     cmd = "cd /work/main && .venv/bin/python " + " ".join(shlex.quote(a) for a in sys.argv)
     log(f"reproduce: {cmd}")
@@ -447,6 +472,7 @@ def main(argv=None) -> dict:
         "tokenizer_from": args.tokenizer_from,
         "steps": {"tokenizer": 0 if args.tokenizer_from else args.tok_steps, "ar": args.ar_steps,
                   "classifier": args.clf_steps},
+        "project_judge": project,
         "phase_seconds": secs,
         "phase_cpu_seconds": cpu,
         "threads": args.threads,

@@ -12,6 +12,7 @@ Used by pipelines/evaluate/class_score.py (Fashion-MNIST demo) and benchmarks/ti
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +65,8 @@ def train_classifier(train_u8_BCHW: torch.Tensor, train_y_B: torch.Tensor, cfg: 
     opt = torch.optim.Adam(clf.parameters(), lr=cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     for step in range(cfg.steps):
+        for group in opt.param_groups:  # cosine decay to 0: the last steps settle instead of bouncing
+            group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
         idx = torch.randint(len(train_y_B), (cfg.batch,), generator=gen)
         img = to_model_range(train_u8_BCHW[idx])
         if cfg.flip:
@@ -75,7 +78,25 @@ def train_classifier(train_u8_BCHW: torch.Tensor, train_y_B: torch.Tensor, cfg: 
         opt.step()
         if log is not None and (step % log_every == 0 or step == cfg.steps - 1):
             log(f"  classifier step {step:5d}/{cfg.steps} loss {loss.item():.4f}")
+    recalibrate_batchnorm(clf, train_u8_BCHW, gen)
     return clf.eval()
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(clf: nn.Module, train_u8_BCHW: torch.Tensor, gen: torch.Generator,
+                          batches: int = 20, batch: int = 256) -> None:
+    """Re-estimate every BatchNorm's running mean/var as the plain average over `batches` batches of the
+    final weights (momentum 0.1 statistics trail the weights Adam moved: eval accuracy 0.71 vs 0.85 in
+    train mode on Fashion-MNIST after 800 steps)."""
+    bns = [m for m in clf.modules() if isinstance(m, nn.BatchNorm2d)]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    clf.train()
+    for _ in range(batches):
+        clf(to_model_range(train_u8_BCHW[torch.randint(len(train_u8_BCHW), (batch,), generator=gen)]))
+    for m in bns:
+        m.momentum = 0.1
 
 
 @torch.no_grad()

@@ -25,6 +25,9 @@ import torch
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FMNIST_PACKAGE = "dataset-fashion-mnist"  # the Debian package that installs FMNIST_DIR
 _PREFIX = {"train": "train", "test": "t10k"}
+# part of the classifier cache key: bump when models/classifier.train_classifier changes what it trains
+# (2: cosine LR + BatchNorm re-estimation)
+TRAINER_VERSION = 2
 
 
 def idx_paths(directory: str | Path, split: str) -> tuple[Path, Path]:
@@ -70,7 +73,8 @@ def cached_classifier(directory: str | Path, cache_dir: str | Path, cfg=None, lo
     cfg = cfg or ClassifierTrainConfig()
     images_path, labels_path = idx_paths(directory, "train")
     key = hashlib.sha256(json.dumps({"images": sha256_file(images_path), "labels": sha256_file(labels_path),
-                                     "cfg": dataclasses.asdict(cfg)}, sort_keys=True).encode()).hexdigest()
+                                     "cfg": dataclasses.asdict(cfg), "trainer": TRAINER_VERSION},
+                                    sort_keys=True).encode()).hexdigest()
     path = Path(cache_dir) / f"classifier-{key[:16]}.safetensors"
     digest_path = path.with_suffix(".sha256")
     if path.is_file() and digest_path.is_file():
