@@ -6,13 +6,13 @@ rank's bundle; every rank's reader tasks run on the rank's node, inside its plac
 from __future__ import annotations
 
 import json
-import sys
 from itertools import islice
 
 import numpy as np
 import pytest
+from sim_cluster import module_cluster
 
-from detailflow.platform.cluster_sim import NODE_TYPE, SIM_GPU, simulated_cluster
+from detailflow.platform.cluster_sim import NODE_TYPE, SIM_GPU
 
 pytestmark = pytest.mark.integration
 READER_CPUS, CPUS_PER_WORKER = 1.0, 0.5
@@ -20,22 +20,8 @@ READER_CPUS, CPUS_PER_WORKER = 1.0, 0.5
 
 @pytest.fixture(scope="module")
 def sim(services):
-    import ray
-    import ray.cloudpickle
-
-    from detailflow.platform.raytrain import ray_runtime_env
-
-    was = ray.is_initialized()
-    if was:  # this module needs its own cluster; the session's local Ray comes back afterwards
-        ray.shutdown()
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
-    try:
-        with simulated_cluster(runtime_env=ray_runtime_env()) as cluster:
-            yield cluster
-    finally:
-        if was:  # as tests/conftest.py's ray_session starts it
-            ray.init(address="local", num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=False,
-                     object_store_memory=2 * 1024**3, runtime_env=ray_runtime_env())
+    with module_cluster(__name__) as cluster:
+        yield cluster
 
 
 def _reader_loop(config: dict) -> None:

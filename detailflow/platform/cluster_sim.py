@@ -6,6 +6,7 @@ Usage:
         sim.head, sim.gpu_nodes, sim.cpu_nodes               # node ids
         raytrain.launch(..., accelerator={SIM_GPU: 1})       # one rank per "GPU node"
         sim.kill(sim.gpu_nodes[0])                           # a node lost
+        new_id = sim.replace(sim.gpu_nodes[1])               # lost, and a like node added (autoscaler)
 
 Shape (DESIGN.md "Where work runs"): a head with num-cpus 0 (it runs drivers only, like KubeRay's
 head with `num-cpus: "0"`), `gpu_nodes` raylets that carry one SIM_GPU each (the custom resource that
@@ -33,10 +34,30 @@ class SimCluster:
     gpu_nodes: list[str] = field(default_factory=list)  # node ids of the SIM_GPU raylets
     cpu_nodes: list[str] = field(default_factory=list)  # node ids of the CPU-only raylets
     handles: dict = field(default_factory=dict)  # node id -> the Cluster's node handle
+    node_args: dict = field(default_factory=dict)  # node id -> the add_node arguments that started it
 
     def kill(self, node_id: str) -> None:
         """Remove a raylet as a lost node would go (its workers die with it)."""
         self.cluster.remove_node(self.handles.pop(node_id), allow_graceful=False)
+
+    def add(self, **node_args) -> str:
+        """Start one more raylet (Cluster.add_node arguments); returns its node id."""
+        node = self.cluster.add_node(**node_args)
+        self.handles[node.node_id] = node
+        self.node_args[node.node_id] = node_args
+        return node.node_id
+
+    def replace(self, node_id: str) -> str:
+        """Kill a node, then add one like it (same resources and labels), as an autoscaler replaces a
+        lost pod; the node lists name the new id in its place. Returns the new node id."""
+        args = self.node_args.pop(node_id)
+        self.kill(node_id)
+        new = self.add(**args)
+        for nodes in (self.gpu_nodes, self.cpu_nodes):
+            if node_id in nodes:
+                nodes[nodes.index(node_id)] = new
+        self.cluster.wait_for_nodes()
+        return new
 
 
 @contextlib.contextmanager
@@ -54,19 +75,17 @@ def simulated_cluster(*, gpu_nodes: int = 2, cpu_nodes: int = 1, cpus_per_gpu_no
         "num_cpus": 0, "labels": {NODE_TYPE: "head"}, "object_store_memory": store,
         "include_dashboard": False})
     try:
-        handles = {}
+        sim = SimCluster(cluster, cluster.head_node.node_id)
 
         def add(cpus: float, kind: str, resources: dict) -> str:
-            node = cluster.add_node(num_cpus=cpus, resources=resources, labels={NODE_TYPE: kind},
-                                    object_store_memory=store)
-            handles[node.node_id] = node
-            return node.node_id
+            return sim.add(num_cpus=cpus, resources=resources, labels={NODE_TYPE: kind},
+                           object_store_memory=store)
 
-        gpus = [add(cpus_per_gpu_node, "worker-gpu", {SIM_GPU: 1}) for _ in range(gpu_nodes)]
-        cpus = [add(cpus_per_cpu_node, "worker-cpu", {}) for _ in range(cpu_nodes)]
+        sim.gpu_nodes = [add(cpus_per_gpu_node, "worker-gpu", {SIM_GPU: 1}) for _ in range(gpu_nodes)]
+        sim.cpu_nodes = [add(cpus_per_cpu_node, "worker-cpu", {}) for _ in range(cpu_nodes)]
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, runtime_env=runtime_env or {})
-        yield SimCluster(cluster, cluster.head_node.node_id, gpus, cpus, handles)
+        yield sim
     finally:
         ray.shutdown()
         cluster.shutdown()
