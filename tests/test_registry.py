@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -59,6 +60,14 @@ def test_register_links_training_runs_and_is_idempotent(services, storage, model
     assert gen.tags["detailflow.ar.export_uri"] == models.ar_uris["mid"]
     run = reg.client.get_run(out["registration_run_id"])
     assert run.info.status == "FINISHED" and run.data.tags["detailflow.generator.version"] == gen.version
+    # the weights went to S3 directly: no model.safetensors in the tracking server's artefact store for
+    # the training run's logged export nor the registration's generator model, listed on S3
+    ids = (models.tok_model_id, re.search(r"m-[0-9a-f]{32}", gen.source).group(0))
+    held = [k for k in storage.list_keys(services.mlflow_artifact_prefix.strip("/") + "/")
+            if any(i in k for i in ids)]
+    links = {k.split("/")[-2] for k in held if k.endswith("model.safetensors.link.json")}
+    assert links == {"export", "tokenizer", "ar"}  # the tokenizer's export; the generator's two parts
+    assert not any(k.endswith("model.safetensors") for k in held), held
     again = register(services, name, models.ar_uris["mid"])
     assert not again["created"] and again["generator_version"] == out["generator_version"]
     assert len(reg.versions(f"{name}-generator")) == 1

@@ -321,7 +321,8 @@ def export_consolidated(checkpoint, build_model, model_config: dict, storage, ke
     """Consolidate, keep select(state) (e.g. inference_state), load into a fresh module (strict),
     save_pretrained, upload under key_prefix.
 
-    With a tracker, the export is also logged on its MLflow run as a model (tracker.log_export).
+    With a tracker, the export is also logged on its MLflow run as a model (tracker.log_export: the
+    weights published to S3 and linked, never uploaded through the tracking server).
     Returns the S3 URI of the export folder (model.safetensors + config.json)."""
     model = build_model()
     model.load_state_dict(select(consolidated_state_dict(checkpoint, tag=tag)), strict=True)
@@ -329,7 +330,7 @@ def export_consolidated(checkpoint, build_model, model_config: dict, storage, ke
     with uploaded_export(storage, model, model_config, key_prefix) as d:
         if tracker is not None:
             tracker.log_export(d, model_config, uri=uri, step=step,
-                               checkpoint_uri=checkpoint_uri(checkpoint))
+                               checkpoint_uri=checkpoint_uri(checkpoint), storage=storage)
     return uri
 
 

@@ -11,7 +11,8 @@ and a registry (or a user) loads it from the run's logged model:
     codes = model.predict(images_uint8_B3RR)          # tokenizer export: images -> codes (B x N)
     codes = model.predict(np.array([1, 2, 3]), params={"cfg_scale": 1.5, "seed": 0})   # AR: labels -> codes
 
-The artefact "export" is the export folder; config.json's "kind" says which model to build.
+The artefact "export" is the export folder with its weights as a link to S3 (tracking_links.py);
+config.json's "kind" says which model to build.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ class ExportModel(PythonModel):
 
     def load_context(self, context):
         from detailflow.models.export import load_state_checked, read_config
+        from detailflow.platform.tracking_links import resolve_links
 
-        directory = context.artifacts["export"]
+        directory = resolve_links(context.artifacts["export"])  # the weights are linked, on S3
         self.config = read_config(directory)
         kind = self.config.get("kind")
         if kind == "tokenizer":

@@ -1,9 +1,11 @@
 """MLflow "models from code" file of the registered `<name>-generator`: tokenizer + AR in one pyfunc.
 
 MLflow stores THIS FILE with the model and executes it at load time (no pickle). The model's
-artefacts are the two consolidated exports, each `model.safetensors` + `config.json`:
-"tokenizer" and "ar". `detailflow.models` travels with the model as code (code_paths), so a
-fresh Python process with torch, safetensors, einops, numpy and mlflow loads it:
+artefacts are the two consolidated exports, "tokenizer" and "ar", each `config.json` +
+`model.safetensors.link.json`: the weights stay on S3 (tracking_links.py) and are read from there
+at load time (build_tokenizer / build_ar, also used by serving's model_store; S3 as the
+settings name it). `detailflow.models` travels with the model as code (code_paths), so a fresh
+Python process with torch, safetensors, einops, numpy, mlflow and the detailflow package loads it:
 
     import mlflow, numpy as np
     gen = mlflow.pyfunc.load_model("models:/smoke-generator@champion")
@@ -25,6 +27,7 @@ from mlflow.pyfunc import PythonModel
 
 # The training-only tokenizer fields/state entries: one list, shared with the inference export.
 from detailflow.platform.checkpoints import TOKENIZER_TRAINING_ONLY_PREFIXES, inference_tokenizer_fields
+from detailflow.platform.tracking_links import resolve_links
 
 
 def build_tokenizer(directory):
@@ -35,7 +38,7 @@ def build_tokenizer(directory):
     from detailflow.models.export import WEIGHTS_NAME, StateDictMismatch, read_config
     from detailflow.models.tokenizer import DetailFlowTokenizer
 
-    config = read_config(directory)
+    config = read_config(resolve_links(directory))
     if config.get("kind") != "tokenizer":
         raise ValueError(f"{directory}: expected a tokenizer export, got kind {config.get('kind')!r}")
     model = DetailFlowTokenizer(TokenizerConfig(**inference_tokenizer_fields(config["tokenizer"])))
@@ -58,7 +61,7 @@ def build_ar(directory):
     from detailflow.models.configs import ARConfig
     from detailflow.models.export import load_state_checked, read_config
 
-    config = read_config(directory)
+    config = read_config(resolve_links(directory))
     if config.get("kind") != "ar":
         raise ValueError(f"{directory}: expected an AR export, got kind {config.get('kind')!r}")
     model = DetailFlowGPT(ARConfig(**config["ar"]))

@@ -100,9 +100,11 @@ def bundle_model_code(directory) -> str:
     return str(dst)
 
 
-def log_generator(tok_dir, ar_dir, *, run_id: str, tracking_uri: str, tags: dict | None = None) -> str:
-    """Log the generator pyfunc (artefacts: both export folders) on `run_id`; returns the model id.
-    The run's status is left as it was."""
+def log_generator(tok_dir, ar_dir, *, run_id: str, tracking_uri: str, tags: dict | None = None,
+                  storage=None) -> str:
+    """Log the generator pyfunc (artefacts: both export folders, their weights published to S3 and
+    linked, tracking_links.py: no weight byte goes through the tracking server) on `run_id`;
+    returns the model id. The run's status is left as it was."""
     import tempfile
 
     import mlflow
@@ -110,6 +112,13 @@ def log_generator(tok_dir, ar_dir, *, run_id: str, tracking_uri: str, tags: dict
 
     from detailflow.models.export import read_config
     from detailflow.platform import pyfunc_generator
+    from detailflow.platform.tracking_links import link_export
+
+    if storage is None:
+        from detailflow.platform.settings import load_settings
+        from detailflow.platform.storage import Storage
+
+        storage = Storage(load_settings())
 
     tok_config, ar_config = read_config(tok_dir), read_config(ar_dir)
     pyfunc_generator.check_pair(tok_config["tokenizer"], ar_config["ar"])
@@ -118,9 +127,10 @@ def log_generator(tok_dir, ar_dir, *, run_id: str, tracking_uri: str, tags: dict
     from detailflow.platform.tracking import fluent_run
 
     with tempfile.TemporaryDirectory(prefix="df-gen-code-") as code, fluent_run(tracking_uri, run_id):
+        links = {k: str(link_export(storage, src, f"{code}/links/{k}")) for k, src in
+                 (("tokenizer", tok_dir), ("ar", ar_dir))}
         info = mlflow.pyfunc.log_model(
-            name="generator", python_model=pyfunc_generator.__file__,
-            artifacts={"tokenizer": str(tok_dir), "ar": str(ar_dir)},
+            name="generator", python_model=pyfunc_generator.__file__, artifacts=links,
             code_paths=[bundle_model_code(code)], signature=generator_signature(tok_config, ar_config),
             pip_requirements=pinned_requirements(), model_type="detailflow-generator",
             tags={KIND_TAG: "generator", **{k: str(v) for k, v in (tags or {}).items()}})
@@ -153,9 +163,11 @@ class Registry:
         self.client = client or MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
     # -- models and versions
-    def log_generator_model(self, tok_dir, ar_dir, *, run_id: str, tags: dict | None = None) -> str:
+    def log_generator_model(self, tok_dir, ar_dir, *, run_id: str, tags: dict | None = None,
+                            storage=None) -> str:
         """log_generator on this registry's server; returns the logged model's id."""
-        return log_generator(tok_dir, ar_dir, run_id=run_id, tracking_uri=self.tracking_uri, tags=tags)
+        return log_generator(tok_dir, ar_dir, run_id=run_id, tracking_uri=self.tracking_uri, tags=tags,
+                             storage=storage)
 
     def ensure_model(self, model: str, kind: str, description: str = "") -> None:
         from mlflow.exceptions import MlflowException

@@ -18,8 +18,9 @@ What MLflow records for a run (read back with `list_checkpoints` / `list_exports
     at its step, tags detailflow.checkpoint_uri / detailflow.step, the checkpoint's metrics on it;
     the run's tags detailflow.checkpoint.latest_uri / .latest_step point at the newest;
   * the consolidated export as a pyfunc logged model (models-from-code, export_model.py; artefact
-    "export" = model.safetensors + config.json; with a signature), ready for `mlflow.register_model(
-    "models:/<model_id>", name)`; run tags detailflow.export.uri / .model_uri;
+    "export" = config.json + model.safetensors.link.json, the weights on S3 at an immutable
+    exports/<digest>/ prefix, tracking_links.py; with a signature), ready for `mlflow.register_model(
+    "models:/<model_id>", name)`; run tags detailflow.export.uri / .model_uri / .weights_uri;
   * a failure: status FAILED and tag detailflow.error (mark_failed, called by the driver).
 """
 
@@ -231,32 +232,50 @@ class Tracker:
         self.last_checkpoint = (step, uri)
 
     def log_export(self, directory: str, export_config: dict, *, uri: str, step: int | None = None,
-                   checkpoint_uri: str | None = None) -> str | None:
+                   checkpoint_uri: str | None = None, storage=None) -> str | None:
         """Log an export folder (model.safetensors + config.json) as a pyfunc model on the run, with
         a signature, so the registry can register `models:/<model_id>` later. Returns the model id.
 
-        The run's status is put back as it was (the fluent API resumes and ends the run)."""
+        The weights never pass through the tracking server: the folder is published to S3 at an
+        immutable content-addressed prefix (tracking_links.link_export) and the logged model holds
+        config.json + model.safetensors.link.json (URI, sha256); loading it reads the weights from
+        S3. Run tags detailflow.export.weights_uri / .weights_sha256 name them. The run's status is
+        put back as it was (the fluent API resumes and ends the run)."""
         if not self.enabled:
             return None
         import mlflow
 
         from detailflow.platform import export_model
+        from detailflow.platform.tracking_links import LINK_SUFFIX, link_export, read_link
+
+        if storage is None:
+            from detailflow.platform.settings import load_settings
+            from detailflow.platform.storage import Storage
+
+            storage = Storage(load_settings())
 
         self.flush()  # the run's status and tags as the loop left them
         status = self.client.get_run(self.run_id).info.status
         kind = export_config.get("kind", "model")
         tags = {KIND_TAG: "export", "detailflow.export_uri": uri,
                 **({"detailflow.checkpoint_uri": checkpoint_uri} if checkpoint_uri else {})}
-        with fluent_run(self.tracking_uri, self.run_id):
-            info = mlflow.pyfunc.log_model(
-                name=f"{kind}-export", python_model=export_model.__file__, artifacts={"export": directory},
-                signature=export_signature(export_config), pip_requirements=export_requirements(),
-                tags=tags, model_type=f"detailflow-{kind}", step=int(step or 0))
+        with tempfile.TemporaryDirectory(prefix="df-export-link-") as staging:
+            linked = link_export(storage, directory, Path(staging) / "export")
+            link = read_link(next(linked.glob(f"*{LINK_SUFFIX}")))
+            tags["detailflow.export.weights_uri"] = link["uri"]
+            with fluent_run(self.tracking_uri, self.run_id):
+                info = mlflow.pyfunc.log_model(
+                    name=f"{kind}-export", python_model=export_model.__file__,
+                    artifacts={"export": str(linked)}, signature=export_signature(export_config),
+                    pip_requirements=export_requirements(), tags=tags, model_type=f"detailflow-{kind}",
+                    step=int(step or 0))
         if status == "RUNNING":
             self.client.update_run(self.run_id, status="RUNNING")
         else:
             self.client.set_terminated(self.run_id, status=status)
-        tags = {"detailflow.export.uri": uri, "detailflow.export.model_uri": f"models:/{info.model_id}"}
+        tags = {"detailflow.export.uri": uri, "detailflow.export.model_uri": f"models:/{info.model_id}",
+                "detailflow.export.weights_uri": link["uri"],
+                "detailflow.export.weights_sha256": link["sha256"]}
         apply_records(self.client, self.run_id, "tags", [{"tags": tags}])  # at once: callers read it
         return info.model_id
 

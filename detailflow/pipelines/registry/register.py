@@ -182,7 +182,7 @@ def register(settings, name: str, ar: str, tokenizer: str | None = None) -> dict
             if source is None:  # the training stage did not log its export: log it here
                 tracker = Tracker.attach(settings.mlflow_tracking_uri, run_id)
                 source = "models:/" + tracker.log_export(str(tok_ref.directory), tok_ref.config,
-                                                         uri=tok_ref.export_uri)
+                                                         uri=tok_ref.export_uri, storage=storage)
             tok_version = reg.create_version(tok_model, source, tags={
                 WEIGHTS_TAG: tok_ref.sha256, **_part_tags("detailflow.tokenizer", tok_ref), **lineage})
         if gen_version is None:
@@ -190,7 +190,8 @@ def register(settings, name: str, ar: str, tokenizer: str | None = None) -> dict
                     "detailflow.tokenizer.version": tok_version,
                     "detailflow.model": ar_ref.config.get("model", ""), **lineage,
                     **_part_tags("detailflow.tokenizer", tok_ref), **_part_tags("detailflow.ar", ar_ref)}
-            model_id = reg.log_generator_model(tok_ref.directory, ar_ref.directory, run_id=run_id, tags=tags)
+            model_id = reg.log_generator_model(tok_ref.directory, ar_ref.directory, run_id=run_id, tags=tags,
+                                               storage=storage)
             gen_version = reg.create_version(gen_model, f"models:/{model_id}", tags=tags, description=(
                 f"tokenizer {tok_ref.export_uri} + AR {ar_ref.export_uri}"))
         if run_id is not None:
