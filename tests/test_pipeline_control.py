@@ -267,6 +267,54 @@ def test_sigterm_mid_stage_ends_runs_failed_and_leaves_the_pipeline_resumable(se
     after = read_state(storage, "sigterm-test")["stages"]["train"]
     assert after["status"] == "done" and after["identity"] == rec["identity"] and after["attempts"] == 2
 
+
+def test_training_reads_the_recorded_dataset_version_after_the_pointer_moved(services, storage, tmp_path):
+    """ingest v1, then v2 of the same name (the pointer moves): a stage and a reader given v1 - the
+    version the pipeline recorded, as a resumed run has it - read v1's manifest and shards."""
+    import pyarrow.parquet as pq
+
+    from detailflow.models.configs import get_model_config
+    from detailflow.models.resolution import ResolutionMap
+    from detailflow.pipelines.data import synth
+    from detailflow.pipelines.data.ingest import IngestConfig, ingest
+    from detailflow.pipelines.data.plan import RowGroups
+    from detailflow.pipelines.data.reader import DegradedStream, ReaderConfig, read_manifest_checked
+    from detailflow.pipelines.data.sources import list_source
+    from detailflow.pipelines.runner.stages import StageContext, _check_dataset_version
+    from detailflow.pipelines.train.tokenizer import TokenizerStageConfig
+
+    name = f"moving-{os.getpid()}-{time.monotonic_ns() % 10**6}"
+    cfg = IngestConfig(name=name, split="train", shard_mb=0.002, row_group_rows=2, use_ray=False)
+    keys = {}
+    for version, (seed, per_class) in {"v1": (0, 2), "v2": (1, 3)}.items():
+        src = tmp_path / version
+        synth.write_folder(src, size=16, per_class=per_class, val_per_class=1, seed=seed)
+        keys[version] = sorted(it.key for it in list_source(str(src), "train")[0])
+        keys[version + "_id"] = ingest(storage, str(src), cfg)["version"]
+    v1, v2 = keys["v1_id"], keys["v2_id"]
+    assert v1 != v2 and storage.read_manifest(f"datasets/{name}/train")["version"] == v2  # pointer moved
+
+    manifest = read_manifest_checked(storage, name, "train", v1)
+    fs = storage.filesystem()
+    read = sorted(k for s in manifest["shards"]
+                  for k in pq.read_table(storage.fs_path(s["key"]), filesystem=fs, columns=["key"])["key"]
+                  .to_pylist())
+    assert manifest["version"] == v1 and read == keys["v1"] != keys["v2"]  # v1's images, not the pointer's
+
+    tok = get_model_config("smoke").tokenizer
+    reader = ReaderConfig(tok.image_size, micro_batch=2, window_groups=2)
+    stream = DegradedStream(storage, name, "train", reader, ResolutionMap.from_config(tok), version=v1)
+    want = RowGroups.from_manifest(manifest)  # the plan is over v1's shards and row groups
+    assert stream.plan.groups.paths == want.paths and list(stream.plan.groups.rows) == list(want.rows)
+    assert sum(want.rows) == len(keys["v1"])
+
+    ctx = StageContext(settings=services, pipeline="p", stage="tokenizer", identity="x", resources={})
+    stage_cfg = TokenizerStageConfig(dataset=name, dataset_version=v1)
+    _check_dataset_version(stage_cfg, ctx)  # the old code refused: "now points at version v2"
+    with pytest.raises(FileNotFoundError, match="version nope"):
+        _check_dataset_version(TokenizerStageConfig(dataset=name, dataset_version="nope"), ctx)
+
+
 def test_baked_code_version_wins_over_git_and_enters_the_identity(tmp_path):
     """`identity bake --commit C` (what infra/Dockerfile runs): the package then reports C, not what a
     runtime `git` says (a pod has no .git); an edit after the bake falls back to the checkout; the

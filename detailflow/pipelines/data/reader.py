@@ -48,7 +48,7 @@ from detailflow.pipelines.data.images import (
     row_rng,
     to_signed_float,
 )
-from detailflow.pipelines.data.ingest import dataset_prefix
+from detailflow.pipelines.data.ingest import dataset_prefix, version_prefix
 from detailflow.pipelines.data.plan import EpochPlan, Position, RowGroups
 
 
@@ -184,13 +184,21 @@ def degrade_batch(batch: dict, *, rmap, micro_batch: int, degrade_prob: float, s
 
 
 # ---- dataset builders ------------------------------------------------------------------------------
-def read_manifest_checked(storage, name: str, split: str) -> dict:
-    """The published manifest of a split, or a clear error naming the command that creates it."""
-    prefix = dataset_prefix(name, split)
+def read_manifest_checked(storage, name: str, split: str, version: str | None = None) -> dict:
+    """The published manifest of a split, or a clear error naming the command that creates it.
+
+    version None: the split's pointer (the latest ingest). A version: that version's own immutable
+    manifest (v-<version>/_manifest.json), whatever the pointer says since - what a pipeline that
+    recorded the version, and a resume of its run, read."""
+    prefix = dataset_prefix(name, split) if not version else version_prefix(name, split, version)
     manifest = storage.read_manifest(prefix)
     if manifest is None:
-        raise FileNotFoundError(f"dataset {storage.uri(prefix)} is not published (no _manifest.json); "
-                                f"run `detailflow data ingest SRC --name {name} --split {split}` first")
+        what = f" version {version}" if version else ""
+        raise FileNotFoundError(f"dataset {name}/{split}{what}: {storage.uri(prefix)} is not published (no "
+                                f"_manifest.json); run `detailflow data ingest SRC --name {name} --split "
+                                f"{split}` first")
+    if version and manifest.get("version") != version:
+        raise ValueError(f"{storage.uri(prefix)} holds version {manifest.get('version')}, not {version}")
     if not manifest["shards"]:
         raise ValueError(f"dataset {storage.uri(prefix)} has no shards (every file was rejected?)")
     return manifest
@@ -322,18 +330,19 @@ class DegradedStream:
     Each chunk covers whole epochs and at least `min_chunk_units` windows, so the driver (here: the
     train worker that builds it) holds O(windows of a chunk) small ints whatever the number of
     epochs, and a chunk's boundary (a new Ray Dataset warming up) is rare. Order is preserved, so
-    "the last position consumed" says exactly what comes next (exact resume)."""
+    "the last position consumed" says exactly what comes next (exact resume). `version` reads that
+    dataset version's immutable manifest instead of the moving pointer (read_manifest_checked)."""
 
     def __init__(self, storage, name: str, split: str, cfg: ReaderConfig, rmap, *, rank: int = 0,
                  world: int = 1, start: Position | None = None, start_step: int = 0,
-                 manifest: dict | None = None, min_chunk_units: int = 64):
+                 manifest: dict | None = None, min_chunk_units: int = 64, version: str | None = None):
         if rmap.image_size != cfg.image_size:
             raise ValueError(f"ReaderConfig.image_size={cfg.image_size} but the resolution map is for "
                              f"{rmap.image_size} px")
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} outside world size {world}")
         self.storage, self.cfg, self.rmap, self.rank = storage, cfg, rmap, rank
-        manifest = manifest if manifest is not None else read_manifest_checked(storage, name, split)
+        manifest = manifest if manifest is not None else read_manifest_checked(storage, name, split, version)
         self.plan = epoch_plan(manifest, cfg, world)
         self.start = start or Position(cfg.epoch, 0, 0)
         self.start_step = start_step

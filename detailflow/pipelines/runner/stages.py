@@ -131,18 +131,14 @@ def ingest(params: dict, ctx: StageContext) -> dict:
 
 
 def _check_dataset_version(cfg, ctx: StageContext, split: str = "train") -> None:
-    """Training reads the dataset's pointer: refuse when it moved off the version the pipeline
-    recorded (another ingest since), instead of training on data the lineage does not name."""
+    """Training reads the version the pipeline recorded (its immutable manifest, not the moving
+    pointer: another ingest since changes nothing a run or its resume reads); fail fast, naming it,
+    when that version is not published."""
     from detailflow.pipelines.data.reader import read_manifest_checked
     from detailflow.platform.storage import Storage
 
-    if not cfg.dataset_version:
-        return
-    now = read_manifest_checked(Storage(ctx.settings), cfg.dataset, split).get("version")
-    if now != cfg.dataset_version:
-        raise RuntimeError(
-            f"dataset {cfg.dataset}/{split} now points at version {now}, not {cfg.dataset_version} that "
-            f"this pipeline ingested (another ingest ran since); re-run the pipeline to train on {now}")
+    if cfg.dataset_version:
+        read_manifest_checked(Storage(ctx.settings), cfg.dataset, split, cfg.dataset_version)
 
 
 def _s3_exists(ctx: StageContext, uri: str) -> bool:

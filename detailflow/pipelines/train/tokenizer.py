@@ -155,7 +155,8 @@ def _stream(cfg: TokenizerStageConfig, ctx, rmap, state: dict):
     # the stream counts micro-batches (t is drawn from that index): an optimiser step takes grad_accum
     first = int(state.get("step", 0)) * cfg.grad_accum
     stream = DegradedStream(Storage(ctx.settings), cfg.dataset, "train", reader, rmap, rank=ctx.rank,
-                            world=ctx.world, start=start, start_step=first)
+                            world=ctx.world, start=start, start_step=first,
+                            version=cfg.dataset_version)  # the recorded version, not the pointer
     yield from stream
 
 
@@ -324,7 +325,7 @@ def run(cfg: TokenizerStageConfig, settings, placement=None, log=print, accelera
     ResolutionMap.from_config(tok_cfg)  # a bad model config fails here, before any worker starts
     # fail on the driver with a clear message (no manifest, too few row groups for the workers), not
     # in every worker; the workers build their own streams from their checkpointed positions
-    manifest = read_manifest_checked(storage, cfg.dataset, "train")
+    manifest = read_manifest_checked(storage, cfg.dataset, "train", cfg.dataset_version)
     EpochPlan(RowGroups.from_manifest(manifest), seed=cfg.seed, micro_batch=cfg.micro_batch,
               window_groups=cfg.window_groups, world=max(1, cfg.num_workers))
     use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and settings.resolved_device().startswith("cuda"))
