@@ -6,7 +6,10 @@
 - integration: the real MLflow server is stopped for DETAILFLOW_OUTAGE_S seconds (60 by default;
   the issue's 5 minutes: DETAILFLOW_OUTAGE_S=300) in the middle of a loop of fake training steps;
   no step stalls, and afterwards every metric and checkpoint record is in MLflow;
-- integration: a file above LINK_BYTES goes to S3 directly and the run links it.
+- integration: a file above LINK_BYTES goes to S3 directly and the run links it;
+- a run STARTED while the server is away: Tracker.start returns at once (the run's creation is
+  spooled); the run appears once the server is back (same process), or is backfilled by the next
+  tracker of that run name (the next attempt).
 """
 
 from __future__ import annotations
@@ -186,3 +189,61 @@ def test_large_files_go_to_s3_and_the_run_links_them(services, storage, spool_di
     assert storage.get_bytes(uri.split(f"s3://{storage.bucket}/", 1)[1]) == big.read_bytes()
     assert [f.path for f in client.list_artifacts(tracker.run_id, "samples")] == []  # not via the server
     assert [f.path for f in client.list_artifacts(tracker.run_id, "notes")] == ["notes/note.txt"]
+
+
+def test_start_with_the_server_down_returns_at_once_and_spools_the_run(spool_dir, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # the old start then fails at once
+    t0 = time.perf_counter()
+    tracker = Tracker.start(dead_uri(), experiment="down", run_name="down-run", params={"a": 1})
+    start_s = time.perf_counter() - t0
+    times = fake_training(tracker, range(5), every=5, work_s=0.0)
+    assert start_s < 3.0 and max(times) < CALL_LIMIT_S and tracker.run_id is None
+    tracker.flush_deadline_s = 0.5
+    assert not tracker.finish()  # nothing reached a server: all of it kept
+    recs = spooled_records(spool_dir)
+    assert recs[0] == {"op": "open", "experiment": "down", "run_name": "down-run", "params": {"a": "1"},
+                       "tags": {"detailflow.run_name": "down-run"}}
+    assert [r["op"] for r in recs[1:]] == ["metrics"] * 5 + ["checkpoint", "status"]
+
+
+@pytest.mark.integration
+def test_a_run_started_while_the_server_is_down_appears_once_it_is_back(services, spool_dir):
+    from mlflow.tracking import MlflowClient
+
+    from detailflow.platform.services import LocalServices
+    from detailflow.platform.testing import start_watchdog
+    from detailflow.platform.tracking import find_run_id
+
+    client, svc = MlflowClient(services.mlflow_tracking_uri), LocalServices(services)
+    # (1) the server is stopped when the run starts, and comes back while it trains
+    svc._stop("mlflow", grace_s=3)
+    try:
+        t0 = time.perf_counter()
+        tracker = Tracker.start(services.mlflow_tracking_uri, experiment="down-start", run_name="down-a",
+                                params={"case": "same process"})
+        start_s = time.perf_counter() - t0
+        times = fake_training(tracker, range(10), every=5, work_s=0.0)
+        assert tracker.run_id is None
+    finally:
+        svc._start("mlflow")
+        start_watchdog(svc)
+    times += fake_training(tracker, range(10, 15), every=5, work_s=0.0)
+    tracker.flush_deadline_s = 120.0
+    assert start_s < 3.0 and max(times) < CALL_LIMIT_S and tracker.finish()
+    # (2) an attempt that ended before the server came back: the next tracker of the run backfills it
+    gone = Tracker.start(dead_uri(), experiment="down-start", run_name="down-b", params={"case": "next"})
+    fake_training(gone, range(10), every=5, work_s=0.0)
+    gone.flush_deadline_s = 0.5
+    assert not gone.finish()
+    again = Tracker.start(services.mlflow_tracking_uri, experiment="down-start", run_name="down-b",
+                          params={"case": "next"})
+    fake_training(again, range(10, 15), every=5, work_s=0.0)
+    assert again.finish()
+    for tr, name, case in ((tracker, "down-a", "same process"), (again, "down-b", "next")):
+        assert tr.run_id == find_run_id(client, name)
+        run = client.get_run(tr.run_id)
+        assert run.info.status == "FINISHED" and run.data.params["case"] == case
+        history = {m.step: m.value for m in client.get_metric_history(tr.run_id, "loss")}
+        assert history == pytest.approx({s: loss_at(s) for s in range(15)})
+        assert [c["step"] for c in list_checkpoints(client, tr.run_id)] == [5, 10, 15]
+    assert len(client.search_runs([run.info.experiment_id])) == 2  # one run per name, no duplicate

@@ -104,12 +104,32 @@ class Tracker:
     def start(cls, tracking_uri: str, *, experiment: str, run_name: str, run_id: str | None = None,
               params: dict | None = None, tags: dict | None = None, enabled: bool = True) -> Tracker:
         """A new run, or the run `run_id` / named `run_name` resumed (back to RUNNING, the old error
-        kept as history). With a known run_id nothing waits on the server (the resume is spooled)."""
+        kept as history). Nothing waits on a server that is away: with a known run_id the resume is
+        spooled; without one, when the server does not answer /health (2 s), the run's creation is
+        spooled too ("open", opened_run): `run_id` stays None until the flusher has created (or
+        found, by run name) the run; a later tracker of the same run name backfills what is left."""
         if not enabled:
             return cls()
         from mlflow.tracking import MlflowClient
 
+        from detailflow.platform.tracking_buffer import server_healthy, spool_root
+
         client = MlflowClient(tracking_uri=tracking_uri)
+        key = pending_key(experiment, run_name)
+        if run_id is None and not server_healthy(tracking_uri):
+            tracker = cls(client, None, tracking_uri)
+            tracker.buffer = TrackingBuffer(tracking_uri, key, apply_records,
+                                            opener=lambda c, rec: tracker._opened(opened_run(c, rec)))
+            tracker._record({"op": "open", "experiment": experiment, "run_name": run_name,
+                             "tags": {RUN_NAME_TAG: run_name, **{k: str(v) for k, v in (tags or {}).items()}},
+                             "params": flatten(params or {})})
+            return tracker
+        if run_id is None and (spool_root() / key).is_dir():  # an earlier start found the server away
+            pending = TrackingBuffer(tracking_uri, key, apply_records, opener=opened_run)
+            pending.drain()
+            pending.close(0)
+            with contextlib.suppress(OSError):
+                pending.dir.rmdir()  # only when empty: what was not sent stays for the next start
         fresh = False
         if run_id is None:
             exp = client.get_experiment_by_name(experiment)
@@ -126,6 +146,10 @@ class Tracker:
         elif params:
             tracker.log_params(params)
         return tracker
+
+    def _opened(self, run_id: str) -> str:
+        self.run_id = run_id  # the flusher created (or found) the run this tracker's records go to
+        return run_id
 
     def _record(self, record: dict) -> None:
         """Spool the record (buffered) or send it now (attached)."""
@@ -188,7 +212,7 @@ class Tracker:
         from detailflow.platform.storage import Storage
 
         storage = Storage(load_settings())
-        key = f"tracking-artifacts/{self.run_id}/{rel}"
+        key = f"tracking-artifacts/{self.run_id or self.buffer.run_id}/{rel}"
         digest = storage.upload_file(path, key)
         uri = storage.uri(key)
         self.set_tags({f"{LINK_TAG_PREFIX}{rel}.uri": uri, f"{LINK_TAG_PREFIX}{rel}.sha256": digest,
@@ -255,6 +279,9 @@ class Tracker:
             storage = Storage(load_settings())
 
         self.flush()  # the run's status and tags as the loop left them
+        if self.run_id is None:
+            raise RuntimeError(f"cannot log the export {uri}: the MLflow run was never created "
+                               f"({self.tracking_uri} unreachable: {self.buffer.last_error})")
         status = self.client.get_run(self.run_id).info.status
         kind = export_config.get("kind", "model")
         tags = {KIND_TAG: "export", "detailflow.export_uri": uri,
@@ -333,6 +360,28 @@ def export_requirements() -> list[str]:
     from importlib.metadata import version
 
     return [f"{name}=={version(name).split('+')[0]}" for name in ("torch", "safetensors", "einops", "numpy")]
+
+
+def pending_key(experiment: str, run_name: str) -> str:
+    """The spool folder of a run whose creation waits for the server (Tracker.start)."""
+    import hashlib
+
+    return "pending-" + hashlib.sha256(f"{experiment}\0{run_name}".encode()).hexdigest()[:16]
+
+
+def opened_run(client, rec: dict) -> str:
+    """Send an "open" record: the run named rec["run_name"] in rec["experiment"] resumed (back to
+    RUNNING) if it exists, else created with its tags and params. Returns its id; replay-safe."""
+    exp = client.get_experiment_by_name(rec["experiment"])
+    exp_id = exp.experiment_id if exp else client.create_experiment(rec["experiment"])
+    run_id = find_run_id(client, rec["run_name"], [exp_id])
+    if run_id is not None:
+        apply_records(client, run_id, "resume", [{}])
+        return run_id
+    run_id = client.create_run(exp_id, run_name=rec["run_name"], tags=rec.get("tags") or {}).info.run_id
+    if rec.get("params"):
+        apply_records(client, run_id, "params", [{"params": rec["params"]}])
+    return run_id
 
 
 def find_run_id(client, run_name: str, experiment_ids: list[str] | None = None) -> str | None:

@@ -96,8 +96,11 @@ class TrackingBuffer:
     """A durable spool of tracking records and the thread that sends them (module docstring)."""
 
     def __init__(self, tracking_uri: str, run_id: str, apply: Callable, *, interval_s: float = 1.0,
-                 max_backoff_s: float = 15.0, root: Path | None = None):
-        self.tracking_uri, self.run_id, self.apply = tracking_uri, run_id, apply
+                 max_backoff_s: float = 15.0, root: Path | None = None, opener: Callable | None = None):
+        """run_id: the MLflow run, or (with `opener`) a spool key for a run not created yet: the
+        spool then starts with an "open" record, and sending it calls opener(client, record),
+        which returns the run id the records after it go to."""
+        self.tracking_uri, self.run_id, self.apply, self.opener = tracking_uri, run_id, apply, opener
         self.interval_s, self.max_backoff_s = interval_s, max_backoff_s
         self.dir = (root or spool_root()) / run_id
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -223,7 +226,12 @@ class TrackingBuffer:
                 while j < len(pending) and pending[j][1]["op"] == op:
                     j += 1
             group = [rec for _, rec in pending[i:j]]
-            self.apply(self._mlflow(), self.run_id, op, group)
+            if op == "open":  # a run started while the server was away: created (or found) now
+                if self.opener is None:
+                    raise ValueError(f"{spool.path}: an 'open' record but this buffer has no opener")
+                self.run_id = self.opener(self._mlflow(), group[-1])
+            else:
+                self.apply(self._mlflow(), self.run_id, op, group)
             spool.ack(pending[j - 1][0])
             i = j
 
@@ -235,14 +243,29 @@ class TrackingBuffer:
         return self._client
 
     def _healthy(self) -> bool:
-        if not self.tracking_uri.startswith("http"):
-            return True  # a file or database store: no server to probe
-        import requests
+        return server_healthy(self.tracking_uri)
 
-        with contextlib.suppress(requests.RequestException):
-            return requests.get(f"{self.tracking_uri.rstrip('/')}/health", timeout=2).status_code == 200
-        return False
+    def drain(self) -> bool:
+        """Send what this buffer's spool folder holds (earlier processes' files included) now, in
+        the caller's thread; False when the server did not take it all (the rest stays spooled)."""
+        try:
+            self._pass()
+            return True
+        except Exception as exc:
+            self.last_error = f"{type(exc).__name__}: {exc}"[:500]
+            return False
 
+
+def server_healthy(tracking_uri: str, timeout_s: float = 2.0) -> bool:
+    """Does the tracking server answer /health (within timeout_s)? Always True for a file or
+    database store (no server)."""
+    if not tracking_uri.startswith("http"):
+        return True
+    import requests
+
+    with contextlib.suppress(requests.RequestException):
+        return requests.get(f"{tracking_uri.rstrip('/')}/health", timeout=timeout_s).status_code == 200
+    return False
 
 
 def _flush_open_buffers() -> None:
