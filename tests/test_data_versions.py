@@ -63,7 +63,7 @@ def test_reingest_with_new_content_leaves_an_open_reader_of_the_old_version_inta
         ingest(storage, str(src), cfg)
     assert storage.read_manifest(pointer) == old  # half-written new version: the pointer did not move
     new_versions = {k.split("/")[3] for k in _objects(storage, "datasets/versioned/train")} - {
-        f"v-{old['version']}", "_manifest.json"}
+        f"v-{old['version']}", "_manifest.json", "_plans"}  # _plans: content-addressed shard plans
     assert len(new_versions) == 1  # the crashed run wrote only under its own version prefix
     new_prefix = f"datasets/versioned/train/{new_versions.pop()}"
     assert storage.read_manifest(new_prefix) is None

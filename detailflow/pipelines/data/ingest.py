@@ -30,6 +30,9 @@ task with the path and cause: they are never recorded as rejections and leave no
 re-run retries them. Local-folder/tar shard tasks are pinned to the driver's node (the only node
 that can see those paths). An S3 source's tars are listed by worker tasks (one per tar, reading
 headers by byte range), and the tasks in flight scale with the cluster's CPUs (max_in_flight).
+A folder source (local or s3://) is listed AND planned by tasks of `listing_folders` class folders
+(folder_plan.py): each writes its shards' item lists to plan objects, so the driver holds
+O(shards), never the list of files (1.28 M for ImageNet); shard tasks read their plan object.
 """
 
 from __future__ import annotations
@@ -69,6 +72,8 @@ class IngestConfig:
     verify_existing: bool = False  # re-download and hash already-done shards instead of trusting markers
     fail_after_shards: int | None = None  # testing hook: raise after this many shards this run
     read_attempts: int = 4  # tries per source file on read errors before the ingest fails
+    listing_folders: int = 16  # class folders per listing task of a folder source (folder_plan.py); 0:
+    # list on the driver (sources.list_source) as tars are
 
     @property
     def prefix(self) -> str:
@@ -167,11 +172,16 @@ def read_with_retries(item: Item, storage, attempts: int = 4, base_delay: float 
     raise AssertionError("unreachable")
 
 
-def write_shard(storage, prefix: str, index: int, items: list[Item], class_to_index: dict[str, int],
+def write_shard(storage, prefix: str, index: int, items: list[Item] | str, class_to_index: dict[str, int],
                 digest: str, row_group_rows: int = 64, read_attempts: int = 4) -> dict:
     """Decode-check every item, write the shard object, then its done marker. Returns the marker.
+    `items`: the shard's items, or the key of its plan object (folder_plan.py).
 
     A read failure raises SourceReadError before anything is written, so the shard has no marker."""
+    if isinstance(items, str):
+        from detailflow.pipelines.data.folder_plan import load_plan
+
+        items = load_plan(storage, items)
     rows, rejected = [], []
     counts: dict[str, int] = {}
     for it in items:
@@ -229,12 +239,13 @@ def _read_marker(storage, prefix: str, name: str) -> dict | None:
     return storage.get_json(key) if storage.exists(key) else None
 
 
-def _class_list(storage, cfg: IngestConfig, items: list[Item]) -> list[str]:
+def _class_list(storage, cfg: IngestConfig, seen) -> list[str]:
+    """The classes_from split's published class list, else the class names `seen` in the source."""
     if cfg.classes_from and cfg.classes_from != cfg.split:
         ref = storage.read_manifest(dataset_prefix(cfg.name, cfg.classes_from))
         if ref is not None:
             return list(ref["classes"])
-    return sorted({it.class_name for it in items})
+    return sorted(set(seen))
 
 
 def ensure_ray(settings=None) -> None:
@@ -254,13 +265,14 @@ def ensure_ray(settings=None) -> None:
         ray.init(address=address, log_to_driver=False)
 
 
-def task_options(cfg: IngestConfig, items: list[Item]) -> dict:
-    """Ray options for the shard tasks. Local paths exist only on the driver's machine, so shard
-    tasks reading them are pinned to the driver's node (hard affinity); refuse when that cannot work."""
+def task_options(cfg: IngestConfig, items: list[Item], local: bool | None = None) -> dict:
+    """Ray options for the shard (and local listing) tasks. Local paths exist only on the driver's
+    machine, so tasks reading them are pinned to the driver's node (hard affinity); refuse when that
+    cannot work. `local` (default: from the items' kinds) says whether the source is local."""
     import ray
 
     opts = {"num_cpus": cfg.task_cpus, "max_retries": 2}
-    if not any(it.kind in ("file", "tar") for it in items):
+    if not (any(it.kind in ("file", "tar") for it in items) if local is None else local):
         return opts
     stage = "stage the source on S3 (e.g. `aws s3 sync SRC s3://BUCKET/raw/NAME`) and ingest the s3:// URI"
     if ray.util.client.ray.is_connected():
@@ -305,19 +317,20 @@ def run_tasks(cfg: IngestConfig, fn, calls: list[tuple], options: dict | None = 
     return [results[i] for i in range(len(calls))]
 
 
-def _listing_mapper(storage, cfg: IngestConfig):
-    """How list_source runs its per-tar listings: Ray tasks on the workers, or here (use_ray False)."""
+def _listing_mapper(storage, cfg: IngestConfig, local: bool = False):
+    """How the listing tasks run (per tar, per group of class folders): Ray tasks on the workers
+    (a local source's on the driver's node), or here (use_ray False)."""
     if not cfg.use_ray:
         return sources._serial
 
     def mapper(fn, calls):
         ensure_ray(storage.settings)
-        return run_tasks(cfg, fn, calls)
+        return run_tasks(cfg, fn, calls, task_options(cfg, [], local=local))
     return mapper
 
 
-def _run_shards(storage, cfg: IngestConfig, prefix: str, todo: list[tuple[int, list[Item], str]],
-                class_to_index: dict[str, int], progress) -> dict[int, dict]:
+def _run_shards(storage, cfg: IngestConfig, prefix: str, todo: list[tuple[int, list[Item] | str, str]],
+                class_to_index: dict[str, int], progress, local: bool) -> dict[int, dict]:
     done: dict[int, dict] = {}
 
     def finished(marker: dict) -> None:
@@ -337,7 +350,7 @@ def _run_shards(storage, cfg: IngestConfig, prefix: str, todo: list[tuple[int, l
     import ray
 
     ensure_ray(storage.settings)
-    remote = ray.remote(write_shard).options(**task_options(cfg, [it for _, s, _ in todo for it in s]))
+    remote = ray.remote(write_shard).options(**task_options(cfg, [], local=local))
     pending, queue, limit = [], list(todo), in_flight(cfg)
     try:
         while queue or pending:
@@ -360,6 +373,29 @@ def _run_shards(storage, cfg: IngestConfig, prefix: str, todo: list[tuple[int, l
     return done
 
 
+def _plan(storage, src: str, cfg: IngestConfig) -> tuple[list, list[str], list[str], list[dict], bool, int]:
+    """(shards: item lists or plan-object keys, their digests, classes, listing rejections, local
+    source?, files). A folder source is listed and planned by tasks (folder_plan.py: the driver
+    holds O(shards)); tars (and listing_folders=0) through sources.list_source."""
+    from detailflow.pipelines.data.folder_plan import folder_source, plan_folder
+
+    target = int(cfg.shard_mb * 1024 * 1024)
+    source = folder_source(src, cfg.split, storage) if cfg.listing_folders else None
+    if source is not None:
+        local = source.kind == "file"
+        plan = plan_folder(storage, source, labels=cfg.labels, target_bytes=target, seed=cfg.shuffle_seed,
+                           plans_prefix=f"{cfg.prefix}/_plans", listing_folders=cfg.listing_folders,
+                           map_tasks=_listing_mapper(storage, cfg, local=local))
+        return (plan.plan_keys, plan.digests, _class_list(storage, cfg, plan.classes), plan.ignored, local,
+                plan.num_files)
+    items, ignored = list_source(src, cfg.split, storage=storage, labels=cfg.labels,
+                                 map_tasks=_listing_mapper(storage, cfg))
+    shards = plan_shards(items, target, cfg.shuffle_seed)
+    local = any(it.kind in ("file", "tar") for it in items)
+    classes = _class_list(storage, cfg, (it.class_name for it in items))
+    return shards, [keys_digest(s) for s in shards], classes, ignored, local, len(items)
+
+
 def ingest(storage, src: str, cfg: IngestConfig, progress=None) -> dict:
     """Ingest `src` (folder, tar(s) or s3:// prefix) for cfg.split; returns the published manifest.
 
@@ -368,14 +404,10 @@ def ingest(storage, src: str, cfg: IngestConfig, progress=None) -> dict:
     if cfg.shard_mb <= 0:
         raise ValueError(f"shard_mb must be > 0, got {cfg.shard_mb}")
     storage.ensure_bucket()
-    items, ignored = list_source(src, cfg.split, storage=storage, labels=cfg.labels,
-                                 map_tasks=_listing_mapper(storage, cfg))
-    if not items:
+    shards, digests, classes, ignored, local, n_files = _plan(storage, src, cfg)
+    if not n_files:
         raise FileNotFoundError(f"no files found in {src} for split {cfg.split!r}")
-    classes = _class_list(storage, cfg, items)
     class_to_index = {c: i for i, c in enumerate(classes)}
-    shards = plan_shards(items, int(cfg.shard_mb * 1024 * 1024), cfg.shuffle_seed)
-    digests = [keys_digest(s) for s in shards]
     version = dataset_version(digests, cfg.row_group_rows, classes, ignored)
     vprefix = version_prefix(cfg.name, cfg.split, version)
 
@@ -390,8 +422,8 @@ def ingest(storage, src: str, cfg: IngestConfig, progress=None) -> dict:
     if progress is not None and markers:
         progress(sum(m["rows"] + len(m["rejected"]) for m in markers.values()))
     log.info("ingest %s/%s v-%s: %d files, %d shards (%d already done)", cfg.name, cfg.split, version,
-             len(items), len(shards), len(markers))
-    markers.update(_run_shards(storage, cfg, vprefix, todo, class_to_index, progress))
+             n_files, len(shards), len(markers))
+    markers.update(_run_shards(storage, cfg, vprefix, todo, class_to_index, progress, local))
 
     # the version's own manifest first: immutable, so an existing one (first ingest's `source`) wins.
     # Every shard it lists was just PUT or HEAD-checked by _marker_valid, so none is missing.

@@ -61,6 +61,7 @@ def parse_s3(uri: str) -> tuple[str, str]:
 
 
 LABELS_FORMAT = "one '<file name> <class name>' per line, e.g. 'ILSVRC2012_val_00000001.JPEG n01751748'"
+LABELS_HINT = "write one with `detailflow data convert-val-labels` from the ILSVRC2012 devkit"
 SPLIT_TOKENS = {"train": "train", "val": "val", "validation": "val", "test": "test"}
 _SPLIT_RE = re.compile(r"(?:^|[_\-./])(train|validation|val|test)(?=[_\-./]|$)", re.IGNORECASE)
 
@@ -84,22 +85,31 @@ def parse_labels(text: str, where: str) -> dict[str, str]:
 
 def read_labels(spec: str | Path, storage=None) -> dict[str, str]:
     """Labels from a local file or an s3:// URI (LABELS_FORMAT); keys match by file name and stem."""
-    spec = str(spec)
-    hint = "write one with `detailflow data convert-val-labels` from the ILSVRC2012 devkit"
+    return parse_labels(_labels_text(str(spec), storage, read=True), str(spec))
+
+
+def check_labels_exist(spec: str | Path, storage=None) -> None:
+    """Fail fast (before any listing task reads it) when a labels file or s3:// object is missing."""
+    _labels_text(str(spec), storage, read=False)
+
+
+def _labels_text(spec: str, storage, read: bool) -> str:
+    """The labels file's text (read) or "" after checking it exists; a clear error naming the converter."""
     if spec.startswith("s3://"):
         if storage is None:
             raise ValueError(f"labels {spec} on S3 need a Storage")
         bucket, key = parse_s3(spec)
         try:
-            text = storage.client.get_object(Bucket=bucket, Key=key)["Body"].read().decode()
+            if not read:
+                storage.client.head_object(Bucket=bucket, Key=key)
+                return ""
+            return storage.client.get_object(Bucket=bucket, Key=key)["Body"].read().decode()
         except Exception as e:
             raise FileNotFoundError(f"labels file {spec} cannot be read ({type(e).__name__}: {e}); "
-                                    f"{hint}") from e
-    else:
-        if not Path(spec).is_file():
-            raise FileNotFoundError(f"labels file {spec} does not exist; {hint}")
-        text = Path(spec).read_text()
-    return parse_labels(text, spec)
+                                    f"{LABELS_HINT}") from e
+    if not Path(spec).is_file():
+        raise FileNotFoundError(f"labels file {spec} does not exist; {LABELS_HINT}")
+    return Path(spec).read_text() if read else ""
 
 
 def tar_split(rel_path: str) -> str | None:
@@ -141,9 +151,9 @@ def _apply_labels(items: list[Item], labels: dict[str, str] | None) -> tuple[lis
 def _from_relpaths(entries, kind: str) -> tuple[list[Item], list[dict]]:
     """entries: (relative posix path below the split root, size, location, stamp). Class = first dir."""
     items, ignored = [], []
-    for rel, size, loc, stamp in entries:
-        parts = PurePosixPath(rel).parts
-        ext_ok = PurePosixPath(rel).suffix.lower() in IMAGE_EXTS
+    for rel, size, loc, stamp in entries:  # string operations: ~10x faster than PurePosixPath per file
+        parts = [p for p in rel.split("/") if p and p != "."]
+        ext_ok = os.path.splitext(parts[-1])[1].lower() in IMAGE_EXTS
         if len(parts) == 1:
             # flat split folder (e.g. ImageNet val without class folders): a labels file must name classes
             items.append(Item(rel, None, size, kind, loc, 0, ext_ok, stamp))
