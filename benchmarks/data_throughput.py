@@ -202,7 +202,7 @@ def main() -> None:
     ap.add_argument("--stream-tasks", type=int, default=0,
                     help="window tasks at once in the training stream (0: one per core)")
     ap.add_argument("--window-groups", type=int, default=4,
-                    help="row groups per window (= per Ray task); 4: 12 windows of the 3000 images, 6 per "
+                    help="row groups per window (= per Ray task); 4: 14 windows of the 3000 images, 7 per "
                     "core: the last wave of windows (one task left decoding) is a small part of the epoch, "
                     "as in training (an endless stream has no last wave)")
     ap.add_argument("--reader-cpus", type=float, default=6,
