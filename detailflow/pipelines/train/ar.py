@@ -37,6 +37,7 @@ from detailflow.pipelines.train.loop_common import (
     resolve_batch,
     resolved_config,
     stage_from_config,
+    step_logs,
     zero3_external,
 )
 from detailflow.pipelines.train.stage_config import DistributedStageConfig
@@ -201,9 +202,8 @@ def train_loop(config: dict) -> None:
         seen += tokens
         if WorkerContext.due(step, cfg.log_every, cfg.steps):
             dt = time.perf_counter() - tic
-            logs = dsg.mean_over_ranks({**sums.means(), "lr": lr,
-                                        "grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                                        "tokens_per_s": seen / max(dt, 1e-9)})  # all ranks
+            logs = dsg.mean_over_ranks(step_logs(sums, engine, lr=lr,  # one host transfer; all ranks
+                                                 tokens_per_s=seen / max(dt, 1e-9)))
             tracker.log_metrics(logs, step=step)
             progress.loss = logs["loss"]
             seen, tic = 0, time.perf_counter()

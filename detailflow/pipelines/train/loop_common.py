@@ -145,6 +145,16 @@ class DeviceSums:
         return out
 
 
+def step_logs(sums: DeviceSums, engine, **host_values) -> dict[str, float]:
+    """The values of one log line: the running means of `sums` and the engine's global grad norm of
+    the last optimiser step (a device tensor under ZeRO-1/2; None when DeepSpeed computes none: 0.0),
+    converted together in ONE host transfer (was: float(norm or 0.0), a bool() and a float() of a device
+    tensor besides the means' transfer); host_values (lr, throughput) are added as they are."""
+    norm = engine.get_global_grad_norm()
+    sums.add({"grad_norm": 0.0 if norm is None else norm})
+    return {**sums.means(), **host_values}
+
+
 def resolved_config(config: dict) -> dict:
     return {k: v for k, v in config.items() if not k.startswith("_") and k != "resume_checkpoint"}
 

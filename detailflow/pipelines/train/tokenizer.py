@@ -35,6 +35,7 @@ from detailflow.pipelines.train.loop_common import (
     resolve_batch,
     resolved_config,
     stage_from_config,
+    step_logs,
     to_float,
     zero3_external,
 )
@@ -246,8 +247,7 @@ def train_loop(config: dict) -> None:
         seen += images
         if WorkerContext.due(step, cfg.log_every, cfg.steps):
             dt = time.perf_counter() - tic
-            logs = {**sums.means(), "lr": lr, "grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                    "images_per_s": seen / max(dt, 1e-9)}
+            logs = step_logs(sums, engine, lr=lr, images_per_s=seen / max(dt, 1e-9))  # one host transfer
             logs = dsg.mean_over_ranks(logs)  # all ranks: each trained on its own images and t
             tracker.log_metrics(logs, step=step)
             progress.loss = logs["loss"]  # the console shows the last logged mean loss
