@@ -14,9 +14,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +22,7 @@ import requests
 import torch
 import torch.nn as nn
 from PIL import Image
+from test_pipeline_e2e import _cli, _free_port
 
 pytestmark = pytest.mark.integration
 
@@ -68,17 +66,6 @@ class Dino(nn.Module):
     def forward(self, x):
         tok = self.embed(x).flatten(2)
         return [tok, tok + self.mix(torch.nn.functional.gelu(tok))]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-c", "from detailflow.cli import main; main()", *args],
-                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
 def write_weight_files(storage, tmp_path: Path, prefix: str) -> dict[str, str]:
@@ -197,6 +184,12 @@ def test_rehearsal_pipeline_runs_every_recipe_feature_end_to_end(services, stora
         for k in ("disc.ema_real", "disc.ema_fake"):
             assert disc[k].dtype == torch.float32 and disc[k] != 0 and torch.isfinite(disc[k]), k
 
+        # AR: the same recipe contract (bf16 engines, 2 ranks x micro-batch 4 x grad accumulation 2)
+        ar_run = client.search_runs([client.get_experiment_by_name("detailflow-ar").experiment_id],
+                                    f"attributes.run_name = '{out['ar']['run_name']}'")[0]
+        ar = ar_run.data.params
+        want = {"world_size": "2", "grad_accum": "2", "global_batch": "16", "precision": "bf16"}
+        assert {k: ar[k] for k in want} == want
         # codes: ten crops of every training image
         assert out["codes"]["num_rows"] == 10 * out["ingest-train"]["num_images"]
         # both evaluations ran and the generator evaluation gated the registration
