@@ -264,6 +264,7 @@ def test_secrets_are_referenced_never_inline_and_env_names_are_real():
     known = set(all_env_names()) | {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_URI",
                                     "MLFLOW_TRACKING_TOKEN", "RAY_USAGE_STATS_ENABLED",
                                     "MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK", "DETAILFLOW_API_KEYS_FILE",
+                                    "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH",
                                     *kuberay.nccl_env(kuberay.NODE_TYPES["p4d.24xlarge"])}
     seen = 0
     for _, doc in _ray_docs():
@@ -274,6 +275,31 @@ def test_secrets_are_referenced_never_inline_and_env_names_are_real():
                 assert "value" not in entry and "secretKeyRef" in entry["valueFrom"], entry
     assert seen > 20
     assert "DETAILFLOW_RAY_ADDRESS" in {e["name"] for _, d in _ray_docs() for e in _env_entries(d)}
+
+
+def test_every_ray_pod_starts_serves_proxy_with_the_json_502_middleware():
+    """A replica killed on KubeRay must give the client a 502 JSON with its request id, not uvicorn's
+    plain-text 500: the proxy reads the callback path from the env of the pod that starts Ray."""
+    import importlib
+
+    def heads(obj):
+        if isinstance(obj, dict):
+            if "headGroupSpec" in obj:
+                yield obj["headGroupSpec"]
+            for v in obj.values():
+                yield from heads(v)
+        elif isinstance(obj, list):
+            for v in obj:
+                yield from heads(v)
+
+    checked = 0
+    for _, doc in _ray_docs():
+        for head in heads(doc):
+            env = {e["name"]: e.get("value") for e in _env_entries(head)}
+            module, _, attr = env["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"].partition(":")
+            assert getattr(importlib.import_module(module), attr)(), env  # what Serve's proxy calls
+            checked += 1
+    assert checked >= 3  # RayCluster, RayJob, RayCronJob, RayService heads
 
 
 def test_jobs_run_the_pipeline_file_that_exists():

@@ -45,6 +45,9 @@ from pathlib import Path
 
 import yaml
 
+from detailflow.platform.serving.proxy_errors import ENV as PROXY_ERRORS_ENV
+from detailflow.platform.serving.proxy_errors import IMPORT_PATH as PROXY_ERRORS_IMPORT_PATH
+
 API = "ray.io/v1"
 
 
@@ -141,6 +144,8 @@ def _env(spec: ClusterSpec, extra: dict | None = None) -> list[dict]:
              "DETAILFLOW_S3_CREDENTIALS": "chain",
              # the serving app reads its bearer keys from the mounted Secret (re-read on change)
              "DETAILFLOW_API_KEYS_FILE": f"/etc/detailflow/api-keys/{spec.api_keys_key}",
+             # Serve's proxy answers 502 JSON + request id when a replica dies (read when Ray starts)
+             PROXY_ERRORS_ENV: PROXY_ERRORS_IMPORT_PATH,
              **(extra or {}), **spec.extra_env}
     return _secret_env(spec) + [{"name": k, "value": str(v)} for k, v in sorted(plain.items())]
 
