@@ -172,3 +172,16 @@ def test_schema_rejects_broken_files(compose, breakage):
     breakage(broken)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.Draft7Validator(json.loads(SCHEMA.read_text())).validate(broken)
+
+
+def test_every_image_build_passes_the_commit_the_dockerfile_bakes(compose):
+    """The image has no .git: the code version (run identity, lineage) is the commit given at build."""
+    import re
+
+    declared = set(re.findall(r"^ARG (\w+)", (ROOT / "infra" / "Dockerfile").read_text(), re.M))
+    assert "DETAILFLOW_COMMIT" in declared
+    builds = [s["build"] for s in compose["services"].values() if "build" in s]
+    assert builds
+    for build in builds:
+        assert set(build["args"]) <= declared, set(build["args"]) - declared
+        assert "DETAILFLOW_COMMIT" in build["args"], build
