@@ -32,11 +32,13 @@ SYNCING = {
 
 
 class Conversions(list):
-    """Names of the conversions made; .sites: (name, innermost detailflow file) of each."""
+    """Names of the conversions made; .sites: (name, innermost detailflow file) of each; .callers: the
+    file of the frame that made each conversion (project code, DeepSpeed's, torch's)."""
 
     def __init__(self):
         super().__init__()
         self.sites: list[tuple[str, str]] = []
+        self.callers: list[str] = []
 
 
 @pytest.fixture
@@ -49,7 +51,9 @@ def host_conversions(monkeypatch):
 
         def wrapper(*args, **kwargs):
             calls.append(name)
-            callers = [f.filename for f in traceback.extract_stack() if "/detailflow/" in f.filename]
+            stack = traceback.extract_stack()
+            calls.callers.append(stack[-2].filename)
+            callers = [f.filename for f in stack if "/detailflow/" in f.filename]
             sites.append((name, callers[-1].split("/detailflow/")[-1] if callers else "test"))
             return orig(*args, **kwargs)
 
@@ -122,3 +126,54 @@ def test_tokenizer_training_step_makes_no_device_to_host_conversion(host_convers
     assert {"perturb_start", "align", "perceptual", "gan_g", "codebook_usage", "perplexity"} <= set(logs)
     assert [s for s in host_conversions.sites if s[1] != "models/selfcorrect.py"] == []
     assert len(host_conversions.sites) <= 1
+
+
+def test_one_full_tokenizer_step_converts_once_for_its_log_line(host_conversions):
+    """One optimiser step exactly as train_loop runs it, on real ZeRO-2 DeepSpeed engines with the GAN
+    (hinge + LeCAM + CR, DiffAugment), perceptual, alignment and self-correction terms all on:
+    micro_step (generator engine forward/backward/step with D frozen, then D's engine step) and
+    DeviceSums.add make no conversion in the project's code; the log line (step_logs: the means and the
+    engine's grad norm) makes exactly one, a single .tolist(). The loop's old log line,
+    float(engine.get_global_grad_norm() or 0.0) beside the means, made three."""
+    from detailflow.models.degrade import degrade_to_prefix
+    from detailflow.models.losses import Discriminator
+    from detailflow.models.tokenizer import DetailFlowTokenizer
+    from detailflow.pipelines.train.loop_common import DeviceSums, StepAdapter, step_logs
+    from detailflow.pipelines.train.tokenizer import DiscriminatorStep, micro_step
+    from detailflow.platform import deepspeed_glue as dsg
+
+    cfg = _cfg(align_teacher="thumbnail", align_weight=1.0, perceptual_warmup=1)
+    ds_cfg = dsg.build_ds_config(micro_batch=4, zero_stage=2, grad_clip=1.0, precision="fp32")
+    torch.manual_seed(0)
+    model, disc = DetailFlowTokenizer(cfg), Discriminator(cfg)
+    engine = dsg.init_engine(StepAdapter(model, "training_step"), dsg.make_optimizer(
+        [p for p in model.parameters() if p.requires_grad], lr=1e-3), ds_cfg)
+    d_engine = dsg.init_engine(DiscriminatorStep(disc, cfg),
+                               dsg.make_optimizer(disc.trainable_parameters(), lr=1e-3), ds_cfg)
+    img = torch.rand(4, 3, cfg.image_size, cfg.image_size) * 2 - 1
+    t = cfg.num_tokens  # > 1: self-correction on
+    target = degrade_to_prefix(img, t, model.rmap)
+    sums = DeviceSums()
+    sums.add(micro_step(engine, d_engine, model, img, target, t, 5))  # warm-up step (lazy inits)
+    sums.means()
+
+    def project(start: int) -> list[tuple[str, str]]:
+        """Conversions made by the project's own frames since `start` (the CPU-generator draw of
+        selfcorrect.sample_perturbation is a host value, not a device sync: left out)."""
+        return [(n, site) for (n, site), caller in zip(host_conversions.sites[start:],
+                                                       host_conversions.callers[start:], strict=True)
+                if "/detailflow/" in caller and site != "models/selfcorrect.py"]
+
+    host_conversions.clear()
+    host_conversions.sites.clear()
+    host_conversions.callers.clear()
+    logs = micro_step(engine, d_engine, model, img, target, t, 6)
+    sums.add(logs)
+    assert {"gan_g", "perceptual", "align", "perturb_start", "d_hinge", "d_lecam", "d_cr"} <= set(logs)
+    assert project(0) == []
+    mark = len(host_conversions)
+    line = step_logs(sums, engine, lr=1e-3, images_per_s=1.0)
+    assert project(mark) == [("tolist", "models/host.py")]
+    norm = engine.get_global_grad_norm()
+    assert line["grad_norm"] == pytest.approx(float(norm)) and line["grad_norm"] > 0
+    assert line["lr"] == 1e-3 and isinstance(line["loss"], float)
