@@ -7,8 +7,6 @@ every stage that is not volatile (ingest and deploy always run and change nothin
 
 from __future__ import annotations
 
-import io
-import json
 import socket
 import subprocess
 import sys
@@ -16,8 +14,8 @@ import textwrap
 
 import numpy as np
 import pytest
-import requests
-from PIL import Image
+
+from detailflow.platform.serving.testing import generate_png_from_endpoint
 
 pytestmark = pytest.mark.integration
 
@@ -136,15 +134,8 @@ def test_one_pipeline_file_runs_the_whole_life_and_reruns_skip(services, storage
         print(shown.stdout)  # the closing note's `registry show`
 
         # HTTP: the deployed endpoint serves the champion as PNGs
-        from detailflow.platform.serving.auth import first_key
-
-        endpoint = json.loads((services.state_dir / "serve" / "endpoint.json").read_text())
+        endpoint, img = generate_png_from_endpoint(services.state_dir)
         assert endpoint["url"] == out["deploy"]["url"]
-        key = first_key(endpoint["api_keys_file"])
-        resp = requests.post(f"{endpoint['url']}/v1/generate", json={"class_ids": [1, 2], "seed": 0},
-                             headers={"Authorization": f"Bearer {key}", "Accept": "image/png"}, timeout=120)
-        assert resp.status_code == 200, resp.text[:500]
-        img = np.asarray(Image.open(io.BytesIO(resp.content)))
         assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3 and img.std() > 0
 
         # a re-run skips everything that is not volatile (ingest/deploy run again and change nothing)

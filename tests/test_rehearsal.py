@@ -12,17 +12,16 @@ HTTP generate of the served champion returning PNGs."""
 from __future__ import annotations
 
 import io
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
-import requests
 import torch
 import torch.nn as nn
-from PIL import Image
 from test_pipeline_e2e import _cli, _free_port
+
+from detailflow.platform.serving.testing import generate_png_from_endpoint
 
 pytestmark = pytest.mark.integration
 
@@ -143,7 +142,6 @@ def test_rehearsal_pipeline_runs_every_recipe_feature_end_to_end(services, stora
 
     from detailflow.pipelines.runner.runner import run_pipeline
     from detailflow.pipelines.runner.spec import load_pipeline
-    from detailflow.platform.serving.auth import first_key
 
     variables = write_weight_files(storage, tmp_path, "tests/rehearsal/weights")
     variables.update(out=str(tmp_path / "data"), port=str(_free_port()))
@@ -199,12 +197,7 @@ def test_rehearsal_pipeline_runs_every_recipe_feature_end_to_end(services, stora
         assert champion.version == out["promote"]["champion"]
 
         # serving: the champion answers an HTTP generate with PNGs
-        endpoint = json.loads((services.state_dir / "serve" / "endpoint.json").read_text())
-        key = first_key(endpoint["api_keys_file"])
-        resp = requests.post(f"{endpoint['url']}/v1/generate", json={"class_ids": [1, 2], "seed": 0},
-                             headers={"Authorization": f"Bearer {key}", "Accept": "image/png"}, timeout=120)
-        assert resp.status_code == 200, resp.text[:500]
-        img = np.asarray(Image.open(io.BytesIO(resp.content)))
+        endpoint, img = generate_png_from_endpoint(services.state_dir)
         assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3 and img.std() > 0
     finally:
         _cli("serve", "down", timeout=120)
