@@ -7,10 +7,18 @@ SigLIP2's own key layout converted by `detailflow weights convert siglip2`, all 
 pipeline by s3:// URI + sha256 through its variables (--set). The run trains the tokenizer in bf16
 DeepSpeed engines on 2 Ray workers with grad accumulation 2, the GAN (hinge + LeCAM + CR, spectral-norm
 heads) on from step 2; ten-crop codes; AR in bf16; both evaluations; registration, promotion and an
-HTTP generate of the served champion returning PNGs."""
+HTTP generate of the served champion returning PNGs.
+
+Where it runs (issue 19): on the simulated KubeRay-shaped cluster (platform/cluster_sim.py: a 0-CPU
+head running only this driver, two sim_gpu raylets, one CPU raylet), every stage with the resources a
+cluster file declares (CLUSTER_RESOURCES): the training ranks, consolidation, extraction and both
+evaluations must run on the "GPU" nodes, never the head. Serving is a local `detailflow serve up` (its
+own Ray head), so the deploy stage runs after the cluster is left: the same pipeline again on the
+local Ray, every stage skipped by identity, deploy serving the champion the cluster promoted."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 from pathlib import Path
@@ -19,14 +27,20 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from sim_cluster import module_cluster, placed_nodes
 from test_pipeline_e2e import _cli, _free_port
 
+from detailflow.platform.cluster_sim import SIM_GPU
 from detailflow.platform.serving.testing import generate_png_from_endpoint
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINE = ROOT / "configs/pipelines/rehearsal.yaml"
+RANKS = {"num_workers": 2, "cpus_per_worker": 0.5, "accelerator": {SIM_GPU: 1}}  # one rank per "GPU node"
+PLACED = {"cpus": 1, "accelerator": {SIM_GPU: 1}}  # the stage's own task on a "GPU node"
+CLUSTER_RESOURCES = {"tokenizer": RANKS, "ar": RANKS, "eval-tokenizer": PLACED, "codes": PLACED,
+                     "promote": PLACED}  # as on a cluster (configs/pipelines/rehearsal.yaml's header)
 
 
 class Teacher(nn.Module):
@@ -137,6 +151,30 @@ def _metric_history(client, run_id: str, key: str) -> dict[int, float]:
     return {m.step: m.value for m in client.get_metric_history(run_id, key)}
 
 
+def _actor_nodes() -> list[tuple[str, str]]:
+    """(actor class, node id) of every actor the cluster ran (the GCS actor table: this cluster has no
+    dashboard, hence no task-event / state API)."""
+    import ray
+
+    return [(a["ActorClassName"], a["Address"]["NodeID"]) for a in ray._private.state.actors().values()]
+
+
+def _assert_ran_on_gpu_nodes(sim, placed: dict[str, str], actors: list[tuple[str, str]]) -> None:
+    """The stages' own work (consolidation, extraction, both evaluations) and the training ranks ran on
+    the "GPU" nodes, never the head; the ranks of each training run one per "GPU" node."""
+    print("[placement] stage work:", placed, "actors:", sorted(set(actors)), flush=True)
+    wanted = {"consolidate": 1, "codes: extract-codes": 1, "eval-tokenizer: evaluate-tokenizer": 1,
+              "promote: generator evaluation": 1}
+    for what in wanted:
+        nodes = [node for name, node in placed.items() if name.startswith(what)]
+        assert nodes, (what, placed)
+        assert all(n in sim.gpu_nodes for n in nodes), (what, nodes, sim.gpu_nodes)
+    ranks = [node for cls, node in actors if cls == "RayTrainWorker"]
+    assert len(ranks) == 4 and sorted(ranks) == sorted(2 * sim.gpu_nodes), ranks  # tokenizer + AR
+    on_head = [cls for cls, node in actors if node == sim.head]
+    assert "RayTrainWorker" not in on_head and not {"SamplingWorker", "MapWorker"} & set(on_head), on_head
+
+
 def test_rehearsal_pipeline_runs_every_recipe_feature_end_to_end(services, storage, ray_session, tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -146,9 +184,21 @@ def test_rehearsal_pipeline_runs_every_recipe_feature_end_to_end(services, stora
     variables = write_weight_files(storage, tmp_path, "tests/rehearsal/weights")
     variables.update(out=str(tmp_path / "data"), port=str(_free_port()))
     spec = load_pipeline(PIPELINE, variables=variables)
+    spec = dataclasses.replace(spec, stages=[dataclasses.replace(s, resources=CLUSTER_RESOURCES.get(
+        s.name, s.resources)) for s in spec.stages])
+    assert spec.stages[-1].kind == "deploy"
+    lines: list[str] = []
+
+    def log(line: str) -> None:
+        lines.append(line)
+        print(line, flush=True)
+
     try:
-        summary = run_pipeline(spec, services)
+        with module_cluster(__name__) as sim:
+            summary = run_pipeline(dataclasses.replace(spec, stages=spec.stages[:-1]), services, log=log)
+            actors = _actor_nodes()
         assert all(v["status"] == "ran" for v in summary.values()), summary
+        _assert_ran_on_gpu_nodes(sim, placed_nodes(lines), actors)
         out = {k: v["outputs"] for k, v in summary.items()}
         client = MlflowClient(services.mlflow_tracking_uri)
 
@@ -196,7 +246,12 @@ def test_rehearsal_pipeline_runs_every_recipe_feature_end_to_end(services, stora
         champion = client.get_model_version_by_alias("rehearsal-generator", "champion")
         assert champion.version == out["promote"]["champion"]
 
-        # serving: the champion answers an HTTP generate with PNGs
+        # serving, on the local Ray: the same pipeline again; only the volatile kinds (ingest, deploy) run
+        served = run_pipeline(spec, services)
+        assert {k for k, v in served.items() if v["status"] == "ran"} == {
+            "ingest-train", "ingest-val", "deploy"}, served
+        assert served["deploy"]["outputs"]["model"] == out["promote"]["model"]
+        # the champion answers an HTTP generate with PNGs
         endpoint, img = generate_png_from_endpoint(services.state_dir)
         assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3 and img.std() > 0
     finally:
