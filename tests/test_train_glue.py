@@ -242,6 +242,31 @@ def test_progress_line(capsys):
     assert p.update(100, 64) and "step 100/100 (100%)" in capsys.readouterr().out  # the last step prints
 
 
+def test_progress_line_prints_once_under_ray_trains_print_patch(monkeypatch):
+    """Ray Train workers replace print with one that, when sys.stdout is wrapped (it is in a worker),
+    prints AND logs to the console: the line must still reach the console exactly once."""
+    import builtins
+    import io
+    import logging
+
+    from ray.train.v2._internal.logging.patch_print import redirected_print
+
+    from detailflow.platform.tracking import Progress
+
+    out, console = io.StringIO(), io.StringIO()
+    root, handler = logging.getLogger(), logging.StreamHandler(console)
+    root.addHandler(handler)  # Train's console handler on the root logger, at INFO
+    monkeypatch.setattr(root, "level", logging.INFO)
+    monkeypatch.setattr(builtins, "print", redirected_print)
+    monkeypatch.setattr("sys.stdout", out)  # a wrapped stdout, as in a Ray worker
+    try:
+        assert Progress("tokenizer", "run-x", total=10, start=0, every_s=3600).update(10, 8)
+    finally:
+        root.removeHandler(handler)
+    both = out.getvalue() + console.getvalue()
+    assert both.count("[tokenizer run-x] step 10/10") == 1, both
+
+
 def test_cli_help_lists_only_commands_that_exist(monkeypatch):
     import importlib.util
 

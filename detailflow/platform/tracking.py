@@ -31,6 +31,7 @@ import io
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 import uuid
@@ -460,7 +461,10 @@ class Progress:
         if now - self._last < self.every_s and step < self.total:
             return None
         line = self.line(step, now)
-        print(line, flush=True)
+        # not print(): inside a Ray Train worker print is patched to ALSO log the line to the console
+        # whenever sys.stdout is wrapped (it is, there), so every progress line appeared twice
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
         self._last, self._last_step, self._items = now, step, 0
         return line
 
