@@ -318,3 +318,17 @@ def test_ray_worker_setup_hook_drops_only_the_cleaner_noise(monkeypatch):
         t.start()
         t.join()
     assert reached == ["other-thread"]
+
+
+def test_ray_worker_setup_hook_silences_only_deepspeeds_deprecated_gather_warning():
+    import warnings
+
+    from detailflow.platform import raytrain
+
+    with warnings.catch_warnings(record=True) as seen:  # restores the filters afterwards
+        warnings.simplefilter("always")
+        raytrain.quiet_ray_logs()
+        warnings.warn("`torch.distributed.all_gather_into_tensor` is deprecated. Please use "
+                      "`torch.distributed.all_gather_single` instead.", FutureWarning, stacklevel=1)
+        warnings.warn("`torch.distributed.other` is deprecated.", FutureWarning, stacklevel=1)  # stays
+    assert [str(w.message) for w in seen] == ["`torch.distributed.other` is deprecated."]

@@ -49,6 +49,10 @@ class _DropMessages(logging.Filter):
 # and dies with a 30-line traceback per run. Same root cause, same (absent) effect on training.
 QUIET_THREADS = ("PlacementGroupCleanerMonitor",)
 
+# DeepSpeed's ZeRO gathers call a torch.distributed function torch has deprecated: a FutureWarning per
+# rank per run in every training log, about code that is not ours and changes nothing.
+QUIET_WARNINGS = (r"`torch\.distributed\.all_gather_into_tensor` is deprecated",)
+
 
 def _quiet_thread_excepthook(previous):
     def hook(args):
@@ -62,9 +66,13 @@ def _quiet_thread_excepthook(previous):
 
 
 def quiet_ray_logs() -> None:
-    """Ray `worker_process_setup_hook`: install the QUIET_LOG_MESSAGES filters and the QUIET_THREADS
-    exception hook (idempotent)."""
+    """Ray `worker_process_setup_hook`: install the QUIET_LOG_MESSAGES filters, the QUIET_WARNINGS
+    filters and the QUIET_THREADS exception hook (idempotent)."""
     import threading
+    import warnings
+
+    for pattern in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern, category=FutureWarning)
 
     for name, prefix in QUIET_LOG_MESSAGES.items():
         logger = logging.getLogger(name)
