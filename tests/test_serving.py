@@ -488,30 +488,40 @@ def _replicas(app: str = APP) -> int:
     return dep.replica_states.get("RUNNING", 0)
 
 
-def _load(stack, stop, out, seed0: int):
+def _load(stack, stop, out, seed0: int, images: int = 1):
     i = 0
     while not stop.is_set() and i < 2000:
-        r = post(stack, {"class_ids": [i % 10], "seed": seed0 + i}, timeout=60)
+        r = post(stack, {"class_ids": [i % 10], "num_images": images, "seed": seed0 + i}, timeout=60)
         out.append((time.time(), r.status_code, r.json() if r.status_code == 200 else r.text))
         i += 1
+
+
+def _wait_replicas(n: int, timeout_s: float, why: str = "", poll_s: float = 1.0) -> None:
+    deadline = time.time() + timeout_s
+    while _replicas() != n:
+        assert time.time() < deadline, why or f"the Generator did not reach {n} replica(s)"
+        time.sleep(poll_s)
+
+
+def _peak_replicas(timeout_s: float = 60) -> int:
+    """The most RUNNING replicas seen while polling until 2 run or timeout_s passes."""
+    deadline, peak = time.time() + timeout_s, 1
+    while time.time() < deadline and peak < 2:
+        peak = max(peak, _replicas())
+        time.sleep(0.5)
+    return peak
 
 
 def test_generator_scales_1_to_2_and_back_after_the_load(stack):
     import threading
 
-    deadline = time.time() + 60
-    while _replicas() != 1:  # earlier tests may have left a second replica
-        assert time.time() < deadline
-        time.sleep(1)
+    _wait_replicas(1, 60)  # earlier tests may have left a second replica
     stop, results = threading.Event(), []
     threads = [threading.Thread(target=_load, args=(stack, stop, results, 10_000 * k)) for k in range(8)]
     for t in threads:
         t.start()
     try:
-        deadline, peak = time.time() + 60, 1
-        while time.time() < deadline and peak < 2:
-            peak = max(peak, _replicas())
-            time.sleep(0.5)
+        peak = _peak_replicas()
         time.sleep(4.0)  # keep the load on while both replicas run
     finally:
         stop.set()
@@ -521,10 +531,8 @@ def test_generator_scales_1_to_2_and_back_after_the_load(stack):
     assert results and all(code == 200 for _, code, _ in results), {c for _, c, _ in results}
     served_by = collections.Counter(j["replica"] for _, _, j in results)
     assert len(served_by) == 2, f"only one replica served: {served_by}"
-    t_stop, deadline = time.time(), time.time() + 90
-    while _replicas() != 1:
-        assert time.time() < deadline, "did not scale back to 1 replica after the load stopped"
-        time.sleep(1)
+    t_stop = time.time()
+    _wait_replicas(1, 90, "did not scale back to 1 replica after the load stopped")
     print(f"scaled 1 -> 2 under load ({len(results)} requests), back to 1 {time.time() - t_stop:.1f} s after")
 
 
@@ -536,27 +544,14 @@ def test_autoscaling_counts_images_and_scale_down_drains(stack):
     and none fails (the replica being removed finishes what it holds)."""
     import threading
 
-    deadline = time.time() + 60
-    while _replicas() != 1:
-        assert time.time() < deadline
-        time.sleep(1)
-
-    def load(stop, out, seed0, images):
-        i = 0
-        while not stop.is_set():
-            r = post(stack, {"class_ids": [i % 10], "num_images": images, "seed": seed0 + i}, timeout=60)
-            out.append((time.time(), r.status_code, r.json() if r.status_code == 200 else r.text))
-            i += 1
-
+    _wait_replicas(1, 60)
     big_stop, big = threading.Event(), []
-    threads = [threading.Thread(target=load, args=(big_stop, big, 70_000 + 1000 * k, 16)) for k in range(2)]
+    threads = [threading.Thread(target=_load, args=(stack, big_stop, big, 70_000 + 1000 * k, 16))
+               for k in range(2)]
     for t in threads:
         t.start()
     try:
-        deadline, peak = time.time() + 60, 1
-        while time.time() < deadline and peak < 2:
-            peak = max(peak, _replicas())
-            time.sleep(0.5)
+        peak = _peak_replicas()
         time.sleep(3.0)  # both replicas take the image load
     finally:
         big_stop.set()
@@ -566,13 +561,10 @@ def test_autoscaling_counts_images_and_scale_down_drains(stack):
     assert big and all(code == 200 for _, code, _ in big), [(c, b) for _, c, b in big if c != 200][:3]
     late = collections.Counter(j["replica"] for t, _, j in big[-8:])
     small_stop, small = threading.Event(), []
-    t_small = threading.Thread(target=load, args=(small_stop, small, 80_000, 1))
+    t_small = threading.Thread(target=_load, args=(stack, small_stop, small, 80_000, 1))
     t_small.start()
     try:
-        deadline = time.time() + 60
-        while _replicas() != 1:
-            assert time.time() < deadline, "did not scale back to 1 replica under a 1-image load"
-            time.sleep(0.5)
+        _wait_replicas(1, 60, "did not scale back to 1 replica under a 1-image load", poll_s=0.5)
         time.sleep(2.0)
     finally:
         small_stop.set()
