@@ -141,3 +141,56 @@ def test_torch_export_archives_static_batch_refused_dynamic_loads(tmp_path):
     x = torch.randn(4, 3, 32, 32)
     for got, want in zip(FrozenNet(net, where)(x), eager(x), strict=True):
         assert torch.allclose(got, want, atol=1e-5)
+
+
+@pytest.fixture
+def tf32_flags():
+    """TF32 off before the test; the process's flags put back after it."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_a_cuda_placement_turns_tf32_on_and_a_cpu_one_leaves_it(tf32_flags):
+    """Issue 18: the frozen nets ran in fp32 with TF32 off. Placing one on a CUDA device (no GPU needed
+    to place it: nothing runs here) turns TF32 matmuls and convolutions on, with bf16 autocast."""
+    FrozenNet(TokenNet(), FrozenPlacement(device="cpu"))
+    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    where = FrozenPlacement(device="cuda:0")
+    FrozenNet(TokenNet(), where)
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    assert where.use_autocast()
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "torch_export"])
+def test_files_are_loaded_straight_onto_the_placement_device(tmp_path, monkeypatch, fmt):
+    """Issue 18: the nets were loaded on the CPU and moved after (a traced graph keeps its CPU
+    constants). The loader must ask torch for the placement's device itself: the TorchScript loader's
+    map_location, torch.export's move_to_device_pass. Spied here (no GPU): the device asked for is
+    recorded and the CPU used in its place, so the file still loads."""
+    import torch.export.passes as passes
+
+    asked = []
+    if fmt == "torchscript":
+        path = _trace(TokenNet(), tmp_path / "teacher.pt")
+        original = torch.jit.load
+
+        def spy(f, map_location=None, **kw):
+            asked.append(torch.device(map_location) if map_location is not None else None)
+            return original(f, map_location="cpu", **kw)
+        monkeypatch.setattr(torch.jit, "load", spy)
+    else:
+        path = str(tmp_path / "teacher.pt2")
+        batch = torch.export.Dim("batch", min=1, max=64)
+        torch.export.save(torch.export.export(TokenNet().eval(), (torch.randn(2, 3, 32, 32),),
+                                              dynamic_shapes=({0: batch},)), path)
+        original = passes.move_to_device_pass
+
+        def spy(ep, location):
+            asked.append(torch.device(location))
+            return original(ep, "cpu")
+        monkeypatch.setattr(passes, "move_to_device_pass", spy)
+    net = load_feature_net(path, FrozenPlacement(device="cuda:1", batch=2))
+    assert asked == [torch.device("cuda:1")]
+    assert all(not p.requires_grad for p in net.parameters())
