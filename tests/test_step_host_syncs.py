@@ -63,3 +63,28 @@ def test_log_line_means_and_grad_norm_in_one_transfer(monkeypatch, norm):
     assert line == pytest.approx({"loss": sum(losses) / 3, "mse": 2 * sum(losses) / 3, "grad_norm": want_norm,
                                   "lr": 0.1, "images_per_s": 7.0})
     assert sums.means() == {}  # the interval is reset
+
+
+def test_the_ar_ema_is_serialised_on_rank_0_only(monkeypatch):
+    """Issue 18: every rank serialised the whole EMA (1.3 GB for DetailFlow-16's AR) for a checkpoint
+    only rank 0 writes extra files of. Rank 1 builds nothing; rank 0's bytes hold the EMA as
+    EMA.state_dict lays it out (values, decay, update count equal to what went in)."""
+    from types import SimpleNamespace
+
+    import safetensors.torch
+    from safetensors.torch import load
+
+    from detailflow.pipelines.train.ar import EMA_FILE, ema_checkpoint_files
+
+    saves = []
+    original = safetensors.torch.save
+    monkeypatch.setattr(safetensors.torch, "save", lambda *a, **k: saves.append(1) or original(*a, **k))
+    full = {"tok_emb.weight": torch.arange(6.0).reshape(2, 3), "head.bias": torch.tensor([0.5, -1.0])}
+    ema = SimpleNamespace(decay=0.999, num_updates=7)
+    assert ema_checkpoint_files(full, ema, rank=1) is None and saves == []
+    files = ema_checkpoint_files(full, ema, rank=0)
+    assert list(files) == [EMA_FILE] and saves == [1]
+    state = load(files[EMA_FILE])
+    for name, value in full.items():
+        assert torch.equal(state[f"shadow.{name}"], value)
+    assert float(state["decay"]) == 0.999 and int(state["num_updates"]) == 7

@@ -126,12 +126,11 @@ def upload_with_marker(local_dir: str, dest: str, fs, *, rank: int, world: int, 
 
 
 def save_and_report(engines: dict[str, Any], metrics: dict, *, client_state: dict, config: dict,
-                    extra_files: dict[str, bytes] | None = None,
-                    rank_files: dict[str, bytes] | None = None, tracker=None) -> str:
+                    extra_files: dict[str, bytes] | None = None, tracker=None) -> str:
     """All ranks: save every engine under its tag, upload (marker last), report to Ray Train.
 
-    extra_files (name -> bytes) are written by rank 0 next to client_state.json; rank_files by
-    EVERY rank (names must differ per rank, e.g. "ema/rank-00001.safetensors").
+    extra_files (name -> bytes) are written by rank 0 next to client_state.json (other ranks' are
+    ignored: build them on rank 0 only).
     `metrics` is averaged over the ranks. Rank 0's tracker records the checkpoint (URI, step,
     metrics) in MLflow once every rank's upload has finished. Returns the checkpoint's URI.
 
@@ -152,10 +151,8 @@ def save_and_report(engines: dict[str, Any], metrics: dict, *, client_state: dic
     try:
         for tag, engine in engines.items():
             engine.save_checkpoint(tmpdir, tag=tag, client_state=client_state)
-        files = dict(rank_files or {})
-        if rank == 0:
-            files.update(extra_files or {})
-            files[CLIENT_STATE_FILE] = json.dumps(client_state, default=str).encode()
+        files = {**(extra_files or {}), CLIENT_STATE_FILE: json.dumps(client_state, default=str).encode()} \
+            if rank == 0 else {}
         for name, data in files.items():
             os.makedirs(os.path.dirname(os.path.join(tmpdir, name)), exist_ok=True)
             with open(os.path.join(tmpdir, name), "wb") as f:
