@@ -14,11 +14,12 @@ pytestmark = pytest.mark.integration
 STEPS, ACCUM, WARMUP, LR = 3, 2, 2, 3e-4
 
 
-def test_grad_accum_counts_optimiser_steps(services, storage, ray_session, tmp_path):
+def test_grad_accum_counts_optimiser_steps(services, storage, ray_session, tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     from detailflow.pipelines.data import synth
     from detailflow.pipelines.data.ingest import IngestConfig, ingest
+    from detailflow.pipelines.train.loop_common import WorkerContext
     from detailflow.pipelines.train.tokenizer import run
     from detailflow.platform import checkpoints
     from detailflow.platform.tracking import RUN_NAME_TAG
@@ -31,7 +32,14 @@ def test_grad_accum_counts_optimiser_steps(services, storage, ray_session, tmp_p
         "dataset=accum-shapes", "name=accum-test", "num_workers=0", f"steps={STEPS}", f"grad_accum={ACCUM}",
         f"warmup_steps={WARMUP}", f"lr={LR}", "checkpoint_every=2", "eval_every=100", "log_every=1",
         f"consumed_log={log}", "micro_batch=4"])
+    seeded = []  # (rank, seed) of each call: in-process, the loop runs in this process
+    original = WorkerContext.seed_rank
+    monkeypatch.setattr(WorkerContext, "seed_rank",
+                        lambda ctx, seed: seeded.append((ctx.rank, seed)) or original(ctx, seed))
     info = run(cfg, services)
+
+    # issue 18: the loop reseeds torch per rank from (seed, rank) once, after the shared init
+    assert seeded == [(0, cfg.seed)]
 
     # micro-batches consumed = steps x grad_accum, grad_accum of them per optimiser step
     steps = [int(line.split()[0]) for line in (tmp_path / "consumed.rank0").read_text().splitlines()]
