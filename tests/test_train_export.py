@@ -94,3 +94,19 @@ def test_an_older_export_naming_training_files_still_loads(tmp_path):
         codes = model.encode(img)
         t = model.rmap.admissible[-1]
         assert torch.equal(tok.decode(codes, t), model.decode(codes, t))
+
+
+def test_an_export_whose_weights_do_not_fit_its_config_names_the_differences(tmp_path):
+    """The inference loader (one copy, shared by load_tokenizer, the pyfunc and serving) lists the
+    entries that do not fit, with their shapes, rather than torch's bare strict-load error."""
+    from detailflow.models.export import StateDictMismatch
+    from detailflow.platform.checkpoints import load_inference_tokenizer
+
+    cfg, model = _trained_model()
+    fields = dataclasses.asdict(tokenizer_config(cfg))
+    export_cfg = {"kind": "tokenizer", "model": "smoke",
+                  "tokenizer": {**fields, "codebook_size": 2 * fields["codebook_size"]}}
+    save_pretrained(model, export_cfg, tmp_path)
+    want = r"shape mismatches \(1\): quantizer.embedding file \(64, 8\) vs module \(128, 8\)"
+    with pytest.raises(StateDictMismatch, match=want):
+        load_inference_tokenizer(tmp_path, export_cfg)

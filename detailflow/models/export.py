@@ -73,8 +73,9 @@ def read_config(directory) -> dict:
         raise ValueError(f"{path} is not valid JSON: {e}") from e
 
 
-def load_state_checked(module: nn.Module, directory) -> dict:
-    """Strictly load `directory`'s weights into `module`; returns the saved config.
+def load_state_checked(module: nn.Module, directory, select=None) -> dict:
+    """Strictly load `directory`'s weights (or select(weights): the entries to keep) into `module`;
+    returns the saved config.
 
     Raises StateDictMismatch (listing missing keys, unexpected keys and shape mismatches with
     their shapes) before touching any parameter, so a failed load leaves the module unchanged.
@@ -85,6 +86,8 @@ def load_state_checked(module: nn.Module, directory) -> dict:
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}")
     config = read_config(directory)
     state = load_file(str(path))
+    if select is not None:
+        state = select(state)
     expected = module.state_dict()
     missing = {k: v.shape for k, v in expected.items() if k not in state}
     unexpected = {k: v.shape for k, v in state.items() if k not in expected}

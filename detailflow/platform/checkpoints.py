@@ -334,17 +334,12 @@ def export_consolidated(checkpoint, build_model, model_config: dict, storage, ke
 def load_inference_tokenizer(directory, config: dict):
     """The tokenizer of an export folder for inference: built from inference_tokenizer_fields (no
     training-only network is built or read, whatever paths a pre-inference-export config still
-    names) and strictly loaded with the training-only entries dropped."""
-    from safetensors.torch import load_file
-
+    names) and strictly loaded with the training-only entries dropped (StateDictMismatch names
+    every difference)."""
     from detailflow.models.configs import TokenizerConfig
-    from detailflow.models.export import WEIGHTS_NAME
+    from detailflow.models.export import load_state_checked
     from detailflow.models.tokenizer import DetailFlowTokenizer
 
     model = DetailFlowTokenizer(TokenizerConfig(**inference_tokenizer_fields(config["tokenizer"])))
-    state = inference_state(load_file(os.path.join(directory, WEIGHTS_NAME)))
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise ValueError(f"{directory}: tokenizer weights do not match its config.json: {exc}") from exc
+    load_state_checked(model, directory, select=inference_state)
     return model

@@ -25,34 +25,21 @@ from __future__ import annotations
 import mlflow
 from mlflow.pyfunc import PythonModel
 
-# The training-only tokenizer fields/state entries: one list, shared with the inference export.
-from detailflow.platform.checkpoints import TOKENIZER_TRAINING_ONLY_PREFIXES, inference_tokenizer_fields
+# The inference tokenizer (training-only fields and entries off): one loader, shared with the export.
+from detailflow.platform.checkpoints import load_inference_tokenizer
 from detailflow.platform.tracking_links import resolve_links
 
 
 def build_tokenizer(directory):
-    """DetailFlowTokenizer (eval mode) for decoding, from an export folder; strict on everything else."""
-    from safetensors.torch import load_file
-
-    from detailflow.models.configs import TokenizerConfig
-    from detailflow.models.export import WEIGHTS_NAME, StateDictMismatch, read_config
-    from detailflow.models.tokenizer import DetailFlowTokenizer
+    """DetailFlowTokenizer (eval mode) for decoding, from an export folder: the inference tokenizer
+    (training-only fields off, their entries dropped; checkpoints.load_inference_tokenizer), strict on
+    everything else."""
+    from detailflow.models.export import read_config
 
     config = read_config(resolve_links(directory))
     if config.get("kind") != "tokenizer":
         raise ValueError(f"{directory}: expected a tokenizer export, got kind {config.get('kind')!r}")
-    model = DetailFlowTokenizer(TokenizerConfig(**inference_tokenizer_fields(config["tokenizer"])))
-    state = {k: v for k, v in load_file(f"{directory}/{WEIGHTS_NAME}").items()
-             if not k.startswith(TOKENIZER_TRAINING_ONLY_PREFIXES)}
-    expected = model.state_dict()
-    missing = {k: v.shape for k, v in expected.items() if k not in state}
-    unexpected = {k: v.shape for k, v in state.items() if k not in expected}
-    mismatched = {k: (state[k].shape, v.shape) for k, v in expected.items()
-                  if k in state and state[k].shape != v.shape}
-    if missing or unexpected or mismatched:
-        raise StateDictMismatch(directory, missing, unexpected, mismatched)
-    model.load_state_dict(state, strict=True)
-    return model.eval(), config
+    return load_inference_tokenizer(directory, config).eval(), config
 
 
 def build_ar(directory):
