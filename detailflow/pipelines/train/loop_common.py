@@ -254,16 +254,10 @@ class WorkerContext:
                                             "_storage_path": f"{self.settings.s3_bucket}/runs"})
 
     def data_position(self, state: dict) -> dict | None:
-        """This rank's data position from a restored client_state (None on a fresh start, or when
-        the world size changed: the per-rank plans differ then, so the stream restarts its epoch)."""
+        """This rank's data position from a restored client_state (None on a fresh start). restore()
+        has refused a checkpoint of another world size, so it holds one position per rank."""
         positions = state.get("data_positions") or []
-        if len(positions) != self.world:
-            if positions:
-                print(f"[detailflow] world size changed {len(positions)} -> {self.world}: rank {self.rank} "
-                      "restarts the data epoch of rank 0's position", flush=True)
-                return {"epoch": int(positions[0].get("epoch", 0)), "restart_epoch": True}
-            return None
-        return positions[self.rank] or None
+        return (positions[self.rank] or None) if positions else None
 
     def all_gather(self, obj) -> list:
         """[rank 0's obj, rank 1's obj, ...] on every rank."""

@@ -139,7 +139,7 @@ def _stream(cfg: TokenizerStageConfig, ctx, rmap, state: dict):
     which leaves its parameters without gradients on that rank, and ZeRO-2's bucketed all-reduce
     then aborts (tests/test_train_shared_t.py shows it); ZeRO-3's per-module gathers would desync too.
     No broadcast, no second degradation: equal draws by construction."""
-    from detailflow.pipelines.data.plan import Position, next_position
+    from detailflow.pipelines.data.plan import resume_start
     from detailflow.pipelines.data.reader import DegradedStream, ReaderConfig
     from detailflow.platform.storage import Storage
 
@@ -147,12 +147,7 @@ def _stream(cfg: TokenizerStageConfig, ctx, rmap, state: dict):
                           degrade_prob=tokenizer_config(cfg).degrade_prob, seed=cfg.seed, train=True,
                           num_epochs=None, window_groups=cfg.window_groups, prefetch_windows=cfg.reader_tasks,
                           shared_t=ctx.world > 1)
-    pos = ctx.data_position(state)
-    start = None
-    if pos and pos.get("restart_epoch"):
-        start = Position(int(pos["epoch"]), 0, 0)
-    elif pos:
-        start = next_position(Position(int(pos["epoch"]), int(pos["unit"]), int(pos["batch"])))
+    start = resume_start(ctx.data_position(state))  # the batch after the checkpointed one
     # the stream counts micro-batches (t is drawn from that index): an optimiser step takes grad_accum
     first = int(state.get("step", 0)) * cfg.grad_accum
     stream = DegradedStream(Storage(ctx.settings), cfg.dataset, "train", reader, rmap, rank=ctx.rank,
