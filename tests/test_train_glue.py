@@ -227,7 +227,8 @@ def test_resolve_weights_checks_sha256(tmp_path):
 
 
 def test_progress_line(capsys):
-    from detailflow.platform.tracking import Progress, Tracker
+    from detailflow.platform.progress import Progress
+    from detailflow.platform.tracking import Tracker
 
     tracker = Tracker()  # disabled: only its last_checkpoint is read
     p = Progress("tokenizer", "run-x", total=100, start=20, unit="img", every_s=3600, tracker=tracker)
@@ -251,7 +252,7 @@ def test_progress_line_prints_once_under_ray_trains_print_patch(monkeypatch):
 
     from ray.train.v2._internal.logging.patch_print import redirected_print
 
-    from detailflow.platform.tracking import Progress
+    from detailflow.platform.progress import Progress
 
     out, console = io.StringIO(), io.StringIO()
     root, handler = logging.getLogger(), logging.StreamHandler(console)

@@ -63,4 +63,31 @@ class ExportModel(PythonModel):
             return codes.cpu().numpy().astype(np.int64)
 
 
+def export_signature(export_config: dict):
+    """Tokenizer: uint8 images (-1, 3, R, R) -> int64 codes (-1, N). AR: int64 class ids (-1,) ->
+    int64 codes (-1, N), with params cfg_scale and seed."""
+    import numpy as np
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
+
+    if export_config.get("kind") == "tokenizer":
+        tok = export_config["tokenizer"]
+        r, n = tok["image_size"], tok["num_tokens"]
+        return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, 3, r, r), "images")]),
+                              outputs=Schema([TensorSpec(np.dtype(np.int64), (-1, n), "codes")]))
+    ar = export_config["ar"]
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.int64), (-1,), "class_ids")]),
+        outputs=Schema([TensorSpec(np.dtype(np.int64), (-1, ar["num_tokens"]), "codes")]),
+        params=ParamSchema([ParamSpec("cfg_scale", "double", 1.5), ParamSpec("seed", "long", 0)]))
+
+
+def export_requirements(names: tuple[str, ...] = ("torch", "safetensors", "einops", "numpy")) -> list[str]:
+    """`names` pinned to what is installed here; given explicitly so MLflow does not load the model in
+    a subprocess to infer them. torch without its local "+cpu" label (measured-here §5)."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name).split('+')[0]}" for name in names]
+
+
 mlflow.models.set_model(ExportModel())

@@ -64,6 +64,10 @@ def tag_json(value) -> str:
 
 
 # ---- the generator pyfunc ----------------------------------------------------------------------
+# What the pyfunc imports, pinned to the installed versions (export_model.export_requirements).
+GENERATOR_PACKAGES = ("mlflow", "torch", "safetensors", "einops", "numpy")
+
+
 def generator_signature(tok_config: dict, ar_config: dict):
     """class ids (-1,) int64 -> images (-1, 3, -1, -1) uint8 (R x R with all tokens); the params."""
     import numpy as np
@@ -76,14 +80,6 @@ def generator_signature(tok_config: dict, ar_config: dict):
     return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.int64), (-1,), "class_ids")]),
                           outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, 3, -1, -1), "images")]),
                           params=ParamSchema(params))
-
-
-def pinned_requirements() -> list[str]:
-    """The installed versions of what the pyfunc imports (torch without a local "+cpu" label)."""
-    from importlib.metadata import version
-
-    names = ("mlflow", "torch", "safetensors", "einops", "numpy")
-    return [f"{n}=={version(n).split('+')[0]}" for n in names]
 
 
 def bundle_model_code(directory) -> str:
@@ -111,7 +107,7 @@ def log_generator(tok_dir, ar_dir, *, run_id: str, tracking_uri: str, tags: dict
     from mlflow.tracking import MlflowClient
 
     from detailflow.models.export import read_config
-    from detailflow.platform import pyfunc_generator
+    from detailflow.platform import export_model, pyfunc_generator
     from detailflow.platform.tracking_links import link_export
 
     if storage is None:
@@ -132,7 +128,8 @@ def log_generator(tok_dir, ar_dir, *, run_id: str, tracking_uri: str, tags: dict
         info = mlflow.pyfunc.log_model(
             name="generator", python_model=pyfunc_generator.__file__, artifacts=links,
             code_paths=[bundle_model_code(code)], signature=generator_signature(tok_config, ar_config),
-            pip_requirements=pinned_requirements(), model_type="detailflow-generator",
+            pip_requirements=export_model.export_requirements(GENERATOR_PACKAGES),
+            model_type="detailflow-generator",
             tags={KIND_TAG: "generator", **{k: str(v) for k, v in (tags or {}).items()}})
     if status == "RUNNING":
         client.update_run(run_id, status="RUNNING")

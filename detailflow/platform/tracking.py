@@ -31,7 +31,6 @@ import io
 import json
 import math
 import os
-import sys
 import tempfile
 import time
 import uuid
@@ -294,9 +293,10 @@ class Tracker:
             with fluent_run(self.tracking_uri, self.run_id):
                 info = mlflow.pyfunc.log_model(
                     name=f"{kind}-export", python_model=export_model.__file__,
-                    artifacts={"export": str(linked)}, signature=export_signature(export_config),
-                    pip_requirements=export_requirements(), tags=tags, model_type=f"detailflow-{kind}",
-                    step=int(step or 0))
+                    artifacts={"export": str(linked)},
+                    signature=export_model.export_signature(export_config),
+                    pip_requirements=export_model.export_requirements(), tags=tags,
+                    model_type=f"detailflow-{kind}", step=int(step or 0))
         if status == "RUNNING":
             self.client.update_run(self.run_id, status="RUNNING")
         else:
@@ -334,33 +334,6 @@ def fluent_run(tracking_uri: str, run_id: str):
             os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
         else:
             os.environ["MLFLOW_EXPERIMENT_ID"] = env_before
-
-
-def export_signature(export_config: dict):
-    """Tokenizer: uint8 images (-1, 3, R, R) -> int64 codes (-1, N). AR: int64 class ids (-1,) ->
-    int64 codes (-1, N), with params cfg_scale and seed."""
-    import numpy as np
-    from mlflow.models.signature import ModelSignature
-    from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
-
-    if export_config.get("kind") == "tokenizer":
-        tok = export_config["tokenizer"]
-        r, n = tok["image_size"], tok["num_tokens"]
-        return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, 3, r, r), "images")]),
-                              outputs=Schema([TensorSpec(np.dtype(np.int64), (-1, n), "codes")]))
-    ar = export_config["ar"]
-    return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.int64), (-1,), "class_ids")]),
-        outputs=Schema([TensorSpec(np.dtype(np.int64), (-1, ar["num_tokens"]), "codes")]),
-        params=ParamSchema([ParamSpec("cfg_scale", "double", 1.5), ParamSpec("seed", "long", 0)]))
-
-
-def export_requirements() -> list[str]:
-    """Pinned to what is installed here; given explicitly so MLflow does not load the model in a
-    subprocess to infer them. torch without its local "+cpu" label (measured-here §5)."""
-    from importlib.metadata import version
-
-    return [f"{name}=={version(name).split('+')[0]}" for name in ("torch", "safetensors", "einops", "numpy")]
 
 
 def pending_key(experiment: str, run_name: str) -> str:
@@ -428,63 +401,3 @@ def list_exports(client, run_id: str) -> list[dict]:
     return [{"model_id": m.model_id, "uri": m.tags.get("detailflow.export_uri"),
              "model_uri": f"models:/{m.model_id}", "kind": m.model_type}
             for m in _logged_models(client, run_id, "export")]
-
-
-class Progress:
-    """Rank 0's console line every `every_s` seconds (and at the last step), e.g.
-
-        [tokenizer tokenizer-tiny-2026-11-28-1a2b3c4d] step 120/1000 (12%) | loss 0.1432 | 245.1 img/s
-        | ETA 3m36s | last ckpt step 100 s3://detailflow/runs/.../checkpoint_step00000100_...
-
-    printed with flush so Ray forwards it to the driver's console (log_to_driver, on by default).
-    Throughput is measured since the previous line; `loss` is the latest value handed in (the loops
-    pass the mean over ranks on logging steps)."""
-
-    def __init__(self, stage: str, run_name: str, *, total: int, start: int, unit: str = "img",
-                 every_s: float = 10.0, enabled: bool = True, tracker: Tracker | None = None):
-        self.label = f"[{stage} {run_name}]"
-        self.total, self.unit, self.every_s, self.enabled = total, unit, every_s, enabled
-        self.tracker = tracker
-        self.loss: float | None = None
-        self._t0 = self._last = time.perf_counter()
-        self._step0 = self._last_step = start
-        self._items = 0
-
-    def update(self, step: int, items: int, loss: float | None = None) -> str | None:
-        """After finishing `step` steps in total with `items` more samples (all ranks); prints when due."""
-        if not self.enabled:
-            return None
-        self._items += items
-        if loss is not None:
-            self.loss = float(loss)
-        now = time.perf_counter()
-        if now - self._last < self.every_s and step < self.total:
-            return None
-        line = self.line(step, now)
-        # not print(): inside a Ray Train worker print is patched to ALSO log the line to the console
-        # whenever sys.stdout is wrapped (it is, there), so every progress line appeared twice
-        sys.stdout.write(line + "\n")
-        sys.stdout.flush()
-        self._last, self._last_step, self._items = now, step, 0
-        return line
-
-    def line(self, step: int, now: float) -> str:
-        rate = self._items / max(now - self._last, 1e-9)
-        steps_per_s = (step - self._step0) / max(now - self._t0, 1e-9)
-        eta = (self.total - step) / steps_per_s if steps_per_s > 0 else float("inf")
-        parts = [f"{self.label} step {step}/{self.total} ({100 * step / max(1, self.total):.0f}%)"]
-        if self.loss is not None:
-            parts.append(f"loss {self.loss:.4f}")
-        parts += [f"{rate:.1f} {self.unit}/s", f"ETA {format_duration(eta)}"]
-        ckpt = self.tracker.last_checkpoint if self.tracker is not None else None
-        parts.append(f"last ckpt step {ckpt[0]} {ckpt[1]}" if ckpt else "no checkpoint yet")
-        return " | ".join(parts)
-
-
-def format_duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    s = int(round(seconds))
-    h, rem = divmod(s, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")

@@ -154,7 +154,7 @@ def train_loop(config: dict) -> None:
     from detailflow.models.ema import ShardedEMA
     from detailflow.platform import checkpoints
     from detailflow.platform import deepspeed_glue as dsg
-    from detailflow.platform.tracking import Progress
+    from detailflow.platform.progress import Progress
 
     cfg = stage_from_config(ARStageConfig, config)
     ctx = WorkerContext.from_ray(config, cfg)

@@ -180,8 +180,8 @@ def train_loop(config: dict) -> None:
 
     from detailflow.models.tokenizer import DetailFlowTokenizer
     from detailflow.platform import deepspeed_glue as dsg
+    from detailflow.platform.progress import Progress
     from detailflow.platform.storage import Storage
-    from detailflow.platform.tracking import Progress
     from detailflow.platform.weights import resolve_weights
 
     cfg = stage_from_config(TokenizerStageConfig, config)
