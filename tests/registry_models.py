@@ -163,3 +163,20 @@ class PixelEval:
         if self.after_eval is not None:
             self.after_eval(request)
         return {"mlflow_run_id": ev.run_id, "pixel_rmse": value}
+
+
+def promote_config(name: str, **kw):
+    """A PromoteConfig gated on PixelEval's pixel_rmse (lower is better, no margin, 20 samples); kw
+    override any field."""
+    from detailflow.pipelines.registry.promote import PromoteConfig
+
+    base = dict(name=name, metric="pixel_rmse", higher_is_better=False, margin=0.0, eval_samples=20,
+                eval_seed=0, eval_cfg_scale=1.5, evaluator="registry_models:PixelEval")
+    return PromoteConfig(**{**base, **kw})
+
+
+def register_version(services, name: str, models, label: str) -> str:
+    """Register the `label` AR model (with its tokenizer) as a new `<name>-generator` version."""
+    from detailflow.pipelines.registry.register import register
+
+    return register(services, name, models.ar_uris[label])["generator_version"]

@@ -17,7 +17,14 @@ import uuid
 
 import numpy as np
 import pytest
-from registry_models import PixelEval, build_models, expected_images, expected_rmse
+from registry_models import (
+    PixelEval,
+    build_models,
+    expected_images,
+    expected_rmse,
+    promote_config,
+    register_version,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -27,18 +34,7 @@ def models(services, storage):
     return build_models(services, storage, f"tests/registry-{uuid.uuid4().hex[:8]}")
 
 
-def _cfg(name: str, **kw):
-    from detailflow.pipelines.registry.promote import PromoteConfig
-
-    base = dict(name=name, metric="pixel_rmse", higher_is_better=False, margin=0.0, eval_samples=20,
-                eval_seed=0, eval_cfg_scale=1.5, evaluator="registry_models:PixelEval")
-    return PromoteConfig(**{**base, **kw})
-
-
-def _register(services, name: str, models, label: str) -> str:
-    from detailflow.pipelines.registry.register import register
-
-    return register(services, name, models.ar_uris[label])["generator_version"]
+_cfg, _register = promote_config, register_version
 
 
 def _name() -> str:

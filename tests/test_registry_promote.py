@@ -10,7 +10,7 @@ import time
 import uuid
 
 import pytest
-from registry_models import PixelEval, build_models, expected_rmse
+from registry_models import PixelEval, build_models, expected_rmse, promote_config, register_version
 
 
 def test_gate_rule():
@@ -42,17 +42,10 @@ def models(services, storage):
 
 
 def _cfg(name: str, **kw):
-    from detailflow.pipelines.registry.promote import PromoteConfig
-
-    base = dict(name=name, metric="pixel_rmse", higher_is_better=False, margin=0.0, eval_samples=20,
-                eval_seed=1, eval_cfg_scale=1.0, evaluator="registry_models:PixelEval")
-    return PromoteConfig(**{**base, **kw})
+    return promote_config(name, **{"eval_seed": 1, "eval_cfg_scale": 1.0, **kw})
 
 
-def _register(services, name, models, label) -> str:
-    from detailflow.pipelines.registry.register import register
-
-    return register(services, name, models.ar_uris[label])["generator_version"]
+_register = register_version
 
 
 @integration
