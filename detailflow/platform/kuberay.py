@@ -45,9 +45,6 @@ from pathlib import Path
 
 import yaml
 
-from detailflow.platform.serving.proxy_errors import ENV as PROXY_ERRORS_ENV
-from detailflow.platform.serving.proxy_errors import IMPORT_PATH as PROXY_ERRORS_IMPORT_PATH
-
 API = "ray.io/v1"
 
 
@@ -136,6 +133,10 @@ def nccl_env(node: NodeType) -> dict[str, str]:
 
 
 def _env(spec: ClusterSpec, extra: dict | None = None) -> list[dict]:
+    # names only: rendering manifests needs no web stack (proxy_errors imports starlette via front)
+    from detailflow.platform.serving.proxy_errors import ENV as PROXY_ERRORS_ENV
+    from detailflow.platform.serving.proxy_errors import IMPORT_PATH as PROXY_ERRORS_IMPORT_PATH
+
     plain = {"DETAILFLOW_RAY_ADDRESS": "auto",  # inside the cluster: join it, never start a local Ray
              "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1",
              "DETAILFLOW_DEVICE": "auto", "DETAILFLOW_S3_REGION": spec.s3_region,
