@@ -83,6 +83,54 @@ def test_pipeline_variables_fill_params_and_refuse_when_missing_or_unknown(tmp_p
         load_pipeline(undeclared)
 
 
+def test_pipeline_variables_size_resources_as_numbers_and_name_a_bad_value(tmp_path):
+    from click.testing import CliRunner
+
+    from detailflow.cli import main
+
+    path = _write(tmp_path, """
+    name: v
+    vars: {WORKERS: 2, CPUS: null}
+    stages:
+      - name: a
+        kind: synth
+        resources: {num_workers: "${vars.WORKERS}", cpus_per_worker: "${vars.CPUS}",
+                    accelerator: {sim_gpu: "${vars.CPUS}"}, gpus_per_worker: 0}
+    """)
+    res = load_pipeline(path, variables={"WORKERS": "64", "CPUS": "0.5"}).stages[0].resources
+    assert res == {"num_workers": 64, "cpus_per_worker": 0.5, "accelerator": {"sim_gpu": 0.5},
+                   "gpus_per_worker": 0}
+    assert type(res["num_workers"]) is int
+    # the file's default keeps its type; "4" from --set is the int 4, as if written in the file
+    res = load_pipeline(path, variables={"CPUS": "4"}).stages[0].resources
+    assert res["num_workers"] == 2 and type(res["cpus_per_worker"]) is int and res["cpus_per_worker"] == 4
+    bad = {
+        ("1.5", "1"): r"stages/0 \(a\): resources/num_workers: '1.5' \(from '\$\{vars.WORKERS\}'\) "
+                      "is not an integer",
+        ("-3", "1"): r"stages/0 \(a\): resources/num_workers: -3 is less than the minimum of 0",
+        ("8", "lots"): r"stages/0 \(a\): resources/cpus_per_worker: 'lots' .* is not a number",
+        ("8", "nan"): r"resources/cpus_per_worker: 'nan' .* is not a finite number",
+        ("8", "0"): r"resources/accelerator/sim_gpu: 0 is less than or equal to the minimum of 0",
+    }
+    for (workers, cpus), match in bad.items():
+        with pytest.raises(PipelineError, match=match):
+            load_pipeline(path, variables={"WORKERS": workers, "CPUS": cpus})
+    with pytest.raises(PipelineError, match=r"CPUS have no value: give them with --set CPUS=\.\.\."):
+        load_pipeline(path)  # a variable used only in resources is required like one in params
+    written = tmp_path / "written.yaml"
+    written.write_text("name: x\nstages: [{name: a, kind: synth, resources: {cpus: many}}]\n")
+    with pytest.raises(PipelineError, match=r"stages/0/resources/cpus: 'many' is neither a number nor"):
+        load_pipeline(written)
+    # `pipeline validate` checks them the same way and shows the resources the stage will get
+    runner = CliRunner()
+    ok = runner.invoke(main, ["pipeline", "validate", str(path), "--set", "WORKERS=64", "--set", "CPUS=2"])
+    assert ok.exit_code == 0, ok.output
+    assert '"num_workers": 64, "cpus_per_worker": 2' in ok.output
+    refused = runner.invoke(main, ["pipeline", "validate", str(path), "--set", "WORKERS=sixty",
+                                   "--set", "CPUS=2"])
+    assert refused.exit_code == 2 and "resources/num_workers: 'sixty'" in refused.output
+
+
 def test_resolve_keeps_types_and_interpolates_strings():
     outs = {"a": {"n": 3, "name": "ds"}}
     assert resolve({"x": "${stages.a.n}", "y": "v-${stages.a.name}", "z": ["${stages.a.name}"]}, outs) == {

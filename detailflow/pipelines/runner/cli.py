@@ -54,6 +54,8 @@ def validate(file, sets):
     spec = _load(file, sets)
     for i, s in enumerate(spec.stages, 1):
         click.echo(f"{i}. {s.name:<20} {s.kind:<20} {json.dumps(s.params, default=str)[:80]}")
+        if s.resources:  # as the stage will get them (${vars.x} filled, converted to numbers)
+            click.echo(f"   {'':<20} {'resources':<20} {json.dumps(s.resources)}")
     click.echo(f"{spec.path}: {len(spec.stages)} stages, valid")
 
 

@@ -27,6 +27,9 @@ Variables: values a user supplies per run (weight URIs, their sha256) without ed
     load_pipeline(path, variables={"teacher_uri": "s3://..."})
 `${vars.x}` is filled in at load time (a whole-string reference keeps the value's type), so the value
 is part of the stage's params and of its content hash: another URI or sha256 is another run.
+Resources take variables too: `resources: {num_workers: "${vars.WORKERS}"}` with `--set WORKERS=64`;
+the text becomes the number the field takes (int for num_workers / num_actors, int or float for
+CPUs and GPUs) and is checked like a written number; one that does not parse names stage, field, value.
 """
 
 from __future__ import annotations
@@ -39,6 +42,36 @@ import yaml
 
 REF = re.compile(r"\$\{stages\.([A-Za-z0-9_-]+)\.([A-Za-z0-9_]+)\}")
 VAR = re.compile(r"\$\{vars\.([A-Za-z0-9_]+)\}")
+
+VAR_TEXT = {"type": "string", "pattern": r"\$\{vars\.[A-Za-z0-9_]+\}"}  # a number given by a variable
+
+# A stage's resources, as Ray and the stages take them (after ${vars.x} is filled and converted).
+RESOURCES = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "num_workers": {"type": "integer", "minimum": 0},
+        "gpus_per_worker": {"type": "number", "minimum": 0},
+        "cpus_per_worker": {"type": "number", "exclusiveMinimum": 0},
+        "data_cpus": {"type": "number", "exclusiveMinimum": 0},
+        "num_actors": {"type": "integer", "minimum": 1},
+        # the stage's own Ray task (runner/stages.py "Where work runs")
+        "cpus": {"type": "number", "exclusiveMinimum": 0},
+        "gpus": {"type": "number", "minimum": 0},
+        "accelerator": {
+            "type": "object",
+            "additionalProperties": {"type": "number", "exclusiveMinimum": 0},
+        },
+    },
+}
+
+
+def _or_var(prop: dict) -> dict:
+    """A resource's schema as written in the file: its number, or a string holding ${vars.x}."""
+    if prop.get("type") == "object":
+        return {**prop, "additionalProperties": _or_var(prop["additionalProperties"])}
+    return {"anyOf": [prop, VAR_TEXT]}
+
 
 SCHEMA = {
     "type": "object",
@@ -59,24 +92,8 @@ SCHEMA = {
                     "name": {"type": "string", "pattern": "^[a-z0-9][a-z0-9-]{0,62}$"},
                     "kind": {"type": "string"},
                     "params": {"type": "object"},
-                    "resources": {
-                        "type": "object",
-                        "additionalProperties": False,
-                        "properties": {
-                            "num_workers": {"type": "integer", "minimum": 0},
-                            "gpus_per_worker": {"type": "number", "minimum": 0},
-                            "cpus_per_worker": {"type": "number", "exclusiveMinimum": 0},
-                            "data_cpus": {"type": "number", "exclusiveMinimum": 0},
-                            "num_actors": {"type": "integer", "minimum": 1},
-                            # the stage's own Ray task (runner/stages.py "Where work runs")
-                            "cpus": {"type": "number", "exclusiveMinimum": 0},
-                            "gpus": {"type": "number", "minimum": 0},
-                            "accelerator": {
-                                "type": "object",
-                                "additionalProperties": {"type": "number", "exclusiveMinimum": 0},
-                            },
-                        },
-                    },
+                    "resources": {**RESOURCES, "properties": {
+                        k: _or_var(v) for k, v in RESOURCES["properties"].items()}},
                 },
             },
         },
@@ -148,7 +165,8 @@ def _var_values(path: Path, data: dict, given: dict) -> dict:
         raise PipelineError(f"{path}: --set {', '.join(unknown)}: no such variable; the file declares "
                             f"{', '.join(sorted(declared)) or 'none'}")
     values = {**declared, **given}
-    used = sorted({n for s in data["stages"] for n in VAR.findall(str(s.get("params", {})))})
+    used = sorted({n for s in data["stages"] for part in ("params", "resources")
+                   for n in VAR.findall(str(s.get(part, {})))})
     undeclared = [n for n in used if n not in declared]
     if undeclared:
         raise PipelineError(f"{path}: ${{vars.{undeclared[0]}}} is used but not declared under vars:")
@@ -157,6 +175,63 @@ def _var_values(path: Path, data: dict, given: dict) -> dict:
         raise PipelineError(f"{path}: variable(s) {', '.join(missing)} have no value: give them with "
                             + " ".join(f"--set {n}=..." for n in missing))
     return values
+
+
+INTEGER = re.compile(r"[+-]?\d+")
+
+
+def _number(text: str, integer: bool):
+    """A resource value from a variable's text: int for integer fields, int or float otherwise
+    (`4` stays 4, so a value written in the file and the same value given by --set hash alike)."""
+    text = text.strip()
+    if INTEGER.fullmatch(text):
+        return int(text)
+    if integer:
+        raise ValueError("not an integer")
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError("not a number") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError("not a finite number")
+    return value
+
+
+def _fill_resources(path: Path, i: int, stage: dict, values: dict) -> dict:
+    """The stage's resources with ${vars.x} filled and converted to the numbers each field takes,
+    then checked against RESOURCES (minimums too); a value that does not fit names stage, field, value."""
+    import jsonschema
+
+    raw = stage.get("resources", {})
+    where = f"{path}: stages/{i} ({stage['name']}): resources"
+
+    def convert(field: str, written, integer: bool):
+        value = fill_vars(written, values)
+        if isinstance(value, float) and integer and value.is_integer():
+            return int(value)
+        if not isinstance(value, str):
+            return value
+        try:
+            return _number(value, integer)
+        except ValueError as exc:
+            given = f" (from {written!r})" if written != value else ""
+            raise PipelineError(f"{where}/{field}: {value!r}{given} is {exc}") from None
+
+    out = {}
+    for name, written in raw.items():
+        if name == "accelerator":
+            out[name] = {k: convert(f"{name}/{k}", v, False) for k, v in written.items()}
+        else:
+            out[name] = convert(name, written, RESOURCES["properties"][name]["type"] == "integer")
+    errors = sorted(jsonschema.Draft202012Validator(RESOURCES).iter_errors(out), key=lambda e: list(e.path))
+    if errors:
+        field = "/".join(str(p) for p in errors[0].path)
+        written = raw
+        for part in errors[0].path:
+            written = written[part]
+        given = f" (from {written!r})" if VAR.search(str(written)) else ""
+        raise PipelineError(f"{where}/{field}: {errors[0].message}{given}")
+    return out
 
 
 def load_pipeline(path: str | Path, kinds: dict | None = None, variables: dict | None = None) -> PipelineSpec:
@@ -177,12 +252,16 @@ def load_pipeline(path: str | Path, kinds: dict | None = None, variables: dict |
     errors = sorted(jsonschema.Draft202012Validator(SCHEMA).iter_errors(data), key=lambda e: list(e.path))
     if errors:
         e = errors[0]
-        where = "/".join(str(p) for p in e.path) or "(top level)"
+        where = "/".join(str(p) for p in e.absolute_path) or "(top level)"
+        if e.validator == "anyOf" and isinstance(e.instance, str):  # a resource: a number or a variable
+            raise PipelineError(f"{path}: {where}: {e.instance!r} is neither a number nor a ${{vars.NAME}}")
+        e = jsonschema.exceptions.best_match([e])  # inside an anyOf: the number's own complaint
         raise PipelineError(f"{path}: {where}: {e.message}")
     values = _var_values(path, data, dict(variables or {}))
     stages = [
-        Stage(s["name"], s["kind"], fill_vars(s.get("params", {}), values), s.get("resources", {}))
-        for s in data["stages"]
+        Stage(s["name"], s["kind"], fill_vars(s.get("params", {}), values),
+              _fill_resources(path, i, s, values))
+        for i, s in enumerate(data["stages"])
     ]
     seen: dict[str, Stage] = {}
     for i, st in enumerate(stages):
