@@ -143,3 +143,49 @@ def test_ar_training_zero3_on_codes_with_self_correction(services, storage, toke
     state = checkpoints.read_client_state(
         checkpoints.find_latest(storage.filesystem(), f"{services.s3_bucket}/runs", info["run_name"]))
     assert state["step"] == cfg.steps and dataclasses.asdict(cfg)["tokenizer"] == state["config"]["tokenizer"]
+
+
+def test_ar_loop_counts_optimiser_steps_and_reseeds_per_rank(services, storage, tokenizer_run, codes_version,
+                                                             monkeypatch):
+    """Issue 18 in the AR loop (the tokenizer loop's twin is tests/test_train_accum.py): with grad_accum
+    2, `steps` optimiser steps read steps x 2 micro-batches, checkpoints and the LR schedule count
+    optimiser steps, and torch is reseeded once from (seed, rank) after the shared init. In-process,
+    so the loop runs here and the spies see it."""
+    from mlflow.tracking import MlflowClient
+
+    from detailflow.pipelines.data.code_stream import CodeStream
+    from detailflow.pipelines.train.ar import ARStageConfig, run
+    from detailflow.pipelines.train.loop_common import WorkerContext
+    from detailflow.platform.deepspeed_glue import ar_lr
+    from detailflow.platform.tracking import RUN_NAME_TAG
+
+    steps, accum = 3, 2
+    cfg = load_stage_config(ARStageConfig, "configs/ar-smoke.yaml", [
+        f"tokenizer={tokenizer_run[1]['run_name']}", "name=stage-accum", "num_workers=0", f"steps={steps}",
+        f"grad_accum={accum}", "checkpoint_every=2", "eval_every=100", "log_every=1", "micro_batch=4",
+        "warmup_frac=0.34"])
+    batches, seeded = [], []
+    iterate, seed_rank = CodeStream.__iter__, WorkerContext.seed_rank
+
+    def counting(stream):
+        for batch in iterate(stream):
+            batches.append(batch["input"].shape[0])
+            yield batch
+    monkeypatch.setattr(CodeStream, "__iter__", counting)
+    monkeypatch.setattr(WorkerContext, "seed_rank",
+                        lambda ctx, seed: seeded.append((ctx.rank, seed)) or seed_rank(ctx, seed))
+    info = run(cfg, services)
+
+    assert batches == [4] * (steps * accum)  # grad_accum micro-batches per optimiser step
+    assert seeded == [(0, cfg.seed)]
+    done = checkpoints.complete_checkpoints(storage.filesystem(), f"{services.s3_bucket}/runs",
+                                            info["run_name"])
+    assert [s for s, _ in done] == [2, 3]
+    client = MlflowClient(services.mlflow_tracking_uri)
+    exp = client.get_experiment_by_name(cfg.experiment)
+    (mlrun,) = client.search_runs([exp.experiment_id],
+                                  filter_string=f"tags.`{RUN_NAME_TAG}` = '{info['run_name']}'")
+    lrs = {m.step: m.value for m in client.get_metric_history(mlrun.info.run_id, "lr")}
+    assert lrs == pytest.approx({k: ar_lr(k, total_steps=steps, base_lr=cfg.lr, warmup_frac=0.34)
+                                 for k in range(steps)})
+    assert mlrun.data.params["global_batch"] == str(4 * accum)
