@@ -152,7 +152,7 @@ def test_playground_refines_group_by_group_in_headless_chromium(page_app, browse
     shown = browser.js("document.getElementById('current').src").split(",", 1)[1]
     api = requests.post(f"{url}/v1/generate", headers={"Authorization": f"Bearer {key}"}, timeout=60,
                         json={"class_ids": [3], "num_images": 4, "cfg_scale": 2, "seed": 11, "tokens": 0,
-                              "temperature": 1, "top_k": 0, "format": "png"})
+                              "temperature": 1, "top_k": 0, "format": "grid"})
     assert base64.b64decode(shown) == api.content
     for png in (midway, shot):
         img = from_png(png)

@@ -59,31 +59,91 @@ def stack(ray_session, services, storage, tmp_path_factory):
         delete_app(APP)
 
 
-def post(stack, body: dict, **kw) -> requests.Response:
-    return requests.post(f"{stack.url}/v1/generate", json=body, headers=kw.pop("headers", stack.headers),
+def post(stack, body: dict, accept: str | None = "application/json", **kw) -> requests.Response:
+    """POST /v1/generate asking for JSON (the tests read its fields) unless accept says otherwise
+    (None: no Accept header of ours, i.e. requests' */*: the default PNG bytes)."""
+    headers = {**kw.pop("headers", stack.headers), **({"Accept": accept} if accept else {})}
+    return requests.post(f"{stack.url}/v1/generate", json=body, headers=headers,
                          timeout=kw.pop("timeout", 60), **kw)
 
 
-def test_generate_json_png_and_same_seed_same_image(stack):
-    body = {"class_ids": [3], "num_images": 2, "seed": 1234, "cfg_scale": 2.0}
-    r = post(stack, body)
-    assert r.status_code == 200, r.text
-    j = r.json()
-    assert j["model"] == f"{stack.name}-generator" and j["model_version"] == stack.v1 and j["seed"] == 1234
-    assert len(j["images"]) == 2 and j["tokens"] == 16 and j["canvas"] == 32
-    first = [_png(x) for x in j["images"]]
-    assert first[0].shape == (3, 32, 32)
-    again = [_png(x) for x in post(stack, body).json()["images"]]
-    assert all((a == b).all() for a, b in zip(first, again, strict=True))
-    other = [_png(x) for x in post(stack, {**body, "seed": 99}).json()["images"]]
-    assert not all((a == b).all() for a, b in zip(first, other, strict=True))
-    png = post(stack, {**body, "format": "png"})
-    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
-    assert png.headers["x-model-version"] == stack.v1 and png.headers["x-seed"] == "1234"
+def _pil(data: bytes) -> np.ndarray:
+    """PNG bytes -> 3 x H x W uint8 with PIL directly (independent of the server's images.py)."""
     from PIL import Image
 
-    grid = Image.open(io.BytesIO(png.content))
-    assert grid.size == (2 * 32 + 3 * 2, 32 + 2 * 2)  # 2 images in one row, 2 px gaps
+    im = Image.open(io.BytesIO(data))
+    assert im.format == "PNG" and im.mode == "RGB", (im.format, im.mode)
+    return np.asarray(im).transpose(2, 0, 1)
+
+
+def _multipart(r: requests.Response) -> list[tuple[dict, bytes]]:
+    """A multipart/mixed answer split by hand (not the client's parser): (headers, payload) per part."""
+    from test_serving_formats import split_by_hand
+
+    return split_by_hand(r.headers["content-type"], r.content)
+
+
+def test_generate_answers_png_bytes_by_default_and_json_only_when_asked(stack):
+    """One image: image/png body, metadata in headers; its pixels (decoded with PIL) are the JSON
+    format's base64 PNG for the same seed. Several: multipart/mixed, one image/png part per image with
+    index / class / seed headers; part i is the one-image answer for seed + i (X-Image-Seed). JSON only
+    on request (format=json or Accept), format=grid / Accept: image/png a grid, Accept: text/csv a 406."""
+    nocache = {**stack.headers, "Cache-Control": "no-cache"}
+    one = {"class_ids": [3], "seed": 1234, "cfg_scale": 2.0}
+    r = post(stack, one, accept=None, headers=nocache)
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png", r.text[:300]
+    h = r.headers
+    assert h["x-model"] == f"{stack.name}-generator" and h["x-model-version"] == stack.v1
+    assert (h["x-seed"], h["x-tokens"], h["x-canvas"], h["x-class-ids"]) == ("1234", "16", "32", "3")
+    assert h["x-cached"] == "false" and h["x-batch-requests"] and h["x-request-id"] and h["x-replica"]
+    assert "sample;dur=" in h["server-timing"] and h["vary"] == "Accept"
+    j = post(stack, one, headers=nocache)
+    assert j.headers["content-type"] == "application/json" and not j.json()["cached"]
+    assert j.json()["model_version"] == stack.v1 and j.json()["seed"] == 1234
+    assert (_pil(r.content) == _pil(base64.b64decode(j.json()["images"][0]))).all()
+    assert _pil(r.content).shape == (3, 32, 32)
+    assert post(stack, {**one, "format": "json"}, accept=None).json()["images"] == j.json()["images"]
+
+    two = {"class_ids": [3, 5], "seed": 1234, "cfg_scale": 2.0}
+    m = post(stack, two, accept=None)
+    assert m.status_code == 200 and m.headers["x-image-count"] == "2", m.text[:300]
+    assert m.headers["x-cached"] == "false"  # the first time this seed is asked for
+    parts = _multipart(m)
+    assert [(p["X-Image-Index"], p["X-Class-Id"], p["X-Seed"], p["X-Image-Seed"]) for p, _ in parts] == \
+        [("0", "3", "1234", "1234"), ("1", "5", "1234", "1235")]
+    assert [p["Content-Disposition"] for p, _ in parts] == ['inline; filename="image-0.png"',
+                                                          'inline; filename="image-1.png"']
+    # the cache holds images: the same seeded request in another format is served from it
+    again = post(stack, two).json()
+    assert again["cached"] and again["seed"] == 1234
+    as_json = [_pil(base64.b64decode(x)) for x in again["images"]]
+    assert all((_pil(png) == x).all() for (_, png), x in zip(parts, as_json, strict=True))
+    # image 0 is the one-image answer above; image 1 is class 5 alone with seed 1235 (X-Image-Seed)
+    assert (_pil(parts[0][1]) == _pil(r.content)).all()
+    alone = post(stack, {"class_ids": [5], "seed": 1235, "cfg_scale": 2.0}, accept="image/png")
+    assert (_pil(alone.content) == _pil(parts[1][1])).all()
+    other = _multipart(post(stack, {**two, "seed": 99}, accept=None))
+    assert not any((_pil(a) == _pil(b)).all() for (_, a), (_, b) in zip(parts, other, strict=True))
+
+    from detailflow.platform.serving.client import Client
+
+    g = Client(stack.url, stack.good).generate([3, 5], seed=1234, cfg_scale=2.0)
+    assert (g.images == np.stack(as_json)).all() and g.info["model_version"] == stack.v1
+    assert [p["image_seed"] for p in g.parts] == [1234, 1235] and g.info["class_ids"] == [3, 5]
+    assert g.info["cached"] and g.info["request_id"]
+
+    for grid in (post(stack, {**two, "format": "grid"}, accept=None), post(stack, two, accept="image/png")):
+        assert grid.status_code == 200 and grid.headers["content-type"] == "image/png"
+        assert _pil(grid.content).shape == (3, 32 + 2 * 2, 2 * 32 + 3 * 2)  # one row, 2 px gaps
+        assert (_pil(grid.content)[:, 2:34, 2:34] == as_json[0]).all()
+
+    for accept, fmt in (("text/csv", None), ("image/png", "json"), ("application/json", "grid")):
+        bad = post(stack, {**two, **({"format": fmt} if fmt else {})}, accept=accept)
+        assert bad.status_code == 406 and bad.headers["content-type"] == "application/json", bad.text
+        err = bad.json()["error"]
+        assert err["type"] == "not_acceptable" and accept in err["message"], err
+    offered = post(stack, one, accept="text/csv").json()["error"]["message"]
+    assert all(t in offered for t in ("image/png", "multipart/mixed", "application/json")), offered
 
 
 def test_served_image_equals_the_registered_pyfunc(stack):
@@ -244,6 +304,9 @@ def test_models_healthz_and_openapi(stack):
     assert {"/v1/generate", "/v1/generate/stream", "/v1/models", "/healthz", "/readyz"} <= set(spec["paths"])
     props = spec["components"]["schemas"]["GenerateRequest"]["properties"]
     assert props["cfg_scale"]["minimum"] == 1.0 and "bearer" in json.dumps(spec).lower()
+    answers = spec["paths"]["/v1/generate"]["post"]["responses"]
+    assert set(answers["200"]["content"]) == {"image/png", "multipart/mixed", "application/json"}
+    assert "406" in answers
     page = requests.get(stack.url + "/", timeout=30).text
     assert "DetailFlow playground" in page and "__ROOT_PATH__" not in page
 
@@ -415,7 +478,7 @@ def test_requests_arriving_over_time_join_running_passes(slow):
 
     def one(name, cls):
         out[name] = requests.post(f"{slow.url}/v1/generate", json={"class_ids": [cls], "cfg_scale": 1.0},
-                                  headers=slow.headers, timeout=60).json()
+                                  headers={**slow.headers, "Accept": "application/json"}, timeout=60).json()
 
     import threading
 
@@ -491,8 +554,11 @@ def _replicas(app: str = APP) -> int:
 def _load(stack, stop, out, seed0: int, images: int = 1):
     i = 0
     while not stop.is_set() and i < 2000:
-        r = post(stack, {"class_ids": [i % 10], "num_images": images, "seed": seed0 + i}, timeout=60)
-        out.append((time.time(), r.status_code, r.json() if r.status_code == 200 else r.text))
+        # the default answer (PNG bytes): what the load tests read is in its headers
+        body = {"class_ids": [i % 10], "num_images": images, "seed": seed0 + i}
+        r = post(stack, body, accept=None, timeout=60)
+        meta = {"replica": r.headers.get("x-replica"), "model_version": r.headers.get("x-model-version")}
+        out.append((time.time(), r.status_code, meta if r.status_code == 200 else r.text))
         i += 1
 
 

@@ -181,7 +181,7 @@ def test_validation_messages_name_field_and_rule():
                                         "top_k": 2**70})
     items = {e["field"]: e["rule"] for e in validation_body(exc.value.errors())["error"]["errors"]}
     assert items == {"class_ids.1": "must be >= 0", "cfg_scale": "must be >= 1.0",
-                     "extra": "is not a known field", "format": "must be one of 'json' or 'png'",
+                     "extra": "is not a known field", "format": "must be one of 'png', 'json' or 'grid'",
                      "top_k": f"must be <= {2**20}"}
     spec = GenerateRequest(class_ids=[3, 5], num_images=2, seed=4).to_spec(4)
     assert spec.class_ids == [3, 3, 5, 5] and spec.seed == 4

@@ -187,8 +187,6 @@ def test_released_pipeline_file_runs_import_then_the_trained_model_gates():
 def test_imported_release_registers_promotes_and_serves(ray_session, services, storage, tmp_path):
     """Released files on S3 -> `detailflow weights import detailflow` -> the exports every stage reads ->
     registry register -> champion -> the real Serve endpoint returns the imported model's images."""
-    import base64
-
     import requests
     from click.testing import CliRunner
 
@@ -233,9 +231,8 @@ def test_imported_release_registers_promotes_and_serves(ray_session, services, s
         r = requests.post(f"http://127.0.0.1:{st.http_port()}/{app}/v1/generate",
                           json={"class_ids": [3], "num_images": 1, "seed": 7, "cfg_scale": 1.5},
                           headers={"Authorization": "Bearer dfk_test_released_0123456789"}, timeout=120)
-        assert r.status_code == 200, r.text
-        body = r.json()
-        assert body["model_version"] == version and body["tokens"] == 16
-        assert from_png(base64.b64decode(body["images"][0])).shape == (3, 32, 32)
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png", r.text[:300]
+        assert r.headers["x-model-version"] == version and r.headers["x-tokens"] == "16"
+        assert from_png(r.content).shape == (3, 32, 32)
     finally:
         delete_app(app)

@@ -11,16 +11,20 @@ Routes (OpenAPI at /openapi.json, docs at /docs):
     GET  /healthz                200 while the replica's loop answers (no key, no model call)
     GET  /readyz                 200 + model version once a model is loaded, else 503
     GET  /v1/models              the served model: version, classes, allowed `tokens` and their canvases
-    POST /v1/generate            JSON (base64 PNGs + version + seed) or, with format=png / Accept:
-                                   image/png, the PNG bytes (one image or a grid)
+    POST /v1/generate            PNG bytes by default: one image -> image/png, several -> multipart/mixed
+                                   (one image/png part per image); metadata in X-* headers. JSON with
+                                   base64 PNGs only when asked (format=json or Accept: application/json);
+                                   format=grid: one PNG of all images. Negotiation: formats.py
     POST /v1/generate/stream     Server-Sent Events: start, preview after every pass, done
     GET  /v1/generate/stream       (GET: query params)
 Errors, all JSON {"error": {"type", "message", "errors": [{"field", "rule"}]}} with X-Request-Id:
-401 no/unknown key, 403 revoked, 413 body over args.max_body_bytes, 422 bad field, 429 + Retry-After
+401 no/unknown key, 403 revoked, 406 Accept allows no offered type (the message lists them),
+413 body over args.max_body_bytes, 422 bad field, 429 + Retry-After
 (per-key rate / daily image quota, limits.py), 503 + Retry-After (replica at capacity in images, or no
 model yet), 504 no answer within request_timeout_s (the request is cancelled), 500 otherwise.
 Seeded requests are cached by (model version, backend, classes, seed, params): same answer, no work
-(`Cache-Control: no-cache` skips the cache; the JSON says "cached").
+(`Cache-Control: no-cache` skips the cache; X-Cached / the JSON's "cached" say). The cache holds
+images, so every format is served from it.
 """
 
 # No `from __future__ import annotations` here: Serve rebuilds the route methods' signatures and
@@ -44,6 +48,7 @@ from detailflow.platform.serving import images as img
 from detailflow.platform.serving.auth import MISSING, OK, REVOKED, KeyStore
 from detailflow.platform.serving.autoscale import IMAGE_POLICY
 from detailflow.platform.serving.config import GENERATOR, WATCHER, AppArgs, GeneratorOptions
+from detailflow.platform.serving.formats import MULTIPART, NotAcceptable, negotiate, render
 from detailflow.platform.serving.front import Front
 from detailflow.platform.serving.generator import GeneratorCore, Overloaded, Rejected
 from detailflow.platform.serving.limits import Limiter, retry_after
@@ -62,13 +67,15 @@ logger = logging.getLogger("ray.serve")
 PAGE = (Path(__file__).parent / "page.html").read_text()
 ERRORS = {401: {"model": ErrorResponse, "description": "No or unknown API key"},
           403: {"model": ErrorResponse, "description": "Revoked API key"},
+          406: {"model": ErrorResponse, "description": "Accept allows none of the offered types"},
           413: {"model": ErrorResponse, "description": "Body over the size limit"},
           422: {"model": ErrorResponse, "description": "A field breaks a rule (named in errors)"},
           429: {"model": ErrorResponse, "description": "Rate limit or daily image quota: see Retry-After"},
           503: {"model": ErrorResponse, "description": "Overloaded: retry after Retry-After seconds"},
           504: {"model": ErrorResponse, "description": "No answer within the deadline"}}
 KINDS = {401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
-         413: "payload_too_large", 429: "rate_limited", 503: "overloaded", 504: "timeout"}
+         406: "not_acceptable", 413: "payload_too_large", 429: "rate_limited", 503: "overloaded",
+         504: "timeout"}
 
 app = FastAPI(title="DetailFlow generation API", version="1",
               description="Class-conditional image generation with DetailFlow (1D coarse-to-fine "
@@ -113,6 +120,15 @@ async def _on_validation(request: Request, exc: RequestValidationError):
 async def _on_http(request: Request, exc: HTTPException):
     return JSONResponse(error_body(KINDS.get(exc.status_code, "error"), str(exc.detail)),
                         status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+
+GENERATE_RESPONSES = {200: {"description": "The images. By `format`, else by Accept: image/png (one image; "
+                                          "format=grid: all in one PNG), multipart/mixed (one image/png "
+                                          "part per image), application/json (format=json: base64 PNGs)",
+                           "content": {"image/png": {"schema": {"type": "string", "format": "binary"}},
+                                       MULTIPART: {"schema": {"type": "string", "format": "binary"}},
+                                       "application/json": {}}},
+                      **ERRORS}
 
 
 def _sse(event: str, data: dict) -> bytes:
@@ -162,13 +178,17 @@ class Generator(GeneratorCore):
     def _seed(body: GenerateRequest) -> int:
         return body.seed if body.seed is not None else secrets.randbelow(2**31)
 
-    def _result_json(self, final: Final, class_ids: list[int], total_s: float) -> dict:
+    @staticmethod
+    def _meta(final: Final, class_ids: list[int], total_s: float) -> dict:
+        """The result's metadata: the JSON fields less images (headers on the bytes formats)."""
         i = final.info
         return {"model": i["model"], "model_version": i["model_version"], "seed": i["seed"],
-                "tokens": i["tokens"], "canvas": i["canvas"], "class_ids": class_ids,
-                "images": [img.b64(img.to_png(x)) for x in final.images], "batch": i["batch"],
+                "tokens": i["tokens"], "canvas": i["canvas"], "class_ids": class_ids, "batch": i["batch"],
                 "replica": i["replica"], "cached": bool(i.get("cached")),
                 "timing": {"queue_s": i["queue_s"], "sample_s": i["sample_s"], "total_s": round(total_s, 4)}}
+
+    def _result_json(self, final: Final, class_ids: list[int], total_s: float) -> dict:
+        return {**self._meta(final, class_ids, total_s), "images": img.b64_pngs(final.images)}
 
     # ---- routes ------------------------------------------------------------------------------------
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -198,11 +218,17 @@ class Generator(GeneratorCore):
                 watch = {"error": f"{type(exc).__name__}: {exc}"[:200]}
         return {"data": [self.info()], "watcher": watch}
 
-    @app.post("/v1/generate", summary="Generate images (JSON with base64 PNGs, or PNG bytes)",
-              response_model=GenerateResponse, responses={200: {"content": {"image/png": {}}}, **ERRORS})
+    @app.post("/v1/generate", summary="Generate images: PNG bytes (image/png, or multipart/mixed for "
+              "several), JSON with base64 PNGs on request (format=json / Accept: application/json), or "
+              "one grid PNG (format=grid)", response_model=GenerateResponse, responses=GENERATE_RESPONSES)
     async def generate_route(self, body: GenerateRequest, request: Request, key: str = Depends(require_key)):
         t0, route = time.perf_counter(), "/v1/generate"
         spec = body.to_spec(self._seed(body))
+        try:  # before any work or quota: the answer's type is known from the request alone
+            choice = negotiate(request.headers.get("accept"), body.format, spec.num_images)
+        except NotAcceptable as exc:
+            self._record(route, 406, key, 0, t0)
+            return _error(406, str(exc))
         if (refused := self._limit(key, spec.num_images)) is not None:
             self._record(route, 429, key, 0, t0)
             return refused
@@ -219,18 +245,13 @@ class Generator(GeneratorCore):
         if isinstance(final, Rejected):
             self._record(route, 422, key, 0, t0)
             return JSONResponse(rule_body(final.errors), status_code=422)
-        want_png = body.format == "png" or request.headers.get("accept", "").startswith("image/png")
-        i = final.info
-        if want_png:
-            png = await asyncio.to_thread(img.grid_png, final.images, self.args.max_grid_columns)
-            out = Response(png, media_type="image/png", headers={
-                "X-Model-Version": i["model_version"], "X-Seed": str(i["seed"]), "X-Tokens": str(i["tokens"]),
-                "X-Batch-Requests": str(i["batch"]["requests"])})
-        else:
-            out = JSONResponse(await asyncio.to_thread(self._result_json, final, spec.class_ids,
-                                                       time.perf_counter() - t0))
+        # engine backend: image i of seed s is image 0 of seed s + i (the part's X-Image-Seed)
+        seeds = [spec.seed + k for k in range(spec.num_images)] if self.engine is not None else None
+        meta = self._meta(final, spec.class_ids, time.perf_counter() - t0)
+        data, media_type, headers = await asyncio.to_thread(render, choice, final.images, meta, seeds,
+                                                            self.args.max_grid_columns)
         self._record(route, 200, key, len(final.images), t0)
-        return out
+        return Response(data, media_type=media_type, headers=headers)
 
     @app.post("/v1/generate/stream", summary="Generate with a coarse-to-fine preview after every pass (SSE)",
               responses={200: {"content": {"text/event-stream": {}}}, **ERRORS})

@@ -3,6 +3,7 @@
     png = to_png(img_3HW)                       # one image
     png = grid_png(imgs_K3HW, columns=8)        # K images in rows of `columns`, 2 px white gaps
     text = b64(png)
+    texts = b64_pngs(imgs_K3HW)                 # one base64 PNG per image (the JSON format)
 """
 
 from __future__ import annotations
@@ -52,6 +53,10 @@ def grid_png(imgs_K3HW: np.ndarray, columns: int = 8, pad: int = 2, scale: int =
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
+
+
+def b64_pngs(imgs_K3HW) -> list[str]:
+    return [b64(to_png(x)) for x in imgs_K3HW]
 
 
 def from_png(data: bytes) -> np.ndarray:

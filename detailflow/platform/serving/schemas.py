@@ -36,8 +36,11 @@ class GenerateRequest(BaseModel):
                              "images. Omitted: the server picks one and returns it.")
     tokens: int = Field(0, ge=0, description="Prefix length t to sample (0 = all N). Fewer tokens = a "
                         "coarser, smaller image c(t) in fewer passes; GET /v1/models lists the allowed t.")
-    format: Literal["json", "png"] = Field("json", description="json: base64 PNGs + metadata; png: one "
-                                           "image, or a grid of all of them (POST /v1/generate only).")
+    format: Literal["png", "json", "grid"] | None = Field(
+        None, description="POST /v1/generate only. png: PNG bytes (image/png for one image, "
+        "multipart/mixed with one image/png part per image for several), metadata in X-* headers; json: "
+        "base64 PNGs + metadata; grid: one PNG of all images. Omitted: chosen by the Accept header (no "
+        "Accept or */*: png). An Accept that excludes the format's type is a 406.")
 
     def to_spec(self, seed: int) -> SampleSpec:
         ids = [c for c in self.class_ids for _ in range(self.num_images)]
@@ -54,6 +57,7 @@ class GenerateResponse(BaseModel):
     images: list[str] = Field(description="Base64 PNG per image.")
     batch: dict = Field(description="Requests and images in the sampler call that produced these.")
     replica: str = Field(description="Generator replica id.")
+    cached: bool = Field(description="Served from the replica's result cache (a seeded request seen before).")
     timing: dict = Field(description="queue_s, sample_s, total_s.")
 
 

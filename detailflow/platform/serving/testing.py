@@ -108,9 +108,9 @@ def http_port() -> int:
 
 
 def generate_png_from_endpoint(state_dir, class_ids=(1, 2), seed: int = 0):
-    """POST /v1/generate to the endpoint `detailflow serve up` recorded under state_dir (its first API
-    key, Accept: image/png) and return the decoded image as an HxWx3 uint8 array; raises naming the
-    status and body when the answer is not a 200 PNG."""
+    """POST /v1/generate (format=grid) to the endpoint `detailflow serve up` recorded under state_dir (its
+    first API key) and return the grid of the images as an HxWx3 uint8 array; raises naming the status
+    and body when the answer is not a 200 PNG."""
     import io
     import json
     from pathlib import Path
@@ -123,8 +123,9 @@ def generate_png_from_endpoint(state_dir, class_ids=(1, 2), seed: int = 0):
 
     endpoint = json.loads((Path(state_dir) / "serve" / "endpoint.json").read_text())
     key = first_key(endpoint["api_keys_file"])
-    resp = requests.post(f"{endpoint['url']}/v1/generate", json={"class_ids": list(class_ids), "seed": seed},
+    resp = requests.post(f"{endpoint['url']}/v1/generate",
+                         json={"class_ids": list(class_ids), "seed": seed, "format": "grid"},
                          headers={"Authorization": f"Bearer {key}", "Accept": "image/png"}, timeout=120)
-    if resp.status_code != 200:
+    if resp.status_code != 200 or resp.headers.get("content-type") != "image/png":
         raise AssertionError(f"generate answered {resp.status_code}: {resp.text[:500]}")
     return endpoint, np.asarray(Image.open(io.BytesIO(resp.content)))
