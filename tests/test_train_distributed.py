@@ -176,6 +176,8 @@ def _mlflow_run(services, name):
 def test_zero3_export_equals_gathered_weights(services, storage, ray_session):
     from safetensors.torch import load, load_file
 
+    from detailflow.pipelines.train.exports import download_export
+
     cfg = ToyStageConfig(zero_stage=3, tag="z3", steps=4)
     name, result = _run(services, cfg)
     keys = storage.list_keys(f"runs/{name}/checkpoint_")
@@ -184,13 +186,12 @@ def test_zero3_export_equals_gathered_weights(services, storage, ray_session):
                                           f"runs/{name}/export")
     assert uri == storage.uri(f"runs/{name}/export")
     gathered = load(storage.get_bytes(f"runs/{name}/debug/gathered.safetensors"))
-    local = services.state_dir / "toy-export.safetensors"
-    storage.download_file(f"runs/{name}/export/model.safetensors", local)
-    exported = load_file(local)
+    local = download_export(storage, f"runs/{name}/export", services.state_dir / "toy-export")
+    exported = load_file(local / "model.safetensors")
     assert set(exported) == set(gathered) and len(exported) == 4
     for k in gathered:
         torch.testing.assert_close(exported[k], gathered[k], rtol=0, atol=0)
-    assert storage.exists(f"runs/{name}/export/config.json")
+    assert (local / "config.json").is_file()
     # Each rank wrote its completion marker into the final checkpoint, listing its own shard.
     final = result.checkpoint.path.split("/", 1)[1]  # bucket/key -> key
     for rank in (0, 1):

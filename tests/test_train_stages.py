@@ -14,6 +14,7 @@ import torch
 from detailflow.pipelines.train.stage_config import load_stage_config
 from detailflow.pipelines.train.tokenizer import TokenizerStageConfig
 from detailflow.platform import checkpoints
+from detailflow.platform.export_store import export_content
 
 pytestmark = pytest.mark.integration
 
@@ -61,7 +62,7 @@ def test_tokenizer_two_workers_zero2_streams_from_s3(services, storage, tokenize
         assert sorted(m.step for m in hist) == list(range(cfg.steps)), metric
     arts = [a.path for a in client.list_artifacts(run.info.run_id, "reconstructions")]
     assert f"reconstructions/step_{cfg.steps:06d}.png" in arts
-    assert storage.exists(f"runs/{name}/export/model.safetensors")
+    assert export_content(storage, f"runs/{name}/export")[0].startswith("exports/")  # the pointer's target
 
 
 def test_tokenizer_export_equals_consolidated_checkpoint(services, storage, tokenizer_run):
@@ -139,7 +140,7 @@ def test_ar_training_zero3_on_codes_with_self_correction(services, storage, toke
     frac = client.get_metric_history(run_id, "corrected_fraction")
     assert len(frac) == cfg.steps and 0.0 < np.mean([m.value for m in frac]) < 1.0  # pairs really mixed
     assert "samples" in {a.path for a in client.list_artifacts(run_id)}
-    assert storage.exists(f"runs/{info['run_name']}/export/model.safetensors")
+    assert export_content(storage, f"runs/{info['run_name']}/export")[0].startswith("exports/")
     state = checkpoints.read_client_state(
         checkpoints.find_latest(storage.filesystem(), f"{services.s3_bucket}/runs", info["run_name"]))
     assert state["step"] == cfg.steps and dataclasses.asdict(cfg)["tokenizer"] == state["config"]["tokenizer"]

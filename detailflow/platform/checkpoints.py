@@ -300,15 +300,17 @@ def consolidated_state_dict(checkpoint, tag: str = "ds", strip_prefix: str = "mo
 
 @contextlib.contextmanager
 def uploaded_export(storage, module, config: dict, key_prefix: str):
-    """save_pretrained(module, config) into a temporary folder and upload its files (model.safetensors +
-    config.json) under key_prefix; yields the local folder (for a sha256 or tracker.log_export) until
-    the with-block ends. The one place an export folder is written and published."""
+    """save_pretrained(module, config) into a temporary folder, publish its files (model.safetensors +
+    config.json) once at exports/<digest>/ and point key_prefix (runs/<run>/export) at them
+    (export_store.py); yields the local folder (for a sha256 or tracker.log_export, whose link
+    finds the same prefix published) until the with-block ends. The one place an export folder is
+    written and published."""
     from detailflow.models.export import save_pretrained
+    from detailflow.platform.export_store import store_export
 
     with tempfile.TemporaryDirectory(prefix="df-export-") as d:
         save_pretrained(module, config, d)
-        for name in sorted(os.listdir(d)):
-            storage.upload_file(os.path.join(d, name), f"{key_prefix}/{name}")
+        store_export(storage, d, key_prefix)
         yield d
 
 
@@ -316,11 +318,11 @@ def export_consolidated(checkpoint, build_model, model_config: dict, storage, ke
                         tag: str = "ds", tracker=None, step: int | None = None,
                         select=lambda state: state) -> str:
     """Consolidate, keep select(state) (e.g. inference_state), load into a fresh module (strict),
-    save_pretrained, upload under key_prefix.
+    save_pretrained, store it once (exports/<digest>/) with key_prefix pointing at it (uploaded_export).
 
     With a tracker, the export is also logged on its MLflow run as a model (tracker.log_export: the
     weights published to S3 and linked, never uploaded through the tracking server).
-    Returns the S3 URI of the export folder (model.safetensors + config.json)."""
+    Returns the S3 URI of the export's address key_prefix (pipelines/train/exports.py reads it)."""
     model = build_model()
     model.load_state_dict(select(consolidated_state_dict(checkpoint, tag=tag)), strict=True)
     uri = storage.uri(key_prefix)

@@ -10,56 +10,36 @@ the MLflow model gets the folder with every weight file replaced by a small link
     ...
     resolve_links(downloaded_artifact_dir)   # <name> beside each <name>.link.json, from S3, sha256 checked
 
-Prefix: `exports/<sha256 over the files' sha256s>/` holds the files, then `_manifest.json` written
-LAST (Storage.publish); new weights -> a new digest -> a new prefix, and a prefix whose manifest
-exists is never written again. A link file: {"uri", "sha256", "bytes", "manifest"}.
+Prefix: `exports/<sha256 over the files' sha256s>/` (export_store.py: the one place an export's bytes
+are stored; training's export already published them there, so linking uploads nothing again) holds
+the files, then `_manifest.json` written LAST; new weights -> a new digest -> a new prefix, and a
+prefix whose manifest exists is never written again. A link file: {"uri", "sha256", "bytes", "manifest"}.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
 
+from detailflow.platform.export_store import publish_export
+
 LINK_SUFFIX = ".link.json"
 LINKED_FILES = ("model.safetensors",)  # always linked, whatever their size (models.export.WEIGHTS_NAME)
-EXPORTS_PREFIX = "exports"  # s3://<bucket>/exports/<digest>/
-
-
-def content_digest(directory) -> tuple[str, dict[str, str]]:
-    """(sha256 over the sorted (name, sha256) pairs, {name: sha256}) of a folder's files."""
-    from detailflow.platform.storage import sha256_file
-
-    files = {p.name: sha256_file(p) for p in sorted(Path(directory).iterdir()) if p.is_file()}
-    text = json.dumps(sorted(files.items())).encode()
-    return hashlib.sha256(text).hexdigest(), files
-
-
-def publish_export(storage, directory) -> str:
-    """Upload the folder's files to exports/<digest>/ (skipped when that prefix is already
-    published: same digest, same bytes), manifest last; returns the prefix's key."""
-    digest, _ = content_digest(directory)
-    prefix = f"{EXPORTS_PREFIX}/{digest}"
-    if storage.read_manifest(prefix) is None:
-        items = {p.name: p for p in sorted(Path(directory).iterdir()) if p.is_file()}
-        storage.publish(prefix, items, manifest={"digest": digest})
-    return prefix
 
 
 def link_export(storage, directory, staging) -> Path:
     """Publish `directory` (publish_export) and fill `staging` with its small files as they are and
     each weight file as `<name>.link.json`. Returns `staging`, ready to be an MLflow artefact."""
-    prefix = publish_export(storage, directory)
-    manifest = storage.read_manifest(prefix)
+    prefix, files = publish_export(storage, directory)
     staging = Path(staging)
     staging.mkdir(parents=True, exist_ok=True)
     for path in sorted(Path(directory).iterdir()):
         if not path.is_file():
             continue
         if path.name in LINKED_FILES:
-            entry = manifest["files"][path.name]
+            entry = files[path.name]
             link = {"uri": storage.uri(f"{prefix}/{path.name}"), "sha256": entry["sha256"],
                     "bytes": entry["size"], "manifest": storage.uri(storage.manifest_key(prefix))}
             (staging / f"{path.name}{LINK_SUFFIX}").write_text(json.dumps(link, indent=2))

@@ -104,12 +104,11 @@ def resolve_tokenizer(storage, cfg: GeneratorEvalConfig, ar_config: dict) -> str
 def tokenizer_rmap(storage, tok_uri: str):
     """The tokenizer's resolution map from its export's config.json (no weights loaded)."""
     from detailflow.models.configs import TokenizerConfig
-    from detailflow.models.export import CONFIG_NAME
     from detailflow.models.resolution import ResolutionMap
-    from detailflow.pipelines.train.exports import resolve_export
+    from detailflow.pipelines.train.exports import export_config, resolve_export
 
     key, _ = resolve_export(storage, tok_uri)
-    return ResolutionMap.from_config(TokenizerConfig(**storage.get_json(f"{key}/{CONFIG_NAME}")["tokenizer"]))
+    return ResolutionMap.from_config(TokenizerConfig(**export_config(storage, key)["tokenizer"]))
 
 
 def evaluate_generator(cfg: GeneratorEvalConfig, settings, log=print) -> dict:

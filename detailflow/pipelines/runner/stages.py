@@ -141,16 +141,17 @@ def _check_dataset_version(cfg, ctx: StageContext, split: str = "train") -> None
         read_manifest_checked(Storage(ctx.settings), cfg.dataset, split, cfg.dataset_version)
 
 
-def _s3_exists(ctx: StageContext, uri: str) -> bool:
+def _export_exists(out: dict, ctx: StageContext) -> bool:
+    """The export's pointer AND the weights it points to are there (platform/export_store.py)."""
+    from detailflow.models.export import WEIGHTS_NAME
+    from detailflow.platform.export_store import export_content
     from detailflow.platform.storage import Storage
 
-    st = Storage(ctx.settings)
-    prefix = f"s3://{st.bucket}/"
-    return uri.startswith(prefix) and bool(st.list_keys(uri[len(prefix):].rstrip("/") + "/"))
-
-
-def _export_exists(out: dict, ctx: StageContext) -> bool:
-    return _s3_exists(ctx, out.get("export_uri", ""))
+    st, uri = Storage(ctx.settings), out.get("export_uri", "")
+    if not uri.startswith(f"s3://{st.bucket}/"):
+        return False
+    content = export_content(st, uri[len(f"s3://{st.bucket}/"):])
+    return content is not None and st.exists(f"{content[0]}/{WEIGHTS_NAME}")
 
 
 def _codes_exist(out: dict, ctx: StageContext) -> bool:

@@ -17,9 +17,10 @@ Optimiser AdamW with weight decay on >= 2-D params only, LR schedule of spec §2
 master weights (each rank averages only its own optimiser partition every step, no communication; the
 whole EMA is gathered for samples, checkpoints and the export). Every eval_every steps rank 0 samples
 class-conditional images with the EMA weights and decodes them with the tokenizer export into a PNG
-(one row per sample, its prefixes coarse to fine). At the end rank 0 writes the EMA weights to
-s3://<bucket>/runs/<run>/export and logs them on the MLflow run as a model. Logged metrics are means
-over the ranks; rank 0 prints a progress line every progress_every_s seconds.
+(one row per sample, its prefixes coarse to fine). At the end rank 0 writes the EMA weights as the
+export s3://<bucket>/runs/<run>/export (a pointer to exports/<digest>/, platform/export_store.py) and
+logs them on the MLflow run as a model. Logged metrics are means over the ranks; rank 0 prints a
+progress line every progress_every_s seconds.
 """
 
 from __future__ import annotations

@@ -3,6 +3,10 @@
     key = export_prefix("tokenizer-tiny-2026-11-28-1a2b3c4d")        # runs/<run>/export
     tok, cfg = load_tokenizer(storage, "tokenizer-tiny-...")           # or "s3://bucket/runs/.../export"
     ar, cfg, uri = load_ar(storage, "ar-tiny-...")
+
+runs/<run>/export is the export's ADDRESS (stage outputs, run tags and export configs name it; codes
+are versioned by its run name); its bytes are stored once under exports/<digest>/ and the address
+holds a pointer to them (platform/export_store.py). Every read here goes through that pointer.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from detailflow.models.export import CONFIG_NAME, WEIGHTS_NAME, load_state_checked, read_config
+from detailflow.platform.export_store import download_export_files, export_content, read_export_file
 
 
 def export_prefix(run_name: str) -> str:
@@ -28,20 +33,25 @@ def resolve_export(storage, ref: str) -> tuple[str, str]:
         key = ref.rstrip("/")
     else:
         key = export_prefix(ref)
-    if not storage.exists(f"{key}/{WEIGHTS_NAME}"):
-        raise FileNotFoundError(f"no exported weights at {storage.uri(key)}/{WEIGHTS_NAME}; "
-                                "train the stage first (its export is written when training finishes)")
+    if export_content(storage, key) is None:
+        raise FileNotFoundError(f"no export at {storage.uri(key)} (no pointer to its weights, no "
+                                f"{WEIGHTS_NAME}); train the stage first (its export is written when "
+                                "training finishes)")
     parts = key.split("/")
     version = parts[-2] if parts[-1] == "export" and len(parts) >= 2 else parts[-1]
     return key, version
 
 
 def download_export(storage, key: str, directory) -> Path:
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    for name in (WEIGHTS_NAME, CONFIG_NAME):
-        storage.download_file(f"{key}/{name}", out / name)
-    return out
+    """The export at address `key` (resolve_export) as a local folder, files sha256-checked."""
+    return download_export_files(storage, key, directory, (WEIGHTS_NAME, CONFIG_NAME))
+
+
+def export_config(storage, key: str) -> dict:
+    """An export's config.json (no weights read)."""
+    import json
+
+    return json.loads(read_export_file(storage, key, CONFIG_NAME))
 
 
 def load_export(storage, ref: str, kind: str, load, device="cpu"):

@@ -16,7 +16,8 @@ next micro-batch not yet consumed. It calls DetailFlowTokenizer.training_step th
 engine, and steps the LR schedule of
 spec §1.11. Rank 0 logs to MLflow; every eval_every steps a PNG of reconstructions with their
 coarse-to-fine prefix strips. The final checkpoint is consolidated (zero_to_fp32) into
-s3://<bucket>/runs/<run>/export/{model.safetensors, config.json}.
+the export {model.safetensors, config.json}: stored at s3://<bucket>/exports/<digest>/, named by
+s3://<bucket>/runs/<run>/export (a pointer, platform/export_store.py).
 """
 
 from __future__ import annotations
