@@ -4,19 +4,28 @@ O(shards), never a list of the files (issue 19 item 3).
 The ImageNet-sized test runs the real planning code (plan_folder -> list_group: the checks of
 sources, plan_shards, keys_digest) over a simulated listing of 1,000 class folders x 1,281 files
 (the S3 pages stand in for by a generator; the plan objects are counted instead of written), in
-this process, and bounds the Python heap: a driver that lists the files itself holds ~1.28 M Items."""
+this process, and bounds the Python heap (tracemalloc) of the driver, which gets the tasks' results
+serialised as from Ray (a driver that lists the files itself holds ~1.28 M Items), and of one
+listing task. The full listing runs untraced: traced, it took ~60-100 s instead of ~20."""
 
 from __future__ import annotations
 
 import gc
 import io
+import pickle
 import tracemalloc
 
 import pyarrow.parquet as pq
 import pytest
 
 from detailflow.pipelines.data import synth
-from detailflow.pipelines.data.folder_plan import FolderSource, folder_source, list_entries, plan_folder
+from detailflow.pipelines.data.folder_plan import (
+    FolderSource,
+    folder_source,
+    list_entries,
+    list_group,
+    plan_folder,
+)
 from detailflow.pipelines.data.ingest import IngestConfig, ingest, plan_shards
 from detailflow.pipelines.data.sources import list_source
 
@@ -38,22 +47,19 @@ def _imagenet_lister(source, folder, storage):
 def test_imagenet_sized_folder_listing_keeps_the_driver_o_shards():
     source = FolderSource("s3", "raw/imagenet/train", tuple(f"n{c:08d}" for c in range(CLASSES)), False)
     written: list[tuple[int, int]] = []  # (files, distinct classes) per plan object
+    returned: list[bytes] = []  # each listing task's result as Ray would ship it to the driver
 
     def put_plan(key, obj):
         written.append((len(obj["items"]), len({row[1] for row in obj["items"]})))
 
+    def tasks_here(fn, calls):  # the listing tasks, untraced (tracemalloc would triple their time)
+        results = [fn(*call) for call in calls]
+        returned.extend(pickle.dumps(r) for r in results)
+        return results
+
     kwargs = {"labels": None, "target_bytes": TARGET, "seed": 0, "plans_prefix": "datasets/x/_plans",
               "listing_folders": 16, "lister": _imagenet_lister}
-    one = FolderSource("s3", "r", ("n00000000",), False)
-    plan_folder(None, one, **kwargs, put_plan=lambda k, o: None)  # imports before measuring
-    gc.collect()
-    tracemalloc.start()
-    try:
-        plan = plan_folder(None, source, **kwargs, put_plan=put_plan)
-        gc.collect()
-        held, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    plan = plan_folder(None, source, **kwargs, put_plan=put_plan, map_tasks=tasks_here)
     total = CLASSES * PER_CLASS
     # every file planned exactly once, into shards of the target size (closed form per listing task:
     # greedy fill gives between ceil(bytes / target) and ceil(bytes / (target - largest file)) shards)
@@ -66,8 +72,32 @@ def test_imagenet_sized_folder_listing_keeps_the_driver_o_shards():
     assert len(plan.plan_keys) == len(plan.files) == len(written) == len(plan.digests)
     assert plan.classes == list(source.folders) and plan.ignored == []
     assert max(k for _, k in written) <= 16 and min(k for _, k in written[:-1]) >= 8  # shards mix classes
-    # the driver: O(shards) (~540 summaries), the peak one listing task's 20,496 files, not 1.28 M
+
+    # the driver, traced: it receives the tasks' results (unpickled here, as from Ray's object store)
+    # and keeps O(shards) (~540 summaries), not 1.28 M files
+    from_ray = lambda fn, calls: [pickle.loads(b) for b in returned]  # noqa: E731
+    gc.collect()
+    tracemalloc.start()
+    try:
+        again = plan_folder(None, source, **kwargs, map_tasks=from_ray)
+        gc.collect()
+        held, driver_peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert again == plan
     assert held < 1_000_000, f"driver keeps {held / 1e6:.1f} MB after planning {len(plan.digests)} shards"
+    assert driver_peak < 4_000_000, f"the tasks' results peaked at {driver_peak / 1e6:.1f} MB on the driver"
+    # one listing task, traced: its peak is its own 20,496 files (every task runs this same code)
+    group = {k: v for k, v in kwargs.items() if k != "listing_folders"}
+    group.update(storage=None, put_plan=lambda k, o: None)
+    list_group(source, list(source.folders[16:32]), **group)  # imports before measuring
+    gc.collect()
+    tracemalloc.start()
+    try:
+        list_group(source, list(source.folders[:16]), **group)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
     assert peak < 40_000_000, f"planning peaked at {peak / 1e6:.1f} MB of Python heap"
 
 
