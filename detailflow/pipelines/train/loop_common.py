@@ -217,8 +217,10 @@ class WorkerContext:
         return checkpoints.restore(engines, checkpoint)
 
     def tracker(self, experiment: str, resolved: dict, state: dict) -> Tracker:
-        params = {**resolved, "world_size": self.world,
-                  "global_batch": resolved.get("micro_batch", 0) * resolved.get("grad_accum", 1) * self.world}
+        from detailflow.pipelines.train.stage_config import checkpoint_layout
+
+        # world_size and global batch as this worker group trains them (in-process: world 1)
+        params = {**resolved, **checkpoint_layout({**resolved, "num_workers": self.world})}
         return Tracker.start(self.settings.mlflow_tracking_uri, experiment=experiment,
                              run_name=self.run_name, run_id=state.get("mlflow_run_id"),
                              params=params, enabled=self.rank == 0,
