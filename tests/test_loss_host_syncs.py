@@ -41,8 +41,8 @@ class Conversions(list):
         self.callers: list[str] = []
 
 
-@pytest.fixture
-def host_conversions(monkeypatch):
+def count_host_conversions(monkeypatch) -> Conversions:
+    """From now until the test ends, record every SYNCING call (tests/test_train_recipe.py uses it too)."""
     calls = Conversions()
     sites = calls.sites
 
@@ -63,6 +63,11 @@ def host_conversions(monkeypatch):
         for name in names:
             monkeypatch.setattr(owner, name, counting(owner, name))
     return calls
+
+
+@pytest.fixture
+def host_conversions(monkeypatch):
+    return count_host_conversions(monkeypatch)
 
 
 def _cfg(**changes):
