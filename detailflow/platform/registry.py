@@ -108,13 +108,10 @@ def log_generator(tok_dir, ar_dir, *, run_id: str, tracking_uri: str, tags: dict
 
     from detailflow.models.export import read_config
     from detailflow.platform import export_model, pyfunc_generator
+    from detailflow.platform.storage import configured_storage
     from detailflow.platform.tracking_links import link_export
 
-    if storage is None:
-        from detailflow.platform.settings import load_settings
-        from detailflow.platform.storage import Storage
-
-        storage = Storage(load_settings())
+    storage = configured_storage(storage)
 
     tok_config, ar_config = read_config(tok_dir), read_config(ar_dir)
     pyfunc_generator.check_pair(tok_config["tokenizer"], ar_config["ar"])

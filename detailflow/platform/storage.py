@@ -386,3 +386,13 @@ def cached_filesystem(storage: Storage):
     if key not in _FS_CACHE:
         _FS_CACHE[key] = storage.filesystem()
     return _FS_CACHE[key]
+
+
+def configured_storage(storage: Storage | None = None) -> Storage:
+    """`storage`, or (None) the Storage the settings name (environment / config file): the default of
+    every function that takes an optional storage."""
+    if storage is not None:
+        return storage
+    from detailflow.platform.settings import load_settings
+
+    return Storage(load_settings())

@@ -208,10 +208,9 @@ class Tracker:
         if size <= LINK_BYTES:
             self._log_blob(path.read_bytes(), rel)
             return None
-        from detailflow.platform.settings import load_settings
-        from detailflow.platform.storage import Storage
+        from detailflow.platform.storage import configured_storage
 
-        storage = Storage(load_settings())
+        storage = configured_storage()
         key = f"tracking-artifacts/{self.run_id or self.buffer.run_id}/{rel}"
         digest = storage.upload_file(path, key)
         uri = storage.uri(key)
@@ -270,13 +269,10 @@ class Tracker:
         import mlflow
 
         from detailflow.platform import export_model
+        from detailflow.platform.storage import configured_storage
         from detailflow.platform.tracking_links import LINK_SUFFIX, link_export, read_link
 
-        if storage is None:
-            from detailflow.platform.settings import load_settings
-            from detailflow.platform.storage import Storage
-
-            storage = Storage(load_settings())
+        storage = configured_storage(storage)
 
         self.flush()  # the run's status and tags as the loop left them
         if self.run_id is None:

@@ -68,11 +68,9 @@ def resolve_links(directory, storage=None) -> Path:
     links = sorted(directory.glob(f"*{LINK_SUFFIX}"))
     if not links:
         return directory
-    if storage is None:
-        from detailflow.platform.settings import load_settings
-        from detailflow.platform.storage import Storage
+    from detailflow.platform.storage import configured_storage
 
-        storage = Storage(load_settings())
+    storage = configured_storage(storage)
     for path in links:
         link = read_link(path)
         bucket, _, key = link["uri"][5:].partition("/")
