@@ -17,7 +17,8 @@ from detailflow.models.degrade import degrade_to_prefix
 from detailflow.models.resolution import ResolutionMap
 from detailflow.pipelines.data import codes, synth
 from detailflow.pipelines.data.images import center_crop, decode_rgb
-from detailflow.pipelines.data.ingest import IngestConfig, _encode_table, ingest
+from detailflow.pipelines.data.ingest import IngestConfig, ingest
+from detailflow.pipelines.data.ingest_shards import encode_table
 from detailflow.pipelines.data.reader import (
     ReaderConfig,
     build_degraded_dataset,
@@ -138,7 +139,7 @@ def test_read_time_decode_failures_are_skipped_and_counted(shapes, storage, rmap
     rows[1] = ("bad/a.png", 0, b"\x89PNG garbage", 1, 1)
     rows[4] = ("bad/b.png", 0, good[4]["image"][:40], 1, 1)  # truncated after ingest-time checks
     prefix = "datasets/broken/train"
-    sha = storage.put_bytes(f"{prefix}/part-00000.parquet", data := _encode_table(rows, 256))
+    sha = storage.put_bytes(f"{prefix}/part-00000.parquet", data := encode_table(rows, 256))
     shard = {"name": "part-00000.parquet", "key": f"{prefix}/part-00000.parquet", "sha256": sha, "rows": 6,
              "bytes": len(data)}
     storage.publish_manifest(prefix, {"shards": [shard], "num_images": 6,

@@ -33,28 +33,34 @@ headers by byte range), and the tasks in flight scale with the cluster's CPUs (m
 A folder source (local or s3://) is listed AND planned by tasks of `listing_folders` class folders
 (folder_plan.py): each writes its shards' item lists to plan objects, so the driver holds
 O(shards), never the list of files (1.28 M for ImageNet); shard tasks read their plan object.
+
+Here: the config, the names on S3, the plan (shards and the version) and the publication. Writing
+one shard (and its done marker) is ingest_shards.py; running the listing and shard tasks (Ray or in
+process) is ingest_tasks.py.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
-import random
-import time
 from dataclasses import dataclass
 
 import numpy as np
 
-from detailflow.pipelines.data import sources
-from detailflow.pipelines.data.images import DecodeError, inspect_image
+# `X as X`: re-exported, callers import them from here (defined beside the shard writing / task running)
+from detailflow.pipelines.data.ingest_shards import COLUMNS, marker_valid, read_marker, shard_name
+from detailflow.pipelines.data.ingest_shards import SourceReadError as SourceReadError
+from detailflow.pipelines.data.ingest_tasks import IngestInterrupted as IngestInterrupted
+from detailflow.pipelines.data.ingest_tasks import ensure_ray as ensure_ray
+from detailflow.pipelines.data.ingest_tasks import in_flight as in_flight
+from detailflow.pipelines.data.ingest_tasks import listing_mapper, run_shards
+from detailflow.pipelines.data.ingest_tasks import task_options as task_options
 from detailflow.pipelines.data.sources import Item, list_source
 
 log = logging.getLogger(__name__)
 
 FORMAT = "detailflow.dataset/v1"
-COLUMNS = ["key", "label", "image", "width", "height"]
 
 
 @dataclass
@@ -80,14 +86,6 @@ class IngestConfig:
         return dataset_prefix(self.name, self.split)
 
 
-class IngestInterrupted(RuntimeError):
-    """Raised by the fail_after_shards testing hook (simulates a crash before the manifest)."""
-
-
-class SourceReadError(RuntimeError):
-    """A source file could not be read even after retries: the ingest fails (never a rejection)."""
-
-
 def dataset_prefix(name: str, split: str) -> str:
     """Where the split's pointer manifest lives."""
     return f"datasets/{name}/{split}"
@@ -96,10 +94,6 @@ def dataset_prefix(name: str, split: str) -> str:
 def version_prefix(name: str, split: str, version: str) -> str:
     """Where one version's shards, done markers and immutable manifest live."""
     return f"{dataset_prefix(name, split)}/v-{version}"
-
-
-def shard_name(index: int) -> str:
-    return f"part-{index:05d}.parquet"
 
 
 def plan_shards(items: list[Item], target_bytes: int, seed: int) -> list[list[Item]]:
@@ -132,113 +126,6 @@ def dataset_version(digests: list[str], row_group_rows: int, classes: list[str],
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _encode_table(rows: list[tuple], row_group_rows: int) -> bytes:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    keys, labels, images, widths, heights = (list(c) for c in zip(*rows, strict=True))
-    table = pa.table({
-        "key": pa.array(keys, pa.string()),
-        "label": pa.array(labels, pa.int32()),
-        "image": pa.array(images, pa.binary()),
-        "width": pa.array(widths, pa.int32()),
-        "height": pa.array(heights, pa.int32()),
-    })
-    buf = io.BytesIO()
-    # images are already compressed: Parquet compression would only cost CPU
-    pq.write_table(table, buf, row_group_size=row_group_rows, compression="none")
-    return buf.getvalue()
-
-
-def read_with_retries(item: Item, storage, attempts: int = 4, base_delay: float = 0.25) -> bytes:
-    """The item's bytes; OSError and transient S3 errors are retried with backoff, then (like any
-    other S3 error) raised as SourceReadError naming the path and cause."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    from detailflow.platform.storage import _is_transient
-
-    for attempt in range(1, attempts + 1):
-        try:
-            # looked up on the module (not imported by name) so tests can inject read faults
-            return sources.read_item(item, storage)
-        except (OSError, BotoCoreError, ClientError) as e:
-            if attempt == attempts or not (isinstance(e, OSError) or _is_transient(e)):
-                raise SourceReadError(f"cannot read {sources.describe(item)} (key {item.key}) after "
-                                      f"{attempt} attempt(s): {type(e).__name__}: {e}") from e
-            delay = base_delay * 2 ** (attempt - 1) * (0.5 + random.random())
-            log.warning("read %s failed (%s), retry %d/%d in %.2fs", sources.describe(item), e, attempt,
-                        attempts - 1, delay)
-            time.sleep(delay)
-    raise AssertionError("unreachable")
-
-
-def write_shard(storage, prefix: str, index: int, items: list[Item] | str, class_to_index: dict[str, int],
-                digest: str, row_group_rows: int = 64, read_attempts: int = 4) -> dict:
-    """Decode-check every item, write the shard object, then its done marker. Returns the marker.
-    `items`: the shard's items, or the key of its plan object (folder_plan.py).
-
-    A read failure raises SourceReadError before anything is written, so the shard has no marker."""
-    if isinstance(items, str):
-        from detailflow.pipelines.data.folder_plan import load_plan
-
-        items = load_plan(storage, items)
-    rows, rejected = [], []
-    counts: dict[str, int] = {}
-    for it in items:
-        if not it.ext_ok:
-            rejected.append({"key": it.key, "reason": "not an image file extension"})
-            continue
-        if it.class_name not in class_to_index:
-            rejected.append({"key": it.key, "reason": f"class {it.class_name!r} not in the class list"})
-            continue
-        data = read_with_retries(it, storage, read_attempts)  # read errors fail the task, never reject
-        try:
-            w, h, _, _ = inspect_image(data)
-        except DecodeError as e:  # the bytes were read and are not an image: a permanent rejection
-            rejected.append({"key": it.key, "reason": str(e)})
-            continue
-        rows.append((it.key, class_to_index[it.class_name], data, w, h))
-        counts[it.class_name] = counts.get(it.class_name, 0) + 1
-    name = shard_name(index)
-    marker = {"index": index, "name": name, "keys_digest": digest, "rows": len(rows),
-              "rejected": rejected, "counts": counts, "sha256": None, "bytes": 0,
-              "row_groups": -(-len(rows) // row_group_rows), "row_group_rows": row_group_rows}
-    if rows:
-        data = _encode_table(rows, row_group_rows)
-        marker["sha256"] = storage.put_bytes(f"{prefix}/{name}", data)
-        marker["bytes"] = len(data)
-    storage.put_json(f"{prefix}/_done/{name}.json", marker)
-    return marker
-
-
-def _marker_valid(storage, prefix: str, marker: dict | None, digest: str, verify: bool) -> bool:
-    if marker is None or marker.get("keys_digest") != digest:
-        return False
-    if not marker["rows"]:
-        return True
-    key = f"{prefix}/{marker['name']}"
-    try:
-        head = storage.head(key)
-    except Exception:
-        return False
-    meta_sha = head.get("Metadata", {}).get("sha256")
-    if head.get("ContentLength") != marker["bytes"] or meta_sha != marker["sha256"]:
-        return False
-    if verify:
-        from detailflow.platform.storage import ChecksumMismatch
-
-        try:
-            storage.get_bytes(key, expected_sha256=marker["sha256"])
-        except ChecksumMismatch:
-            return False
-    return True
-
-
-def _read_marker(storage, prefix: str, name: str) -> dict | None:
-    key = f"{prefix}/_done/{name}.json"
-    return storage.get_json(key) if storage.exists(key) else None
-
-
 def _class_list(storage, cfg: IngestConfig, seen) -> list[str]:
     """The classes_from split's published class list, else the class names `seen` in the source."""
     if cfg.classes_from and cfg.classes_from != cfg.split:
@@ -246,131 +133,6 @@ def _class_list(storage, cfg: IngestConfig, seen) -> list[str]:
         if ref is not None:
             return list(ref["classes"])
     return sorted(set(seen))
-
-
-def ensure_ray(settings=None) -> None:
-    """Start (or join) Ray per settings.ray_address if this process has not already."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    from detailflow.platform.runtime import apply_runtime_env
-
-    apply_runtime_env()
-    address = getattr(settings, "ray_address", "local") if settings is not None else "local"
-    if address in ("local", "", None):
-        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
-                 log_to_driver=False)
-    else:
-        ray.init(address=address, log_to_driver=False)
-
-
-def task_options(cfg: IngestConfig, items: list[Item], local: bool | None = None) -> dict:
-    """Ray options for the shard (and local listing) tasks. Local paths exist only on the driver's
-    machine, so tasks reading them are pinned to the driver's node (hard affinity); refuse when that
-    cannot work. `local` (default: from the items' kinds) says whether the source is local."""
-    import ray
-
-    opts = {"num_cpus": cfg.task_cpus, "max_retries": 2}
-    if not (any(it.kind in ("file", "tar") for it in items) if local is None else local):
-        return opts
-    stage = "stage the source on S3 (e.g. `aws s3 sync SRC s3://BUCKET/raw/NAME`) and ingest the s3:// URI"
-    if ray.util.client.ray.is_connected():
-        raise ValueError(f"a local source cannot be read through a Ray Client (ray://) connection: {stage}, "
-                         "or run with --local")
-    node_id = ray.get_runtime_context().get_node_id()
-    node = next((n for n in ray.nodes() if n["NodeID"] == node_id and n.get("Alive")), {})
-    if node.get("Resources", {}).get("CPU", 0) < cfg.task_cpus:
-        raise ValueError(f"a local source can only be read on the driver's node, which has no CPU for the "
-                         f"shard tasks: {stage}, or run with --local")
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    return {**opts, "scheduling_strategy": NodeAffinitySchedulingStrategy(node_id, soft=False)}
-
-
-def in_flight(cfg: IngestConfig) -> int:
-    """Tasks kept in flight: cfg.max_in_flight, else twice what the cluster's CPUs run at once."""
-    if cfg.max_in_flight:
-        return int(cfg.max_in_flight)
-    import ray
-
-    return max(1, int(2 * ray.cluster_resources().get("CPU", 1) / max(cfg.task_cpus, 0.01)))
-
-
-def run_tasks(cfg: IngestConfig, fn, calls: list[tuple], options: dict | None = None) -> list:
-    """fn(*args) for every args in calls as Ray tasks, in_flight(cfg) at a time; results in call order."""
-    import ray
-
-    remote = ray.remote(fn).options(**(options or {"num_cpus": cfg.task_cpus, "max_retries": 2}))
-    limit, results, pending, queue = in_flight(cfg), {}, {}, list(enumerate(calls))
-    try:
-        while queue or pending:
-            while queue and len(pending) < limit:
-                i, args = queue.pop(0)
-                pending[remote.remote(*args)] = i
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            results[pending.pop(ready[0])] = ray.get(ready[0])
-    except BaseException:
-        for ref in pending:
-            ray.cancel(ref)
-        raise
-    return [results[i] for i in range(len(calls))]
-
-
-def _listing_mapper(storage, cfg: IngestConfig, local: bool = False):
-    """How the listing tasks run (per tar, per group of class folders): Ray tasks on the workers
-    (a local source's on the driver's node), or here (use_ray False)."""
-    if not cfg.use_ray:
-        return sources._serial
-
-    def mapper(fn, calls):
-        ensure_ray(storage.settings)
-        return run_tasks(cfg, fn, calls, task_options(cfg, [], local=local))
-    return mapper
-
-
-def _run_shards(storage, cfg: IngestConfig, prefix: str, todo: list[tuple[int, list[Item] | str, str]],
-                class_to_index: dict[str, int], progress, local: bool) -> dict[int, dict]:
-    done: dict[int, dict] = {}
-
-    def finished(marker: dict) -> None:
-        done[marker["index"]] = marker
-        if progress is not None:
-            progress(marker["rows"] + len(marker["rejected"]))
-        if cfg.fail_after_shards is not None and len(done) >= cfg.fail_after_shards:
-            raise IngestInterrupted(f"injected failure after {len(done)} shards")
-
-    kwargs = {"row_group_rows": cfg.row_group_rows, "read_attempts": cfg.read_attempts}
-    if not cfg.use_ray:
-        for index, items, digest in todo:
-            finished(write_shard(storage, prefix, index, items, class_to_index, digest, **kwargs))
-        return done
-    if not todo:
-        return done
-    import ray
-
-    ensure_ray(storage.settings)
-    remote = ray.remote(write_shard).options(**task_options(cfg, [], local=local))
-    pending, queue, limit = [], list(todo), in_flight(cfg)
-    try:
-        while queue or pending:
-            while queue and len(pending) < limit:
-                index, items, digest = queue.pop(0)
-                pending.append(remote.remote(storage, prefix, index, items, class_to_index, digest,
-                                             **kwargs))
-            ready, pending = ray.wait(pending, num_returns=1)
-            try:
-                marker = ray.get(ready[0])
-            except ray.exceptions.RayTaskError as err:
-                if isinstance(err.cause, SourceReadError):  # the plain message, not a remote traceback
-                    raise err.cause from None
-                raise
-            finished(marker)
-    except BaseException:
-        for ref in pending:
-            ray.cancel(ref)
-        raise
-    return done
 
 
 def _plan(storage, src: str, cfg: IngestConfig) -> tuple[list, list[str], list[str], list[dict], bool, int]:
@@ -385,11 +147,11 @@ def _plan(storage, src: str, cfg: IngestConfig) -> tuple[list, list[str], list[s
         local = source.kind == "file"
         plan = plan_folder(storage, source, labels=cfg.labels, target_bytes=target, seed=cfg.shuffle_seed,
                            plans_prefix=f"{cfg.prefix}/_plans", listing_folders=cfg.listing_folders,
-                           map_tasks=_listing_mapper(storage, cfg, local=local))
+                           map_tasks=listing_mapper(storage, cfg, local=local))
         return (plan.plan_keys, plan.digests, _class_list(storage, cfg, plan.classes), plan.ignored, local,
                 plan.num_files)
     items, ignored = list_source(src, cfg.split, storage=storage, labels=cfg.labels,
-                                 map_tasks=_listing_mapper(storage, cfg))
+                                 map_tasks=listing_mapper(storage, cfg))
     shards = plan_shards(items, target, cfg.shuffle_seed)
     local = any(it.kind in ("file", "tar") for it in items)
     classes = _class_list(storage, cfg, (it.class_name for it in items))
@@ -414,8 +176,8 @@ def ingest(storage, src: str, cfg: IngestConfig, progress=None) -> dict:
     markers: dict[int, dict] = {}
     todo = []
     for i, (shard, digest) in enumerate(zip(shards, digests, strict=True)):
-        marker = _read_marker(storage, vprefix, shard_name(i))
-        if _marker_valid(storage, vprefix, marker, digest, cfg.verify_existing):
+        marker = read_marker(storage, vprefix, shard_name(i))
+        if marker_valid(storage, vprefix, marker, digest, cfg.verify_existing):
             markers[i] = marker
         else:
             todo.append((i, shard, digest))
@@ -423,7 +185,7 @@ def ingest(storage, src: str, cfg: IngestConfig, progress=None) -> dict:
         progress(sum(m["rows"] + len(m["rejected"]) for m in markers.values()))
     log.info("ingest %s/%s v-%s: %d files, %d shards (%d already done)", cfg.name, cfg.split, version,
              n_files, len(shards), len(markers))
-    markers.update(_run_shards(storage, cfg, vprefix, todo, class_to_index, progress, local))
+    markers.update(run_shards(storage, cfg, vprefix, todo, class_to_index, progress, local))
 
     # the version's own manifest first: immutable, so an existing one (first ingest's `source`) wins.
     # Every shard it lists was just PUT or HEAD-checked by _marker_valid, so none is missing.
