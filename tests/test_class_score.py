@@ -4,6 +4,7 @@ files written here, except one quick check on the real Fashion-MNIST files when 
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -112,3 +113,54 @@ def test_classifier_reads_real_fashion_mnist():
     clf = train_classifier(x, y, ClassifierTrainConfig(steps=200, batch=32, width=16))
     tx, ty = load_idx_split(FMNIST_DIR, "test", per_class=50)
     assert class_accuracy(predict(clf, to_model_range(tx)), ty) >= 0.6
+
+
+class _CountingFeatures:
+    """A cheap stand-in for the FID Inception (same call contract: uint8 images -> N x D float64, a cfg
+    with the sha256 the S3 cache key carries) that counts the images it sees: the cost being pinned."""
+
+    def __init__(self):
+        from detailflow.pipelines.evaluate.inception import InceptionConfig
+
+        self.cfg, self.seen = InceptionConfig(), 0
+
+    def __call__(self, images_u8):
+        x = torch.as_tensor(images_u8).double()
+        self.seen += len(x)
+        return torch.cat([x.mean((2, 3)), x.std((2, 3)), x[:, :, ::4, ::4].flatten(1)], 1).numpy()
+
+
+@pytest.mark.integration
+def test_score_reference_is_the_shared_cached_val_pass(storage, ray_session, tmp_path):
+    """class-score with `dataset` takes its FID reference from the ingested val split through
+    artifacts.real_features' S3 cache under the key evaluate-tokenizer (max_images 0, micro-batch 32)
+    and promote (n_ref 0, micro-batch 64) read: the pipeline pays ONE Inception pass over the reference
+    (on 2 cores ~0.16 s per image), not one per stage. The features are those of the IDX test images
+    themselves (checked against a direct pass over load_idx_split's pixels, as row sets)."""
+    from detailflow.models.configs import get_model_config
+    from detailflow.models.resolution import ResolutionMap
+    from detailflow.pipelines.data.ingest import IngestConfig, ingest
+    from detailflow.pipelines.evaluate.artifacts import real_features
+    from detailflow.pipelines.evaluate.class_score import ClassScoreConfig, reference_features
+    from detailflow.pipelines.runner.stages import KINDS, StageContext
+
+    root = _write_dataset(tmp_path / "idx", n_train=6, n_test=12)
+    ctx = StageContext(settings=None, pipeline="p", stage="data", identity="x", resources={},
+                       log=lambda m: None)
+    KINDS["import-idx"].fn({"dir": str(root), "out": str(tmp_path / "out")}, ctx)
+    name = f"cs-ref-{tmp_path.name[-12:].lower().replace('_', '-')}"
+    ingest(storage, str(tmp_path / "out"), IngestConfig(name=name, split="val", shard_mb=0.05, use_ray=False))
+    rmap = ResolutionMap.from_config(get_model_config("smoke").tokenizer)
+    assert rmap.image_size == 32
+    net = _CountingFeatures()
+    cfg = ClassScoreConfig(ar="unused", data_dir=str(root), dataset=name, split="val", n_real=0)
+    ref = reference_features(cfg, storage, rmap, net, log=lambda m: None)
+    assert net.seen == 12 and ref.shape[0] == 12  # the whole split, once
+    for kwargs in ({"limit": 0, "micro_batch": 32}, {"limit": 0, "micro_batch": 64}):  # eval-tok, promote
+        again, _ = real_features(storage, name, "val", rmap, net, log=lambda m: None, **kwargs)
+        np.testing.assert_array_equal(again, ref)
+    big = reference_features(dataclasses.replace(cfg, n_real=5000), storage, rmap, net, log=lambda m: None)
+    np.testing.assert_array_equal(big, ref)  # a limit covering the split is "all": the same key
+    assert net.seen == 12  # no stage paid a second pass
+    direct = _CountingFeatures()(load_idx_split(root, "test")[0])
+    np.testing.assert_allclose(np.sort(ref, 0), np.sort(direct, 0), rtol=0, atol=1e-9)

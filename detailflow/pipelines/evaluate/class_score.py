@@ -6,7 +6,10 @@
 A SmallCNN (models/classifier.py) trained on the dataset's TRAINING split is the judge: class accuracy =
 share of samples whose predicted class is the class they were conditioned on. FID/KID compare the
 samples' Inception pool3 features (pipelines/evaluate/inception.py, metrics.py) with those of the TEST
-split. The classifier is trained once and cached as safetensors beside a .sha256 file; a cached file
+split, or (ClassScoreConfig.dataset set, as the pipeline does) those of the ingested test split through
+artifacts.real_features' S3 cache: the one reference pass that evaluate-tokenizer's rFID and promote's
+gFID then read (the FID Inception is ~6 img/s on 2 CPU cores, so every shared pass saves minutes).
+The classifier is trained once and cached as safetensors beside a .sha256 file; a cached file
 whose bytes do not match its digest is refused (and retrained), never loaded.
 """
 
@@ -106,7 +109,10 @@ class ClassScoreConfig:
     per_class: int = 100  # samples per class
     cfg_scale: float = 1.5  # classifier-free guidance of the samples
     seed: int = 0  # sampling seed
-    n_real: int = 2000  # test-split images for FID/KID (class-balanced, the first of each class)
+    n_real: int = 2000  # test-split images for FID/KID (class-balanced, the first of each class);
+    # with `dataset`: at most this many of that split (0 or >= the split = all, the key others share)
+    dataset: str = ""  # ingested dataset whose `split` is the FID/KID reference ("" = the IDX test split)
+    split: str = "val"  # split of `dataset` (the demo ingests the IDX test split as val)
     classifier_steps: int = 800  # training steps of the judge (batch 64, on all training images)
     grid_per_class: int = 8  # samples per class row in samples.png
 
@@ -137,7 +143,9 @@ def run_class_score(cfg: ClassScoreConfig, settings, log=print) -> dict:
     ar_model, ar_config, ar_uri = load_ar(storage, cfg.ar)
     tok_uri = resolve_tokenizer(storage, GeneratorEvalConfig(ar=cfg.ar), ar_config)
     tok, _ = load_tokenizer(storage, tok_uri)
-    result = score_generator(cfg, ar_model, tok, clf, InceptionFeatures(InceptionConfig(batch_size=50)), log)
+    inception = InceptionFeatures(InceptionConfig(batch_size=50))
+    real_f = reference_features(cfg, storage, tok.rmap, inception, log) if cfg.dataset else None
+    result = score_generator(cfg, ar_model, tok, clf, inception, log, real_features=real_f)
     result.update(ar=ar_uri, tokenizer=tok_uri, classifier=str(clf_path),
                   seconds=round(time.perf_counter() - t0, 1))
     (Path(cfg.out) / "score.json").write_text(json.dumps(result, indent=1) + "\n")
@@ -147,10 +155,26 @@ def run_class_score(cfg: ClassScoreConfig, settings, log=print) -> dict:
     return result
 
 
+def reference_features(cfg: ClassScoreConfig, storage, rmap, inception, log=print) -> np.ndarray:
+    """Inception features of cfg.dataset/cfg.split through artifacts.real_features' S3 cache. A limit
+    covering the whole split is passed as 0 (all), so the cache key is the one evaluate-tokenizer
+    (max_images 0) and promote (n_ref 0) use: whichever stage runs first pays, the others read."""
+    from detailflow.pipelines.data.reader import read_manifest_checked
+    from detailflow.pipelines.evaluate.artifacts import real_features
+
+    total = int(read_manifest_checked(storage, cfg.dataset, cfg.split).get("num_images") or 0)
+    limit = 0 if not cfg.n_real or (total and cfg.n_real >= total) else cfg.n_real
+    feats, _ = real_features(storage, cfg.dataset, cfg.split, rmap, inception, limit=limit, micro_batch=32,
+                             log=log)
+    return feats
+
+
 @torch.no_grad()
-def score_generator(cfg: ClassScoreConfig, ar_model, tok, clf, inception, log=print) -> dict:
+def score_generator(cfg: ClassScoreConfig, ar_model, tok, clf, inception, log=print,
+                    real_features: np.ndarray | None = None) -> dict:
     """Sample per_class images of every class, judge them with `clf`, FID/KID of their `inception`
-    features vs the test split's; writes out/scored_samples.png (grid_per_class samples per class row)."""
+    features vs `real_features` (None: the IDX test split's, n_real class-balanced, computed here);
+    writes out/scored_samples.png (grid_per_class samples per class row)."""
     from detailflow.models.classifier import predict
     from detailflow.models.sampler import sample
     from detailflow.models.tokenizer import to_model_range
@@ -172,13 +196,15 @@ def score_generator(cfg: ClassScoreConfig, ar_model, tok, clf, inception, log=pr
         log(f"[class-score] sampled {min(lo + 250, len(cond))}/{len(cond)}")
     samples_u8 = torch.cat(imgs)
     scores = score_samples(clf, samples_u8, cond)
-    real_x, _ = load_idx_split(cfg.data_dir, "test", per_class=max(1, cfg.n_real // num_classes))
-    real_f, fake_f = inception(real_x), inception(samples_u8)
+    if real_features is None:
+        real_x, _ = load_idx_split(cfg.data_dir, "test", per_class=max(1, cfg.n_real // num_classes))
+        real_features = inception(real_x)
+    real_f, fake_f = real_features, inception(samples_u8)
     kid_mean, kid_std = kid(real_f, fake_f, num_subsets=100, subset_size=1000, seed=cfg.seed)
     rows = [[to_model_range(samples_u8[c * cfg.per_class + j]) for j in range(min(cfg.grid_per_class,
                                                                                    cfg.per_class))]
             for c in range(num_classes)]
     (out / "scored_samples.png").write_bytes(grid_png(rows, cell=32))
     return {**scores, "fid": fid_from_features(real_f, fake_f), "kid": kid_mean, "kid_std": kid_std,
-            "classifier_test_accuracy": real_acc, "n_samples": len(cond), "n_real": len(real_x),
+            "classifier_test_accuracy": real_acc, "n_samples": len(cond), "n_real": len(real_f),
             "cfg_scale": cfg.cfg_scale, "seed": cfg.seed}
