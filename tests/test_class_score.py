@@ -156,7 +156,9 @@ def test_score_reference_is_the_shared_cached_val_pass(storage, ray_session, tmp
     cfg = ClassScoreConfig(ar="unused", data_dir=str(root), dataset=name, split="val", n_real=0)
     ref = reference_features(cfg, storage, rmap, net, log=lambda m: None)
     assert net.seen == 12 and ref.shape[0] == 12  # the whole split, once
-    for kwargs in ({"limit": 0, "micro_batch": 32}, {"limit": 0, "micro_batch": 64}):  # eval-tok, promote
+    # eval-tokenizer, promote, and any stage whose limit covers the split (real_features keys it "all")
+    for kwargs in ({"limit": 0, "micro_batch": 32}, {"limit": 0, "micro_batch": 64},
+                   {"limit": 12, "micro_batch": 64}, {"limit": 5000, "micro_batch": 16}):
         again, _ = real_features(storage, name, "val", rmap, net, log=lambda m: None, **kwargs)
         np.testing.assert_array_equal(again, ref)
     big = reference_features(dataclasses.replace(cfg, n_real=5000), storage, rmap, net, log=lambda m: None)

@@ -167,12 +167,14 @@ def real_features(storage, name: str, split: str, rmap, extractor, *, limit: int
     from detailflow.pipelines.data.reader import read_manifest_checked
 
     manifest = read_manifest_checked(storage, name, split)
+    total = manifest.get("num_images") or 0
+    if limit and total and limit >= total:  # the whole split: the same images, so the key every stage shares
+        limit = 0
     key = _cache_key(manifest, name, split, rmap.image_size, limit, micro_batch, extractor.cfg.sha256)
     if use_cache and storage.exists(key):
         with np.load(io.BytesIO(storage.get_bytes(key))) as z:
             log(f"[eval] reference features from cache {storage.uri(key)} ({len(z['labels'])} images)")
             return z["features"], z["labels"]
-    total = manifest.get("num_images") or 0
     total = min(total, limit) if limit else total
     feats, labels = [], []
 

@@ -156,16 +156,13 @@ def run_class_score(cfg: ClassScoreConfig, settings, log=print) -> dict:
 
 
 def reference_features(cfg: ClassScoreConfig, storage, rmap, inception, log=print) -> np.ndarray:
-    """Inception features of cfg.dataset/cfg.split through artifacts.real_features' S3 cache. A limit
-    covering the whole split is passed as 0 (all), so the cache key is the one evaluate-tokenizer
-    (max_images 0) and promote (n_ref 0) use: whichever stage runs first pays, the others read."""
-    from detailflow.pipelines.data.reader import read_manifest_checked
+    """Inception features of cfg.dataset/cfg.split through artifacts.real_features' S3 cache, which keys
+    a limit covering the whole split as "all": the key evaluate-tokenizer (max_images 0) and promote
+    (n_ref 0) use, so whichever stage runs first pays and the others read."""
     from detailflow.pipelines.evaluate.artifacts import real_features
 
-    total = int(read_manifest_checked(storage, cfg.dataset, cfg.split).get("num_images") or 0)
-    limit = 0 if not cfg.n_real or (total and cfg.n_real >= total) else cfg.n_real
-    feats, _ = real_features(storage, cfg.dataset, cfg.split, rmap, inception, limit=limit, micro_batch=32,
-                             log=log)
+    feats, _ = real_features(storage, cfg.dataset, cfg.split, rmap, inception, limit=cfg.n_real,
+                             micro_batch=32, log=log)
     return feats
 
 
