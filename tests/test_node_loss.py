@@ -50,8 +50,10 @@ def test_gpu_node_lost_mid_training_resumes_from_checkpoint(sim, services, stora
     ingest(storage, str(tmp_path / "shapes"), IngestConfig(name=DATASET, split="train", shard_mb=0.05,
                                                            row_group_rows=8, use_ray=False))
     consumed = tmp_path / "consumed"
+    version = storage.read_manifest(f"datasets/{DATASET}/train")["version"]  # the run pins it in its name
     cfg = load_stage_config(TokenizerStageConfig, "configs/tokenizer-smoke.yaml", [
-        f"dataset={DATASET}", "name=node-loss", f"steps={STEPS}", f"checkpoint_every={EVERY}",
+        f"dataset_version={version}", f"dataset={DATASET}", "name=node-loss", f"steps={STEPS}",
+        f"checkpoint_every={EVERY}",
         "eval_every=1000", "log_every=1", "micro_batch=4", "window_groups=2", "max_failures=2",
         f"consumed_log={consumed}"])
     name = run_name(STAGE, cfg.name, cfg.date, dataclasses.asdict(resolve_batch(cfg)))

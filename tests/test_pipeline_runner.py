@@ -187,7 +187,7 @@ def test_pipeline_run_names_derive_from_identity_and_checkpoint_layout_not_the_d
     for change in ({"identity": "fedcba9876543210"}, {"dataset_version": "v2"}, {"num_workers": 4},
                    {"grad_accum": 2}, {"micro_batch": 4}, {"steps": 11}):
         assert run_name("tokenizer", "tiny", None, {**base, **change}) != name, change
-    # outside a pipeline (no identity): the CLI's date-pinned name, as before
+    # outside a pipeline (no identity): an explicit label (the config's date field) is kept in the name
     assert run_name("tokenizer", "tiny", "2026-01-01", {**base, "identity": None}).startswith(
         "tokenizer-tiny-2026-01-01-")
 

@@ -110,11 +110,33 @@ def test_stage_config_yaml_and_overrides(tmp_path):
 
 def test_run_name_deterministic_and_execution_independent():
     a = {"name": "tiny", "steps": 5, "num_workers": 2, "date": "2026-01-02"}
-    b = {**a, "num_workers": 0}
+    b = {**a, "in_process": True, "cpus_per_worker": 3, "max_failures": 9}  # how it runs, not what
     c = {**a, "steps": 6}
     assert run_name("tokenizer", "tiny", "2026-01-02", a) == run_name("tokenizer", "tiny", "2026-01-02", b)
     assert config_hash(a) != config_hash(c)
-    assert run_name("ar", "tiny", "2026-01-02", a).startswith("ar-tiny-2026-01-02-")
+    assert run_name("ar", "tiny", "2026-01-02", a).startswith("ar-tiny-2026-01-02-")  # a label, when given
+
+
+def test_bare_cli_run_names_carry_no_calendar_date_and_name_the_content(monkeypatch):
+    """Outside a pipeline the name was <stage>-<config>-<today>-<hash>: a resubmission the next day
+    started a new run instead of resuming, and new code or data on the same day resumed the old one."""
+    import datetime as dt
+
+    from detailflow.pipelines.runner import identity
+
+    base = {"name": "tiny", "steps": 5, "num_workers": 2, "micro_batch": 4, "grad_accum": 1,
+            "dataset_version": "v1", "identity": None, "date": None}
+    name = run_name("tokenizer", "tiny", None, base)
+    assert dt.date.today().isoformat() not in name
+    assert name.startswith("tokenizer-tiny-") and len(name.rsplit("-", 1)[1]) == 12
+    assert run_name("tokenizer", "tiny", None, dict(base)) == name  # deterministic
+    for change in ({"dataset_version": "v2"}, {"num_workers": 4}, {"grad_accum": 2}, {"steps": 6}):
+        assert run_name("tokenizer", "tiny", None, {**base, **change}) != name, change
+    pkg, (commit, tree) = identity._cached_code()
+    monkeypatch.setattr(identity, "_cached_code", lambda: (pkg, ("other-commit", tree)))
+    assert run_name("tokenizer", "tiny", None, base) == name  # the commit is lineage, the tree is content
+    monkeypatch.setattr(identity, "_cached_code", lambda: (pkg, (commit, "another-tree")))
+    assert run_name("tokenizer", "tiny", None, base) != name  # other code: another run
 
 
 def test_flatten_nested_params():

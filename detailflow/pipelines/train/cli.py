@@ -66,6 +66,23 @@ def _stage_command(kind: str):
     return command
 
 
+def _as_run(kind: str, cfg, settings):
+    """The config as the run named it: batch resolved, the tokenizer's dataset version pinned (best
+    effort: a failure before that point named no run)."""
+    from detailflow.pipelines.train.loop_common import resolve_batch
+
+    try:
+        cfg = resolve_batch(cfg)
+        if kind == "tokenizer":
+            from detailflow.pipelines.train.tokenizer import pin_dataset_version
+            from detailflow.platform.storage import Storage
+
+            cfg, _ = pin_dataset_version(cfg, Storage(settings))
+    except Exception:  # noqa: BLE001 - the name of a run that may never have started
+        pass
+    return cfg
+
+
 def _failure(kind: str, cfg, settings, exc: Exception, limit: int = 2000) -> str:
     """The stage, the run, the error (its tail: Ray puts the root cause last) and where to look."""
     from detailflow.pipelines.train.stage_config import run_name
@@ -74,7 +91,7 @@ def _failure(kind: str, cfg, settings, exc: Exception, limit: int = 2000) -> str
     text = f"{type(exc).__name__}: {exc}"
     if len(text) > limit:
         text = "..." + text[-limit:]
-    name = run_name(kind, cfg.name, cfg.date, dataclasses.asdict(cfg))
+    name = run_name(kind, cfg.name, cfg.date, dataclasses.asdict(_as_run(kind, cfg, settings)))
     return (f"stage 'train {kind}' failed (run {name}):\n{text}\n"
             f"  worker logs: {logs_hint()}\n"
             f"  MLflow: {settings.mlflow_tracking_uri}, experiment {cfg.experiment!r}, run {name} "

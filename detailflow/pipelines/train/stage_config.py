@@ -5,17 +5,16 @@ Usage:
     cfg = load_stage_config(TokenizerStageConfig, "configs/tokenizer-detailflow-16.yaml",   # dotted key:
                             ["model_overrides.align_teacher_path=s3://bucket/weights/siglip2.pt2", ...])
     resolved = dataclasses.asdict(cfg)
-    name = run_name("tokenizer", cfg.name, cfg.date, resolved)   # tokenizer-tiny-2026-11-28-1a2b3c4d
+    name = run_name("tokenizer", cfg.name, cfg.date, resolved)   # tokenizer-tiny-1a2b3c4d5e6f
 
-The run name is deterministic (same config + same date -> same name; in a pipeline, same content
-identity -> same name, see run_name), which is what makes a resubmitted job find its own
-checkpoints and MLflow run.
+The run name is deterministic: the same content (code, config, dataset version, world size and global
+batch; see run_name) gives the same name on any day, which is what makes a resubmitted job find its
+own checkpoints and MLflow run.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import hashlib
 import json
 import types
@@ -43,7 +42,7 @@ class DistributedStageConfig:
     seed: int = 42  # model init / data / selection seed
     max_failures: int = 2  # worker-group restarts before the run fails
     num_to_keep: int = 2  # checkpoints kept in storage
-    date: str | None = None  # run-name date (default today: resubmitting the same day resumes)
+    date: str | None = None  # optional label in a bare run's name (none: same content = same run)
     fail_at_step: int = -1  # fault injection for tests: rank 1 exits at this step on the first attempt
     fail_marker: str = ""  # file that makes the injected failure one-shot
     identity: str | None = None  # the pipeline stage's content identity: names the run (no date)
@@ -110,10 +109,6 @@ def load_stage_config(cls, path: str | Path | None = None, overrides: list[str] 
     return cfg
 
 
-def today() -> str:
-    return dt.date.today().isoformat()
-
-
 def config_hash(resolved: dict) -> str:
     """8 hex chars over the fields that define the computation."""
     core = {k: v for k, v in resolved.items() if k not in EXECUTION_FIELDS}
@@ -127,17 +122,23 @@ def checkpoint_layout(resolved: dict) -> dict:
     return {"world_size": world, "global_batch": micro * accum * world}
 
 
-def run_name(stage: str, config_name: str, date: str | None, resolved: dict) -> str:
-    """`<stage>-<config>-<date>-<hash>`, e.g. tokenizer-smoke-2026-11-28-1a2b3c4d; with a pipeline
-    `identity` in the config: `<stage>-<config>-<12 hex>` over the identity, the config, the dataset
-    version and the checkpoint layout (world size, global batch) — no date, so new data or code on
-    the same day is a new run, and a retry on another day resumes."""
-    if resolved.get("identity"):
-        blob = json.dumps({"identity": resolved["identity"], "config": config_hash(resolved),
-                           "dataset_version": resolved.get("dataset_version"),
-                           **checkpoint_layout(resolved)}, sort_keys=True)
-        return f"{stage}-{config_name}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
-    return f"{stage}-{config_name}-{date or today()}-{config_hash(resolved)}"
+def run_name(stage: str, config_name: str, label: str | None, resolved: dict) -> str:
+    """`<stage>-<config>-<12 hex>`, e.g. tokenizer-smoke-1a2b3c4d5e6f: the hash is over what the run
+    computes: the pipeline `identity` (or, for a bare CLI run, the package's code tree), the config,
+    the dataset version and the checkpoint layout (world size, global batch). Never the calendar: a
+    resubmission on another day resumes, new data or code is a new run. `label` (the config's `date`
+    field, default none) is put in a bare run's name only when given: a way to start a fresh run of
+    the same content; a pipeline run ignores it."""
+    identity = resolved.get("identity")
+    if not identity:
+        from detailflow.pipelines.runner.identity import code_version
+
+        identity = {k: v for k, v in code_version().items() if k != "commit"}  # tree + image, as stages
+    blob = json.dumps({"identity": identity, "config": config_hash(resolved),
+                       "dataset_version": resolved.get("dataset_version"), **checkpoint_layout(resolved)},
+                      sort_keys=True, default=str)
+    tag = f"{label}-" if label and not resolved.get("identity") else ""
+    return f"{stage}-{config_name}-{tag}{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
 def as_dict(cfg) -> dict:

@@ -296,6 +296,18 @@ def export_tokenizer(cfg: TokenizerStageConfig, settings, name: str, ckpt) -> st
                                            step=int(state["step"]))
 
 
+def pin_dataset_version(cfg: TokenizerStageConfig, storage) -> tuple[TokenizerStageConfig, dict]:
+    """(cfg with dataset_version set, the train manifest): no version given means the latest, pinned
+    here, so the run's name, its workers and a resume all read that version, whatever is ingested
+    later."""
+    from detailflow.pipelines.data.reader import read_manifest_checked
+
+    manifest = read_manifest_checked(storage, cfg.dataset, "train", cfg.dataset_version)
+    if not cfg.dataset_version and manifest.get("version"):
+        cfg = dataclasses.replace(cfg, dataset_version=manifest["version"])
+    return cfg, manifest
+
+
 def run(cfg: TokenizerStageConfig, settings, placement=None, log=print, accelerator=None) -> dict:
     """Driver: check the dataset, fit (each worker streams its own part), export.
     placement (platform.placement.Placement, default 1 CPU): where the consolidation runs (a Ray task
@@ -305,7 +317,6 @@ def run(cfg: TokenizerStageConfig, settings, placement=None, log=print, accelera
     Returns {run_name, checkpoint, export_uri}."""
     from detailflow.models.resolution import ResolutionMap
     from detailflow.pipelines.data.plan import EpochPlan, RowGroups
-    from detailflow.pipelines.data.reader import read_manifest_checked
     from detailflow.pipelines.train.stage_config import run_name as make_run_name
     from detailflow.platform import raytrain
     from detailflow.platform.placement import Placement, run_placed
@@ -314,14 +325,14 @@ def run(cfg: TokenizerStageConfig, settings, placement=None, log=print, accelera
 
     cfg = resolve_batch(cfg)  # the recipe's global batch on num_workers (or refuse before any worker)
     storage = Storage(settings)
-    resolved = dataclasses.asdict(cfg)
-    name = make_run_name(STAGE, cfg.name, cfg.date, resolved)
     tok_cfg = tokenizer_config(cfg)
     check_weights(tok_cfg, storage)  # before any worker starts: named, reachable
     ResolutionMap.from_config(tok_cfg)  # a bad model config fails here, before any worker starts
     # fail on the driver with a clear message (no manifest, too few row groups for the workers), not
     # in every worker; the workers build their own streams from their checkpointed positions
-    manifest = read_manifest_checked(storage, cfg.dataset, "train", cfg.dataset_version)
+    cfg, manifest = pin_dataset_version(cfg, storage)
+    resolved = dataclasses.asdict(cfg)
+    name = make_run_name(STAGE, cfg.name, cfg.date, resolved)
     EpochPlan(RowGroups.from_manifest(manifest), seed=cfg.seed, micro_batch=cfg.micro_batch,
               window_groups=cfg.window_groups, world=max(1, cfg.num_workers))
     use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and settings.resolved_device().startswith("cuda"))
