@@ -105,6 +105,18 @@ def _env_entries(obj):
             yield from _env_entries(v)
 
 
+def _ray_containers(obj):
+    """The containers that start Ray (head and workers) in a manifest."""
+    if isinstance(obj, dict):
+        if obj.get("name") in ("ray-head", "ray-worker") and "image" in obj:
+            yield obj
+        for v in obj.values():
+            yield from _ray_containers(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _ray_containers(v)
+
+
 def test_every_crd_kind_is_shipped_and_validates():
     docs = _ray_docs()
     kinds = {d["kind"] for _, d in docs}
@@ -264,7 +276,7 @@ def test_secrets_are_referenced_never_inline_and_env_names_are_real():
     known = set(all_env_names()) | {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_URI",
                                     "MLFLOW_TRACKING_TOKEN", "RAY_USAGE_STATS_ENABLED",
                                     "MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK", "DETAILFLOW_API_KEYS_FILE",
-                                    "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH",
+                                    "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "RAY_SERVE_ENABLE_HA_PROXY",
                                     *kuberay.nccl_env(kuberay.NODE_TYPES["p4d.24xlarge"])}
     seen = 0
     for _, doc in _ray_docs():
@@ -300,6 +312,22 @@ def test_every_ray_pod_starts_serves_proxy_with_the_json_502_middleware():
             assert getattr(importlib.import_module(module), attr)(), env  # what Serve's proxy calls
             checked += 1
     assert checked >= 3  # RayCluster, RayJob, RayCronJob, RayService heads
+
+
+def test_only_the_rayservice_runs_haproxy_on_every_node():
+    """The serving cluster's front is HAProxy straight to the replicas on every Ray pod (Serve reads
+    the flag where Ray starts, head and workers); the training clusters keep Serve's defaults."""
+    from ray.serve._private import constants
+
+    assert "RAY_SERVE_ENABLE_HA_PROXY" in open(constants.__file__).read()  # the name this Ray reads
+    fronts = {}
+    for path, doc in _ray_docs():
+        pods = list(_ray_containers(doc))
+        flags = {next((e.get("value") for e in c.get("env", []) if e["name"] == "RAY_SERVE_ENABLE_HA_PROXY"),
+                      None) for c in pods}
+        fronts[(Path(path).name, doc["kind"])] = flags
+    assert fronts[("rayservice.yaml", "RayService")] == {"1"}, fronts  # head and every worker group
+    assert all(f == {None} for k, f in fronts.items() if k[1] != "RayService"), fronts
 
 
 def test_jobs_run_the_pipeline_file_that_exists():

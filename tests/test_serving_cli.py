@@ -52,6 +52,10 @@ def test_serve_up_status_generate_down(services, storage, tmp_path):
         url = f"http://127.0.0.1:{port}"
         assert f"playground  {url}/" in up.stdout and f"{name}-generator" in up.stdout
         head = json.loads((state / "serve" / "ray-head.json").read_text())
+        # the default front: Ray's HAProxy (ingress.py) on the port, forwarding to the replica's own server
+        assert "front       haproxy" in up.stdout and head["front"] == "haproxy"
+        procs = psutil.Process(head["pid"]).children(recursive=True)
+        assert any(p.name() == "haproxy" for p in procs), sorted({p.name() for p in procs})
         key_file = state / "serve" / "api-keys"
         assert key_file.stat().st_mode & 0o077 == 0, "the key file must be private"
         key = next(line for line in key_file.read_text().splitlines() if line.startswith("dfk_"))
@@ -61,6 +65,10 @@ def test_serve_up_status_generate_down(services, storage, tmp_path):
         r = requests.post(f"{url}/v1/generate", json={"class_ids": [2], "seed": 1},
                           headers={"Authorization": f"Bearer {key}"}, timeout=120)
         assert r.status_code == 200 and r.headers["x-model-version"] == version, r.text[:300]
+        assert r.headers["content-type"] == "image/png" and r.headers.get("x-request-id")
+        huge = requests.post(f"{url}/v1/generate", data=b"x" * 70_000, timeout=30,
+                            headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+        assert huge.status_code == 413 and huge.json()["error"]["request_id"], huge.text[:300]  # JSON + id
 
         status = run(["serve", "status", "--json"], env, timeout=120)
         assert status.returncode == 0, status.stdout + status.stderr

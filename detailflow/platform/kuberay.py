@@ -317,9 +317,15 @@ def serve_config_v2(serve_config: str | Path) -> str:
 
 
 def ray_service(spec: ClusterSpec, root: Path) -> dict:
+    from detailflow.platform.serving.ingress import DEFAULT_FRONT, front_env
+
     cluster = ray_cluster_spec(spec)
     # serving keeps one GPU node up: replicas autoscale inside it, the node group above it
     cluster["workerGroupSpecs"][0].update(replicas=1, minReplicas=1)
+    # the HTTP front (serving/ingress.py): HAProxy on every node's :8000, straight to the replicas
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        for c in group["template"]["spec"]["containers"]:
+            c["env"] += [{"name": k, "value": v} for k, v in sorted(front_env(DEFAULT_FRONT).items())]
     return {"apiVersion": API, "kind": "RayService", "metadata": _meta(spec, "serve", "serve"),
             "spec": {"serveConfigV2": serve_config_v2(root / spec.serve_config),
                      "upgradeStrategy": {"type": "NewCluster"}, "rayClusterConfig": cluster}}

@@ -39,8 +39,10 @@ def serve():
 @click.option("--version", "pin", default=None, help="Serve this version instead of following the alias.")
 @click.option("--port", type=int, default=None, help="HTTP port (default: the file's http_options.port).")
 @click.option("--num-cpus", type=int, default=4, show_default=True, help="Logical CPUs of a local Ray head.")
+@click.option("--front", type=click.Choice(["haproxy", "proxy"]), default="haproxy", show_default=True,
+              help="HTTP ingress of a local Ray head: HAProxy straight to the replicas, or Serve's proxy.")
 @click.option("--json", "as_json", is_flag=True, help="Print the endpoint as JSON.")
-def serve_up(config_path, model, pin, port, num_cpus, as_json):
+def serve_up(config_path, model, pin, port, num_cpus, front, as_json):
     """Deploy the app (starting a local Ray head unless DETAILFLOW_RAY_ADDRESS names a cluster)."""
     from detailflow.platform.serving import deploy
     from detailflow.platform.serving.config import (
@@ -69,7 +71,7 @@ def serve_up(config_path, model, pin, port, num_cpus, as_json):
         raise click.UsageError(str(exc)) from exc
     settings = get_settings()
     try:
-        info = deploy.up(settings, sf, port=port, num_cpus=num_cpus)
+        info = deploy.up(settings, sf, port=port, num_cpus=num_cpus, front=front)
     except deploy.DeployError as exc:
         raise click.ClickException(str(exc)) from exc
     if as_json:
@@ -77,6 +79,7 @@ def serve_up(config_path, model, pin, port, num_cpus, as_json):
         return
     click.echo(f"serving {sf.generator.model}-generator ({'v' + pin if pin else '@' + sf.generator.alias}) "
                f"at {info['url']}")
+    click.echo(f"front       {info['front']}")
     click.echo(f"playground  {info['playground']}")
     click.echo(f"API docs    {info['docs']}   (OpenAPI: {info['url']}/openapi.json)")
     if info["api_keys_file"]:

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from detailflow.platform.serving.config import GENERATOR, ServeFile
+from detailflow.platform.serving.ingress import DEFAULT_FRONT, front_env
 
 HEAD_FILE, KEYS_FILE, ENDPOINT_FILE = "ray-head.json", "api-keys", "endpoint.json"
 
@@ -87,8 +88,9 @@ def _ensure_keys(settings) -> dict[str, str]:
     return {"DETAILFLOW_API_KEYS_FILE": str(path)}
 
 
-def start_head(settings, num_cpus: int, timeout_s: float = 90.0) -> dict:
-    """`ray start --head --block` in its own session; returns {pid, address, ...} once it accepts drivers."""
+def start_head(settings, num_cpus: int, timeout_s: float = 90.0, front: str = DEFAULT_FRONT) -> dict:
+    """`ray start --head --block` in its own session; returns {pid, address, front, ...} once it accepts
+    drivers. front: the HTTP ingress the head runs (ingress.py); a running head keeps its own."""
     import psutil
 
     from detailflow.platform.serving import proxy_errors
@@ -99,6 +101,7 @@ def start_head(settings, num_cpus: int, timeout_s: float = 90.0) -> dict:
     port, client_port = _free_port(), _free_port()
     env = {**os.environ, **settings.to_env(), **storage_env(settings), **_ensure_keys(settings)}
     env.setdefault(proxy_errors.ENV, proxy_errors.IMPORT_PATH)  # the proxy answers JSON when a replica dies
+    env.update(front_env(front))
     ray_bin = str(Path(sys.executable).with_name("ray"))
     cmd = [ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
            f"--ray-client-server-port={client_port}", f"--num-cpus={num_cpus}", "--include-dashboard=false",
@@ -107,7 +110,7 @@ def start_head(settings, num_cpus: int, timeout_s: float = 90.0) -> dict:
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             start_new_session=True)
     info = {"pid": proc.pid, "pgid": proc.pid, "create_time": psutil.Process(proc.pid).create_time(),
-            "address": f"127.0.0.1:{port}", "num_cpus": num_cpus}
+            "address": f"127.0.0.1:{port}", "num_cpus": num_cpus, "front": front}
     (serve_dir(settings) / HEAD_FILE).write_text(json.dumps(info))
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -141,12 +144,12 @@ def stop_head(settings, grace_s: float = 20.0) -> bool:
     return True
 
 
-def connect(settings, start: bool = False, num_cpus: int = 4) -> str | None:
+def connect(settings, start: bool = False, num_cpus: int = 4, front: str = DEFAULT_FRONT) -> str | None:
     """ray.init to the serving cluster; None when it is local and not running (and start is False)."""
     import ray
 
     if settings.ray_address in ("", "local"):
-        info = start_head(settings, num_cpus) if start else head_info(settings)
+        info = start_head(settings, num_cpus, front=front) if start else head_info(settings)
         if info is None:
             return None
         address = info["address"]
@@ -216,15 +219,20 @@ def wait_running(app_name: str, wait_s: float) -> None:
                       f"(status {getattr(last, 'status', None)}: {getattr(last, 'message', '')})")
 
 
-def up(settings, sf: ServeFile, port: int | None = None, num_cpus: int = 4, wait_s: float = 240.0) -> dict:
-    address = connect(settings, start=True, num_cpus=num_cpus)
+def up(settings, sf: ServeFile, port: int | None = None, num_cpus: int = 4, wait_s: float = 240.0,
+       front: str = DEFAULT_FRONT) -> dict:
+    """Deploy sf; a local head is started with `front` (ingress.py). The endpoint records the front the
+    head runs (a cluster named by DETAILFLOW_RAY_ADDRESS: its own, from its nodes' env)."""
+    address = connect(settings, start=True, num_cpus=num_cpus, front=front)
     deploy_app(sf, port=port, wait_s=wait_s)
     host = sf.http_host if sf.http_host not in ("0.0.0.0", "") else "127.0.0.1"
     url = f"http://{host}:{port or sf.http_port}{sf.route_prefix.rstrip('/')}"
     ours = key_file(settings).exists() and not os.environ.get("DETAILFLOW_API_KEYS")
     keys = os.environ.get("DETAILFLOW_API_KEYS_FILE") or (str(key_file(settings)) if ours else "")
+    head = head_info(settings) if settings.ray_address in ("", "local") else None
     info = {"url": url, "app": sf.app_name, "ray_address": address, "api_keys_file": keys,
-            "playground": url + "/", "docs": url + "/docs"}
+            "playground": url + "/", "docs": url + "/docs", "front": head.get("front", "proxy") if head
+            else "cluster"}
     (serve_dir(settings) / ENDPOINT_FILE).write_text(json.dumps(info, indent=2))
     return info
 
