@@ -73,3 +73,59 @@ def test_a_task_error_reaches_the_consumer_after_the_earlier_objects(ray_session
 def test_arguments_are_checked(ray_session):
     with pytest.raises(ValueError, match="in_flight"):
         next(ordered_task_stream(_numbers, [(0, 1, 0)], in_flight=0))
+
+
+HALF_REGISTERED = '''
+import builtins, os, time
+if getattr(builtins, "_halfreg_registered", False):  # what torch does on a second import in a process
+    raise RuntimeError("Only a single TORCH_LIBRARY can be used to register the namespace halfreg")
+builtins._halfreg_registered = True
+while os.path.exists(os.path.join(os.path.dirname(__file__), "slow")):
+    time.sleep(0.05)
+'''
+
+
+def _imports_halfreg(i: int, folder: str):
+    import os
+    import sys
+
+    if i == 0:
+        yield "quick"
+        return
+    Path(folder, f"pid-{i}").write_text(str(os.getpid()))
+    sys.path.insert(0, folder)
+    import halfreg  # noqa: F401 - the import is the point
+
+    yield os.getpid()
+
+
+def test_an_abandoned_stream_kills_its_tasks_workers_so_none_is_reused_half_imported(ray_session,
+                                                                                     tmp_path):
+    """A plain ray.cancel raises KeyboardInterrupt in the task; landing inside a first `import torch`
+    it left torch half-registered in a worker Ray then reused, and every later task there failed on
+    import (seen in the suite: the prims namespace). halfreg.py models that import: registered once per
+    process, and slow while the `slow` file exists."""
+    import psutil
+    import ray
+
+    (tmp_path / "halfreg.py").write_text(HALF_REGISTERED)
+    (tmp_path / "slow").touch()
+    stream = ordered_task_stream(_imports_halfreg, [(0, str(tmp_path)), (1, str(tmp_path))], num_cpus=0.25,
+                                 in_flight=2)
+    assert next(stream) == "quick"
+    deadline = time.time() + 60
+    while not (tmp_path / "pid-1").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)  # task 1 is inside the import
+    worker = int((tmp_path / "pid-1").read_text())
+    stream.close()  # the consumer stops early: task 1 is cancelled mid-import
+    (tmp_path / "slow").unlink()
+    deadline = time.time() + 30
+    while psutil.pid_exists(worker) and psutil.Process(worker).status() != psutil.STATUS_ZOMBIE \
+            and time.time() < deadline:
+        time.sleep(0.2)
+    assert not psutil.pid_exists(worker) or psutil.Process(worker).status() == psutil.STATUS_ZOMBIE, \
+        "the interrupted worker lives on, to be reused with a half-done import"
+    imports = ray.remote(lambda folder: list(_imports_halfreg(2, folder))[0]).options(num_cpus=0.25)
+    pids = ray.get([imports.remote(str(tmp_path)) for _ in range(4)], timeout=120)
+    assert worker not in pids

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from detailflow.pipelines.data import sources
 from detailflow.pipelines.data.ingest_shards import SourceReadError, write_shard
 from detailflow.pipelines.data.sources import Item
+from detailflow.pipelines.data.task_stream import cancel_tasks
 
 if TYPE_CHECKING:
     from detailflow.pipelines.data.ingest import IngestConfig
@@ -84,8 +85,7 @@ def run_tasks(cfg: IngestConfig, fn, calls: list[tuple], options: dict | None = 
             ready, _ = ray.wait(list(pending), num_returns=1)
             results[pending.pop(ready[0])] = ray.get(ready[0])
     except BaseException:
-        for ref in pending:
-            ray.cancel(ref)
+        cancel_tasks(pending)
         raise
     return [results[i] for i in range(len(calls))]
 
@@ -140,7 +140,6 @@ def run_shards(storage, cfg: IngestConfig, prefix: str, todo: list[tuple[int, li
                 raise
             finished(marker)
     except BaseException:
-        for ref in pending:
-            ray.cancel(ref)
+        cancel_tasks(pending)
         raise
     return done

@@ -17,7 +17,8 @@ ray.get on the next object instead, and costs nothing while it waits.
 
 Tasks are submitted in order, and Ray schedules one caller's tasks of the same shape first come first
 served, so a task paused by backpressure never holds the CPU that an earlier task of its stream waits
-for. Abandoning the iterator (break, close, an exception in the consumer) cancels the tasks left.
+for. Abandoning the iterator (break, close, an exception in the consumer) cancels the tasks left,
+killing their workers (cancel_tasks).
 """
 
 from __future__ import annotations
@@ -25,6 +26,21 @@ from __future__ import annotations
 import collections
 import functools
 from collections.abc import Callable, Iterable, Iterator
+
+
+def cancel_tasks(refs) -> None:
+    """Cancel Ray tasks by killing the workers that run them (force). A plain cancel raises
+    KeyboardInterrupt inside the task, and one that lands while the task's first `import torch` runs
+    leaves torch half-registered in that worker: Ray reuses the worker, and every later task there
+    fails on import ("Only a single TORCH_LIBRARY can be used to register the namespace prims").
+    A killed worker is replaced by a fresh one. Finished or unknown tasks are skipped."""
+    import ray
+
+    for ref in refs:
+        try:
+            ray.cancel(ref, force=True)
+        except Exception:  # noqa: BLE001 - already finished or gone: nothing left to cancel
+            pass
 
 
 @functools.cache
@@ -60,8 +76,4 @@ def ordered_task_stream(fn: Callable, args: Iterable[tuple], *, num_cpus: float 
                 yield ray.get(ref)
             pending.popleft()
     finally:
-        for gen in pending:  # only non-empty when the consumer stopped early or a task failed
-            try:
-                ray.cancel(gen)
-            except Exception:  # noqa: BLE001 - already finished or gone: nothing left to cancel
-                pass
+        cancel_tasks(pending)  # only non-empty when the consumer stopped early or a task failed
