@@ -159,10 +159,8 @@ def next_position(pos: Position) -> Position:
 
 def resume_start(saved: dict | None) -> Position | None:
     """Where a rank's stream starts from its checkpointed position: the batch after the one consumed
-    ({epoch, unit, batch}), the start of an epoch ({epoch, restart_epoch: True}, world size changed),
-    or the beginning (None)."""
+    ({epoch, unit, batch}), or the beginning (None). (A resume at another world size is refused before
+    any stream starts: loop_common.check_resume_world.)"""
     if not saved:
         return None
-    if saved.get("restart_epoch"):
-        return Position(int(saved["epoch"]), 0, 0)
     return next_position(Position(int(saved["epoch"]), int(saved["unit"]), int(saved["batch"])))
