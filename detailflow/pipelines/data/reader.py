@@ -26,6 +26,9 @@ Rows carry flat bytes plus shape columns (batch, size, canvas), so micro-batches
 sizes never meet Ray's fixed-shape tensor columns; iter_microbatches hides this. A t = N row ships no
 target bytes: the target is the image itself (degrade_to_prefix is the identity).
 
+The per-micro-batch work (decode + crop, group + degrade) is in batches.py; reading the manifest and
+one row group of a shard off S3 in shard_read.py (both re-exported here).
+
 Images that fail to decode (ingest already rejected undecodable files, so this means damage after
 ingest) are skipped and counted (column `skipped`, summed by iter_microbatches' `stats`); that
 micro-batch is then smaller than micro_batch rather than padded.
@@ -33,23 +36,20 @@ micro-batch is then smaller than micro_batch rather than padded.
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 
-from detailflow.pipelines.data.images import (
-    DecodeError,
-    center_crop,
-    decode_rgb,
-    random_resized_crop,
-    row_rng,
-    to_signed_float,
-)
-from detailflow.pipelines.data.ingest import dataset_prefix, version_prefix
+from detailflow.pipelines.data.batches import decode_crop_batch, degrade_batch, prefix_rng  # noqa: F401
 from detailflow.pipelines.data.plan import EpochPlan, Position, RowGroups
+from detailflow.pipelines.data.shard_read import (  # noqa: F401 - part of the reader's API
+    ShardMismatch,
+    read_manifest_checked,
+    read_unit_table,
+    read_units,
+)
 
 
 @dataclass
@@ -94,150 +94,7 @@ class MicroBatch(NamedTuple):
     position: Position | None = None  # (epoch, unit, batch) in the rank's stream plan
 
 
-# ---- stage 1: decode + crop ---------------------------------------------------------------------
-def decode_crop_batch(batch: dict, *, image_size: int, seed: int, epoch: int, train: bool, flip: bool,
-                      max_scale: float, jpeg_draft: bool) -> dict:
-    """numpy batch {key, label, image bytes} -> {key, label, image uint8 n x 3 x R x R, skipped}."""
-    keys, labels, out = [], [], []
-    draft = int(image_size * max_scale) if jpeg_draft else None
-    for key, label, data in zip(batch["key"], batch["label"], batch["image"], strict=True):
-        key = str(key)
-        try:
-            img = decode_rgb(bytes(data), draft_size=draft)
-        except DecodeError:
-            continue
-        if train:
-            arr = random_resized_crop(img, image_size, row_rng(seed, epoch, key), flip=flip,
-                                      max_scale=max_scale)
-        else:
-            arr = center_crop(img, image_size)
-        keys.append(key)
-        labels.append(int(label))
-        out.append(arr)
-    n_bad = len(batch["key"]) - len(keys)
-    order = np.arange(len(keys))
-    if train and len(keys) > 1:  # mix rows inside the batch so micro-batches are not shard-ordered runs
-        order = np.random.default_rng([seed, epoch, zlib.crc32(keys[0].encode())]).permutation(len(keys))
-    skipped = np.zeros(len(keys), np.int32)
-    if len(keys):
-        skipped[0] = n_bad  # failures ride on the first surviving row and are summed downstream
-    images = np.stack(out) if out else np.zeros((0, 3, image_size, image_size), np.uint8)
-    return {"key": np.array(keys, dtype=object)[order], "label": np.array(labels, np.int32)[order],
-            "image": images[order], "skipped": skipped}
-
-
-# ---- stage 2: group + degrade --------------------------------------------------------------------
-def prefix_rng(seed: int, epoch: int, draw_key: str | int) -> np.random.Generator:
-    """Generator of a micro-batch's t from (seed, epoch, first key) (batches outside a stream plan)."""
-    tag = draw_key if isinstance(draw_key, int) else zlib.crc32(str(draw_key).encode())
-    return np.random.default_rng([seed, epoch, int(tag), 0x7D])
-
-
-def degrade_batch(batch: dict, *, rmap, micro_batch: int, degrade_prob: float, seed: int, epoch: int,
-                  train: bool, fixed_t: int | None, all_t: bool, drop_partial: bool | None = None,
-                  rng: np.random.Generator | None = None) -> dict:
-    """One micro-batch of decoded rows -> one output row (or one per admissible t with all_t).
-
-    In train mode t is drawn with `rng` (the stream passes one seeded by its plan position), else
-    from (seed, epoch, first key).
-    A batch smaller than micro_batch is dropped when drop_partial (default: train)."""
-    import torch
-
-    from detailflow.models.degrade import degrade_to_prefix, sample_prefix_len
-
-    keys = [str(k) for k in batch["key"]]
-    b = len(keys)
-    empty = {"images": [], "targets": [], "t": [], "canvas": [], "batch": [], "size": [],
-             "labels": [], "keys": [], "skipped": []}
-    drop_partial = train if drop_partial is None else drop_partial
-    if b == 0 or (drop_partial and b < micro_batch):
-        return {k: np.array(v, dtype=object if k in ("images", "targets", "labels", "keys") else np.int64)
-                for k, v in empty.items()}
-    images = np.ascontiguousarray(batch["image"], dtype=np.uint8)
-    if fixed_t is not None:
-        ts = [rmap.check_admissible(fixed_t)]
-    elif all_t:
-        ts = list(rmap.admissible)
-    elif train:
-        rng = rng if rng is not None else prefix_rng(seed, epoch, keys[0])
-        ts = [sample_prefix_len(rmap, degrade_prob, rng)]
-    else:
-        ts = [rmap.num_tokens]
-    x = torch.from_numpy(to_signed_float(images)) if min(ts) < rmap.num_tokens else None
-    out = {k: [] for k in empty}
-    for t in ts:
-        if t == rmap.num_tokens:
-            target = b""  # identity: iter_microbatches rebuilds it from the images
-        else:
-            target = degrade_to_prefix(x, t, rmap).contiguous().numpy().tobytes()
-        out["images"].append(images.tobytes())
-        out["targets"].append(target)
-        out["t"].append(t)
-        out["canvas"].append(rmap.canvas_size(t))
-        out["batch"].append(b)
-        out["size"].append(images.shape[-1])
-        out["labels"].append(np.asarray(batch["label"], np.int32).tobytes())
-        out["keys"].append("\n".join(keys))
-        out["skipped"].append(int(np.sum(batch["skipped"])) if t == ts[0] else 0)  # count once
-    return {k: np.array(v, dtype=object if k in ("images", "targets", "labels", "keys") else np.int64)
-            for k, v in out.items()}
-
-
 # ---- dataset builders ------------------------------------------------------------------------------
-def read_manifest_checked(storage, name: str, split: str, version: str | None = None) -> dict:
-    """The published manifest of a split, or a clear error naming the command that creates it.
-
-    version None: the split's pointer (the latest ingest). A version: that version's own immutable
-    manifest (v-<version>/_manifest.json), whatever the pointer says since - what a pipeline that
-    recorded the version, and a resume of its run, read."""
-    prefix = dataset_prefix(name, split) if not version else version_prefix(name, split, version)
-    manifest = storage.read_manifest(prefix)
-    if manifest is None:
-        what = f" version {version}" if version else ""
-        raise FileNotFoundError(f"dataset {name}/{split}{what}: {storage.uri(prefix)} is not published (no "
-                                f"_manifest.json); run `detailflow data ingest SRC --name {name} --split "
-                                f"{split}` first")
-    if version and manifest.get("version") != version:
-        raise ValueError(f"{storage.uri(prefix)} holds version {manifest.get('version')}, not {version}")
-    if not manifest["shards"]:
-        raise ValueError(f"dataset {storage.uri(prefix)} has no shards (every file was rejected?)")
-    return manifest
-
-
-def _filesystem(storage):
-    from detailflow.platform.storage import cached_filesystem
-
-    return cached_filesystem(storage)
-
-
-def read_units(manifest: dict) -> list[dict]:
-    """(shard key, row group, shard bytes) triples: the image reader's unit of parallel work."""
-    units = []
-    for s in manifest["shards"]:
-        groups = s.get("row_groups")
-        for g in range(groups) if groups and s.get("row_group_rows") else [-1]:  # -1: whole shard
-            units.append({"path": s["key"], "row_group": g, "bytes": int(s.get("bytes", 0) or 0)})
-    return units
-
-
-class ShardMismatch(RuntimeError):
-    """A shard on S3 is not the object its manifest describes (overwritten or truncated)."""
-
-
-def read_unit_table(storage, path: str, row_group: int, expected_bytes: int = 0):
-    """One row group (-1: the whole shard) of a shard, after checking its size against the manifest."""
-    import pyarrow.parquet as pq
-
-    with _filesystem(storage).open_input_file(storage.fs_path(path)) as f:
-        if expected_bytes and f.size() != expected_bytes:
-            raise ShardMismatch(f"{storage.uri(path)} is {f.size()} bytes but its manifest says "
-                                f"{expected_bytes}: the shard was replaced or truncated after publishing; "
-                                "re-read the dataset's current manifest (or re-ingest)")
-        pf = pq.ParquetFile(f)
-        cols = ["key", "label", "image"]
-        return pf.read(columns=cols) if row_group < 0 else pf.read_row_group(row_group, columns=cols)
-
-
 def read_decode_units(units: dict, *, storage, **decode_kwargs) -> Iterator[dict]:
     """map_batches fn: for each unit, read its row group from S3 and decode + crop it."""
     sizes = units.get("bytes", [0] * len(units["path"]))
