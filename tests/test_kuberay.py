@@ -94,27 +94,26 @@ def _ray_docs_uncached() -> list[tuple[str, dict]]:
     return out
 
 
-def _env_entries(obj):
+def _dicts(obj):
+    """Every mapping nested in a manifest, depth first."""
     if isinstance(obj, dict):
-        if "env" in obj and isinstance(obj["env"], list):
-            yield from obj["env"]
+        yield obj
         for v in obj.values():
-            yield from _env_entries(v)
+            yield from _dicts(v)
     elif isinstance(obj, list):
         for v in obj:
-            yield from _env_entries(v)
+            yield from _dicts(v)
+
+
+def _env_entries(obj):
+    for d in _dicts(obj):
+        if isinstance(d.get("env"), list):
+            yield from d["env"]
 
 
 def _ray_containers(obj):
     """The containers that start Ray (head and workers) in a manifest."""
-    if isinstance(obj, dict):
-        if obj.get("name") in ("ray-head", "ray-worker") and "image" in obj:
-            yield obj
-        for v in obj.values():
-            yield from _ray_containers(v)
-    elif isinstance(obj, list):
-        for v in obj:
-            yield from _ray_containers(v)
+    return [d for d in _dicts(obj) if d.get("name") in ("ray-head", "ray-worker") and "image" in d]
 
 
 def test_every_crd_kind_is_shipped_and_validates():

@@ -5,6 +5,7 @@ DeepSpeed engine, S3 stream, MLflow) checked against closed forms."""
 from __future__ import annotations
 
 import pytest
+from mlflow_runs import runs_named
 
 from detailflow.pipelines.train.stage_config import load_stage_config
 from detailflow.pipelines.train.tokenizer import TokenizerStageConfig
@@ -15,14 +16,11 @@ STEPS, ACCUM, WARMUP, LR = 3, 2, 2, 3e-4
 
 
 def test_grad_accum_counts_optimiser_steps(services, storage, ray_session, tmp_path, monkeypatch):
-    from mlflow.tracking import MlflowClient
-
     from detailflow.pipelines.data import synth
     from detailflow.pipelines.data.ingest import IngestConfig, ingest
     from detailflow.pipelines.train.loop_common import WorkerContext
     from detailflow.pipelines.train.tokenizer import run
     from detailflow.platform import checkpoints
-    from detailflow.platform.tracking import RUN_NAME_TAG
 
     synth.write_folder(tmp_path / "img", size=32, per_class=4, val_per_class=1, seed=0)
     ingest(storage, str(tmp_path / "img"), IngestConfig(name="accum-shapes", split="train", shard_mb=0.05,
@@ -51,10 +49,7 @@ def test_grad_accum_counts_optimiser_steps(services, storage, ray_session, tmp_p
     assert [s for s, _ in done] == [2, 3]
 
     # LR at optimiser step k: linear warm-up from min(1e-5, lr) to lr over WARMUP steps (spec §1.11)
-    client = MlflowClient(services.mlflow_tracking_uri)
-    exp = client.get_experiment_by_name(cfg.experiment)
-    (mlrun,) = client.search_runs([exp.experiment_id],
-                                  filter_string=f"tags.`{RUN_NAME_TAG}` = '{info['run_name']}'")
+    client, (mlrun,) = runs_named(services.mlflow_tracking_uri, cfg.experiment, info["run_name"])
     lrs = {m.step: m.value for m in client.get_metric_history(mlrun.info.run_id, "lr")}
     start = 1e-5
     assert sorted(lrs) == list(range(STEPS))

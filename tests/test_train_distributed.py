@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from mlflow_runs import runs_named
 from torch import nn
 
 from detailflow.models.ema import ShardedEMA
@@ -163,14 +164,7 @@ def _run(services, cfg: ToyStageConfig, num_workers: int = 2, max_failures: int 
 
 
 def _mlflow_run(services, name):
-    from mlflow.tracking import MlflowClient
-
-    from detailflow.platform.tracking import RUN_NAME_TAG
-
-    client = MlflowClient(services.mlflow_tracking_uri)
-    exp = client.get_experiment_by_name("toy")
-    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{name}'")
-    return client, runs
+    return runs_named(services.mlflow_tracking_uri, "toy", name)
 
 
 def test_zero3_export_equals_gathered_weights(services, storage, ray_session):

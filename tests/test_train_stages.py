@@ -10,6 +10,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from mlflow_runs import runs_named
 
 from detailflow.pipelines.train.stage_config import load_stage_config
 from detailflow.pipelines.train.tokenizer import TokenizerStageConfig
@@ -42,18 +43,14 @@ def tokenizer_run(services, storage, ray_session, dataset):
 
 
 def test_tokenizer_two_workers_zero2_streams_from_s3(services, storage, tokenizer_run):
-    from mlflow.tracking import MlflowClient
 
-    from detailflow.platform.tracking import RUN_NAME_TAG
 
     cfg, info = tokenizer_run
     name = info["run_name"]
     assert name.startswith("tokenizer-stage-test-")
     keys = storage.list_keys(f"runs/{name}/checkpoint_")
     assert any(k.endswith("ds/zero_pp_rank_1_mp_rank_00_optim_states.pt") for k in keys)
-    client = MlflowClient(services.mlflow_tracking_uri)
-    exp = client.get_experiment_by_name(cfg.experiment)
-    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{name}'")
+    client, runs = runs_named(services.mlflow_tracking_uri, cfg.experiment, name)
     assert len(runs) == 1
     run = runs[0]
     assert run.data.params["zero_stage"] == "2" and run.data.params["model"] == "smoke"
@@ -122,20 +119,15 @@ def test_extraction_clean_codes_equal_direct_tokenizer_call(storage, dataset, to
 
 
 def test_ar_training_zero3_on_codes_with_self_correction(services, storage, tokenizer_run, codes_version):
-    from mlflow.tracking import MlflowClient
 
     from detailflow.pipelines.train.ar import ARStageConfig, run
-    from detailflow.platform.tracking import RUN_NAME_TAG
 
     cfg = load_stage_config(ARStageConfig, "configs/ar-smoke.yaml",
                             [f"tokenizer={tokenizer_run[1]['run_name']}", "name=stage-test",
                              "zero_stage=3"])  # ZeRO-3 here, ZeRO-2 in the tokenizer test
     assert cfg.correction_prob == 0.3
     info = run(cfg, services)
-    client = MlflowClient(services.mlflow_tracking_uri)
-    exp = client.get_experiment_by_name(cfg.experiment)
-    runs = client.search_runs([exp.experiment_id],
-                              filter_string=f"tags.`{RUN_NAME_TAG}` = '{info['run_name']}'")
+    client, runs = runs_named(services.mlflow_tracking_uri, cfg.experiment, info["run_name"])
     run_id = runs[0].info.run_id
     frac = client.get_metric_history(run_id, "corrected_fraction")
     assert len(frac) == cfg.steps and 0.0 < np.mean([m.value for m in frac]) < 1.0  # pairs really mixed
@@ -152,13 +144,11 @@ def test_ar_loop_counts_optimiser_steps_and_reseeds_per_rank(services, storage, 
     2, `steps` optimiser steps read steps x 2 micro-batches, checkpoints and the LR schedule count
     optimiser steps, and torch is reseeded once from (seed, rank) after the shared init. In-process,
     so the loop runs here and the spies see it."""
-    from mlflow.tracking import MlflowClient
 
     from detailflow.pipelines.data.code_stream import CodeStream
     from detailflow.pipelines.train.ar import ARStageConfig, run
     from detailflow.pipelines.train.loop_common import WorkerContext
     from detailflow.platform.deepspeed_glue import ar_lr
-    from detailflow.platform.tracking import RUN_NAME_TAG
 
     steps, accum = 3, 2
     cfg = load_stage_config(ARStageConfig, "configs/ar-smoke.yaml", [
@@ -182,10 +172,7 @@ def test_ar_loop_counts_optimiser_steps_and_reseeds_per_rank(services, storage, 
     done = checkpoints.complete_checkpoints(storage.filesystem(), f"{services.s3_bucket}/runs",
                                             info["run_name"])
     assert [s for s, _ in done] == [2, 3]
-    client = MlflowClient(services.mlflow_tracking_uri)
-    exp = client.get_experiment_by_name(cfg.experiment)
-    (mlrun,) = client.search_runs([exp.experiment_id],
-                                  filter_string=f"tags.`{RUN_NAME_TAG}` = '{info['run_name']}'")
+    client, (mlrun,) = runs_named(services.mlflow_tracking_uri, cfg.experiment, info["run_name"])
     lrs = {m.step: m.value for m in client.get_metric_history(mlrun.info.run_id, "lr")}
     assert lrs == pytest.approx({k: ar_lr(k, total_steps=steps, base_lr=cfg.lr, warmup_frac=0.34)
                                  for k in range(steps)})
