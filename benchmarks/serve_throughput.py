@@ -239,7 +239,9 @@ def main() -> None:
         # it turns the router's own loop off, which this (synchronous) driver's stats handle needs
         os.environ.setdefault("RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP", "1")
     elif args.front == "haproxy":
-        os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+        from detailflow.platform.serving.ingress import front_env
+
+        os.environ.update(front_env("haproxy", shared_host=True))
 
     from detailflow.platform.runtime import apply_runtime_env
 

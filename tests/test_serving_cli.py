@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -45,6 +46,17 @@ def test_serve_up_status_generate_down(services, storage, tmp_path):
                 "DETAILFLOW_RAY_ADDRESS"):
         env.pop(var, None)
     port = st.free_port()
+    # HAProxy's default side ports (Prometheus 9101, stats 8404) held, as another head's HAProxy on this
+    # machine holds them (a demo left running): serve up gives its HAProxy free ones (ingress.py)
+    taken = []
+    for side in (9101, 8404):
+        sock = socket.socket()
+        try:
+            sock.bind(("0.0.0.0", side))
+            sock.listen()
+            taken.append(sock)
+        except OSError:  # already in use on this machine: taken all the same
+            sock.close()
     try:
         up = run(["serve", "up", "--config", str(config), "--model", name, "--port", str(port),
                   "--num-cpus", "2"], env)
@@ -102,6 +114,8 @@ def test_serve_up_status_generate_down(services, storage, tmp_path):
                   Client(url, key).generate(ids[limit:], 1, seed=8)]
         assert big.read_bytes() == grid_png(np.concatenate([g.images for g in direct]), 6)
     finally:
+        for sock in taken:
+            sock.close()
         down = run(["serve", "down"], env, timeout=120)
     assert down.returncode == 0 and "ray head stopped" in down.stdout, down.stdout + down.stderr
     assert not psutil.pid_exists(head["pid"]) or psutil.Process(head["pid"]).status() == psutil.STATUS_ZOMBIE

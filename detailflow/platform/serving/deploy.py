@@ -101,7 +101,7 @@ def start_head(settings, num_cpus: int, timeout_s: float = 90.0, front: str = DE
     port, client_port = _free_port(), _free_port()
     env = {**os.environ, **settings.to_env(), **storage_env(settings), **_ensure_keys(settings)}
     env.setdefault(proxy_errors.ENV, proxy_errors.IMPORT_PATH)  # the proxy answers JSON when a replica dies
-    env.update(front_env(front))
+    env.update(front_env(front, shared_host=True))
     ray_bin = str(Path(sys.executable).with_name("ray"))
     cmd = [ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
            f"--ray-client-server-port={client_port}", f"--num-cpus={num_cpus}", "--include-dashboard=false",

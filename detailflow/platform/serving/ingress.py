@@ -18,6 +18,8 @@ with the request id (proxy_errors.py); HAProxy gives its own 502/503 page.
 
 from __future__ import annotations
 
+import socket
+
 FRONTS: dict[str, dict[str, str]] = {
     "proxy": {},
     "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1"},
@@ -25,8 +27,21 @@ FRONTS: dict[str, dict[str, str]] = {
 DEFAULT_FRONT = "haproxy"
 
 
-def front_env(front: str) -> dict[str, str]:
-    """The environment a Ray node needs for this front (set before Ray and Serve start)."""
+def front_env(front: str, *, shared_host: bool = False) -> dict[str, str]:
+    """The environment a Ray node needs for this front (set before Ray and Serve start).
+    shared_host: this Ray head shares the machine with others (serve up, tests, benchmarks): HAProxy's
+    side listeners (Prometheus 9101, stats 8404 on every interface by default) get free ports, so a
+    second head's HAProxy does not die on "Address already in use"."""
     if front not in FRONTS:
         raise ValueError(f"unknown HTTP front {front!r}: one of {', '.join(FRONTS)}")
-    return dict(FRONTS[front])
+    env = dict(FRONTS[front])
+    if front == "haproxy" and shared_host:
+        env["RAY_SERVE_HAPROXY_METRICS_PORT"] = str(_free_port())
+        env["RAY_SERVE_HAPROXY_STATS_PORT"] = str(_free_port())
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
