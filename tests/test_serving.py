@@ -544,6 +544,48 @@ def test_front_413_429_request_ids_and_json_errors(stack):
     assert post(stack, {"class_ids": [1], "tokens": 4}, headers=stack.headers).status_code == 200
 
 
+def _prometheus(timeout_s: float, *wanted: str) -> str:
+    """The node's Prometheus text (Ray's metrics agent) once every `wanted` substring is in it."""
+    import ray
+
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    deadline, text = time.time() + timeout_s, ""
+    while time.time() < deadline:
+        try:
+            text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        except requests.RequestException:
+            text = ""
+        if all(w in text for w in wanted):
+            return text
+        time.sleep(1.0)
+    missing = [w for w in wanted if w not in text]
+    raise AssertionError(f"not in the metrics after {timeout_s:.0f} s: {missing}")
+
+
+def test_application_metrics_reach_prometheus_by_route_status_and_key_id_never_the_key(stack):
+    """Requests by route/status/key id, images by key id, the latency histogram and the queue / slot
+    gauges, scraped where Prometheus would scrape them (Ray's metrics agent on the node)."""
+    from detailflow.platform.serving.auth import key_id
+
+    good, limited = key_id(stack.good), key_id(stack.limited)
+    assert post(stack, {"class_ids": [3], "tokens": 4}).status_code == 200
+    lim = {"Authorization": f"Bearer {stack.limited}"}
+    statuses = [post(stack, {"class_ids": [1], "tokens": 4}, headers=lim).status_code for _ in range(3)]
+    assert 429 in statuses, statuses  # rate 0.5/s, a bucket of 1 (and a quota of 3 a day)
+    text = _prometheus(90, "ray_detailflow_requests_total", f'key="{good}"', 'status="429"',
+                       f'key="{limited}"', "ray_detailflow_images_total",
+                       "ray_detailflow_request_seconds_bucket", "ray_detailflow_slot_occupancy",
+                       "ray_detailflow_pending_images", "ray_detailflow_queue_images")
+    ok = [line for line in text.splitlines() if line.startswith("ray_detailflow_requests_total")
+          and f'key="{good}"' in line and 'status="200"' in line and 'route="/v1/generate"' in line]
+    assert ok and float(ok[0].rsplit(" ", 1)[1]) >= 1, ok
+    images = [line for line in text.splitlines() if line.startswith("ray_detailflow_images_total")
+              and f'key="{good}"' in line]
+    assert images and float(images[0].rsplit(" ", 1)[1]) >= 1, images
+    for secret in (stack.good, stack.limited, stack.other):
+        assert secret not in text  # key ids only
+
+
 def _replicas(app: str = APP) -> int:
     from ray import serve
 

@@ -73,6 +73,7 @@ ERRORS = {401: {"model": ErrorResponse, "description": "No or unknown API key"},
           429: {"model": ErrorResponse, "description": "Rate limit or daily image quota: see Retry-After"},
           503: {"model": ErrorResponse, "description": "Overloaded: retry after Retry-After seconds"},
           504: {"model": ErrorResponse, "description": "No answer within the deadline"}}
+GAUGE_INTERVAL_S = 0.5  # queue depth / slot occupancy gauges: at most one sample per interval
 KINDS = {401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
          406: "not_acceptable", 413: "payload_too_large", 429: "rate_limited", 503: "overloaded",
          504: "timeout"}
@@ -135,8 +136,10 @@ def _sse(event: str, data: dict) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
+# Serve's own access line is off: front.py writes one per request that also names the key id
 @serve.deployment(name=GENERATOR, ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64,
                   max_queued_requests=64, health_check_period_s=10, graceful_shutdown_timeout_s=30,
+                  logging_config={"enable_access_log": False},
                   autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8,
                                       "upscale_delay_s": 10, "downscale_delay_s": 60,
                                       "policy": {"policy_function": IMAGE_POLICY,
@@ -152,16 +155,28 @@ class Generator(GeneratorCore):
         _State.max_body_bytes = a.max_body_bytes
         self.limiter = Limiter(a.rate_limit_rps, a.rate_burst, a.daily_image_quota)
         self.metrics = ServeMetrics()
+        self._gauges_at = float("-inf")  # when the queue / slot gauges were last set
         if _State.keys.count() == 0 and not _State.anonymous:
             logger.warning("no API key configured (%s / %s): every /v1 request gets 401", a.api_keys_env,
                            _State.keys.path or "$DETAILFLOW_API_KEYS_FILE")
 
     # ---- plumbing ----------------------------------------------------------------------------------
     def _record(self, route: str, status: int, key: str, images: int, t0: float) -> None:
-        self.metrics.request(route, status, key, images, time.perf_counter() - t0)
-        e = self.engine.stats() if self.engine is not None else None
-        self.metrics.gauges(self.pending_images, e["waiting"] if e else 0,
-                            e["slots"] - e["free_slots"] if e else 0, e["slots"] if e else 0)
+        now = time.perf_counter()
+        self.metrics.request(route, status, key, images, now - t0)
+        if now - self._gauges_at >= GAUGE_INTERVAL_S:  # a sample per interval, not per request
+            self._sample_gauges(now)
+
+    def _sample_gauges(self, now: float) -> None:
+        self._gauges_at, e = now, self.engine
+        self.metrics.gauges(self.pending_images, e.engine.waiting if e else 0,
+                            e.slots - e.engine.free_slots if e else 0, e.slots if e else 0)
+
+    def record_autoscaling_stats(self) -> dict:
+        """Serve calls this periodically, with or without traffic: the gauges follow an idle replica
+        down to zero too."""
+        self._sample_gauges(time.perf_counter())
+        return super().record_autoscaling_stats()
 
     def _limit(self, key: str, images: int) -> JSONResponse | None:
         refused = self.limiter.admit(key, images, _State.keys.limits.get(key) if _State.keys else None)
@@ -235,7 +250,8 @@ class Generator(GeneratorCore):
         timeout = self.args.request_timeout_s
         try:
             cacheable = body.seed is not None and "no-cache" not in request.headers.get("cache-control", "")
-            final = await asyncio.wait_for(self.generate(spec, cacheable=cacheable), timeout)
+            async with asyncio.timeout(timeout):  # in this task: no extra task per request
+                final = await self.generate(spec, cacheable=cacheable)
         except Overloaded as exc:
             self._record(route, 503, key, 0, t0)
             return self._overloaded(str(exc))

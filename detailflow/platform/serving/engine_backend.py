@@ -120,6 +120,14 @@ class EngineBackend:
         tok = self.model.tokenizer  # eval mode since load; decoding does not change module state
         return to_uint8(tok.decode(codes_Kt.to(self.model.device), t)).cpu().numpy()
 
+    async def _final(self, codes, k: int, steps: int, t_final: int, started: float, first_pass: int) -> Final:
+        last_pass = self.engine.passes
+        self.row_passes += k * steps
+        images = await self.decoder(codes, t_final)
+        active = self.engine.active + k
+        return Final(t_final, images.shape[-1], steps, images, batch_requests=active, batch_images=active,
+                     sample_s=time.perf_counter() - started, info={"passes": [first_pass, last_pass]})
+
     async def events(self, ticket):
         from detailflow.models.engine import Request
 
@@ -145,6 +153,14 @@ class EngineBackend:
         handles = [self.engine.submit(r, on_pass=hook_for(i) if spec.previews else None)
                    for i, r in enumerate(requests)]
         steps = handles[0].passes_needed
+        if not spec.previews:  # the plain request: await the codes, decode once (no gather, no events)
+            try:
+                codes = torch.stack([await h.wait() for h in handles])
+                yield await self._final(codes, k, steps, t_final, started, first_pass)
+                return
+            finally:
+                for h in handles:
+                    h.cancel()  # no-op for the finished ones; frees the rows of a gone client's requests
         # the settle callbacks are queued on this loop after every hook callback of their request, so once
         # `results` is done and `pending` is empty, no preview is still on its way
         results = asyncio.ensure_future(asyncio.gather(*(h.wait() for h in handles)))
@@ -162,14 +178,8 @@ class EngineBackend:
                         images = await self.decoder(torch.stack([got[j] for j in range(k)]), t)
                         yield Preview(t, images.shape[-1], self.stops.index(t) + 1, steps, images)
                 if results.done() and not pending:
-                    codes = torch.stack(results.result())
-                    last_pass = self.engine.passes
-                    self.row_passes += k * steps
-                    images = await self.decoder(codes, t_final)
-                    active = self.engine.active + k
-                    yield Final(t_final, images.shape[-1], steps, images, batch_requests=active,
-                                batch_images=active, sample_s=time.perf_counter() - started,
-                                info={"passes": [first_pass, last_pass]})
+                    yield await self._final(torch.stack(results.result()), k, steps, t_final, started,
+                                            first_pass)
                     return
         finally:
             for h in handles:
