@@ -7,7 +7,6 @@ every stage that is not volatile (ingest and deploy always run and change nothin
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import textwrap
@@ -21,9 +20,10 @@ pytestmark = pytest.mark.integration
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """The serve port of a pipeline's deploy stage (bound minutes later, by HAProxy)."""
+    from detailflow.platform.serving.testing import free_port
+
+    return free_port()
 
 
 def _cli(*args, timeout=300):

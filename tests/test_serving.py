@@ -431,7 +431,8 @@ def test_overload_is_503_with_retry_after_never_a_hang(slow):
     assert set(codes) <= {200, 503} and 503 in codes and codes.count(200) >= 4, codes
     for r, took in results:
         if r.status_code == 503:
-            assert r.headers["retry-after"] == "1" and r.json()["error"]["type"] == "overloaded"
+            assert r.headers.get("retry-after") == "1", (r.headers, r.text[:300])
+            assert r.json()["error"]["type"] == "overloaded"
             assert took < 10, "a 503 must come at once, not after a wait"
     # it recovers: the next request is served
     assert requests.post(f"{slow.url}/v1/generate", json={"class_ids": [1]}, headers=slow.headers,

@@ -440,6 +440,26 @@ def test_proxy_errors_answer_502_json_with_the_request_id_when_no_replica_answer
     assert seen["id"] != "bad id with spaces" and len(seen["id"]) == 16  # an insane id is replaced
     status, head, body = _asgi(ProxyErrors(answering), "GET", "/x", [b""])
     assert status == 200 and body == {"ok": 1}
+
+    def serve_says(code, text, content_type=b"text/plain; charset=utf-8"):
+        async def app(scope, receive, send):  # what the proxy sends for its own errors
+            await send({"type": "http.response.start", "status": code, "headers": [(b"content-type",
+                                                                                    content_type)]})
+            await send({"type": "http.response.body", "body": text[:5], "more_body": True})
+            await send({"type": "http.response.body", "body": text[5:]})
+        return app
+
+    status, head, body = _asgi(ProxyErrors(serve_says(503, b"Request dropped due to backpressure")), "POST",
+                               "/v1/generate", [b"{}"], {"x-request-id": "client-9"})
+    assert status == 503 and head["content-type"] == "application/json" and head["retry-after"] == "1"
+    assert body["error"]["type"] == "overloaded" and body["error"]["request_id"] == "client-9"
+    assert "Request dropped due to backpressure" in body["error"]["message"]
+    status, head, body = _asgi(ProxyErrors(serve_says(500, b"boom")), "GET", "/x", [b""])
+    assert status == 500 and body["error"]["type"] == "internal" and "retry-after" not in head
+    replica_json = b'{"error": {"type": "overloaded", "request_id": "r1"}}'
+    status, head, body = _asgi(ProxyErrors(serve_says(503, replica_json, b"application/json")), "GET", "/x",
+                               [b""])
+    assert status == 503 and body == {"error": {"type": "overloaded", "request_id": "r1"}}  # untouched
     assert [m.cls for m in proxy_middlewares()] == [ProxyErrors]
     # what Serve's proxy does at start with the env variable: import + call + validate, then wrap its app
     # (its own RequestIdMiddleware innermost): the id the proxy's app sees is the one the 502 names

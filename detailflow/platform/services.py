@@ -51,6 +51,20 @@ class PortSpec:
     setting: str  # the setting (and env var) to change when it is taken
 
 
+def stable_free_port(tries: int = 200) -> int:
+    """A port free on every interface in 20000-29999: below the kernel's ephemeral range (32768+),
+    where the port-0 binds of processes started later (a Ray head's agents and workers) land, so the
+    port is still free when the server it is chosen for binds it, seconds later. (Ray's worker ports
+    are 10002-19999 and Serve's direct-ingress ports 30000-31000.)"""
+    import random
+
+    for _ in range(tries):
+        port = random.randrange(20000, 30000)
+        if port_free(port, "0.0.0.0") and port_free(port):
+            return port
+    raise RuntimeError("no free port in 20000-29999")
+
+
 def port_free(port: int, host: str = "127.0.0.1") -> bool:
     """True if nothing listens on host:port (we can bind it ourselves)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

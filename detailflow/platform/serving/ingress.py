@@ -18,8 +18,6 @@ with the request id (proxy_errors.py); HAProxy gives its own 502/503 page.
 
 from __future__ import annotations
 
-import socket
-
 FRONTS: dict[str, dict[str, str]] = {
     "proxy": {},
     "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1"},
@@ -36,12 +34,8 @@ def front_env(front: str, *, shared_host: bool = False) -> dict[str, str]:
         raise ValueError(f"unknown HTTP front {front!r}: one of {', '.join(FRONTS)}")
     env = dict(FRONTS[front])
     if front == "haproxy" and shared_host:
-        env["RAY_SERVE_HAPROXY_METRICS_PORT"] = str(_free_port())
-        env["RAY_SERVE_HAPROXY_STATS_PORT"] = str(_free_port())
+        from detailflow.platform.services import stable_free_port  # HAProxy binds them minutes later
+
+        env["RAY_SERVE_HAPROXY_METRICS_PORT"] = str(stable_free_port())
+        env["RAY_SERVE_HAPROXY_STATS_PORT"] = str(stable_free_port())
     return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]

@@ -9,7 +9,9 @@ nothing to send: it returns without a response and uvicorn answers a plain-text 
 This middleware runs in the proxy, in front of that: it gives each request an id (the client's sane
 X-Request-Id, or a fresh one) before Serve reads it, so the proxy, the replica and the logs name the same
 one, and when the proxy returns without starting a response it answers 502 JSON
-{"error": {"type": "replica_failed", ...,"request_id"}} with X-Request-Id and Retry-After: 1.
+{"error": {"type": "replica_failed", ...,"request_id"}} with X-Request-Id and Retry-After: 1. An error
+the proxy answers itself in plain text (503 when its queue is full or no replica is up) is rewritten to
+the same JSON shape, with Retry-After: 1 on a 503 / 429; the replica's own answers pass untouched.
 The proxy reads the variable when it starts, so it must be in the environment of the process that starts
 Ray (`detailflow serve up` sets it for its head; the tests' and benchmarks' ray.init call
 use_proxy_errors first; a KubeRay head sets it in the container env).
@@ -26,6 +28,9 @@ from detailflow.platform.serving.front import SANE_ID, json_response_parts
 logger = logging.getLogger("ray.serve")
 ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 IMPORT_PATH = "detailflow.platform.serving.proxy_errors:proxy_middlewares"
+# Serve's proxy answers some requests itself, in plain text: 503 when its queue is full (backpressure)
+# or no replica is up, 408 / 429 / 500 from its own handling; rewritten to the app's JSON shape
+SERVE_ERROR_KINDS = {408: "timeout", 429: "rate_limited", 500: "internal", 503: "overloaded"}
 
 
 class ProxyErrors:
@@ -43,12 +48,31 @@ class ProxyErrors:
         if rid != given:  # Serve (and the replica behind it) use and echo this one
             headers = [(k, v) for k, v in headers if k != b"x-request-id"] + [(b"x-request-id", rid.encode())]
             scope = {**scope, "headers": headers}
-        started = [False]
+        started, held, text = [False], [None], []
 
         async def watch(message):
             if message["type"] == "http.response.start":
                 started[0] = True
+                head = dict(message.get("headers") or [])
+                if message["status"] >= 400 and not head.get(b"content-type", b"").startswith(
+                        b"application/json"):
+                    held[0] = message  # Serve's own plain-text error (backpressure, no replicas): rewrite
+                    return
+            elif held[0] is not None and message["type"] == "http.response.body":
+                text.append(message.get("body", b""))
+                if not message.get("more_body"):
+                    await send_rewritten(held[0]["status"], b"".join(text).decode("utf-8", "replace"))
+                return
             await send(message)
+
+        async def send_rewritten(status: int, serve_text: str) -> None:
+            kind = SERVE_ERROR_KINDS.get(status, "error")
+            message = f"{serve_text.strip() or 'error'} (request id {rid})"
+            extra = [(b"x-request-id", rid.encode())]
+            if status in (429, 503):
+                extra.append((b"retry-after", b"1"))
+            for part in json_response_parts(status, kind, message, rid, extra):
+                await send(part)
 
         try:
             await self.app(scope, receive, watch)

@@ -14,7 +14,6 @@ class, CFG and seed (a zero head samples uniformly).
 
 from __future__ import annotations
 
-import socket
 import uuid
 
 from detailflow.platform.serving.autoscale import IMAGE_POLICY
@@ -26,9 +25,11 @@ def unique_name(prefix: str) -> str:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port for a server started later (Serve's HTTP port): outside the ephemeral range, so no
+    process's port-0 bind takes it in the meantime (services.stable_free_port)."""
+    from detailflow.platform.services import stable_free_port
+
+    return stable_free_port()
 
 
 def smoke_modules(seed: int, head_std: float = 0.5):
