@@ -32,3 +32,42 @@ def register_smoke(settings, storage, name: str, seed: int, champion: bool = Fal
     if champion:
         promote_now(settings, name, version)
     return version
+
+
+def kill_under_load(url: str, headers: dict, kill, clients: int = 6, before_s: float = 2.0,
+                    after_s: float = 5.0) -> tuple[list, float]:
+    """`clients` closed-loop threads POST one image each to url/v1/generate (seed per client and
+    request); `kill()` runs after before_s; the load stops after_s later. Returns ([(t_sent, t_done,
+    status or None for a dropped connection, headers, body)], t_kill)."""
+    import threading
+    import time
+
+    import requests
+
+    stop, results = threading.Event(), []
+
+    def load(k):
+        s, i = requests.Session(), 0
+        while not stop.is_set():
+            t0 = time.time()
+            try:
+                r = s.post(f"{url}/v1/generate", json={"class_ids": [i % 10], "seed": 1000 * k + i},
+                           headers=headers, timeout=60)
+                results.append((t0, time.time(), r.status_code, r.headers, r.content))
+            except requests.RequestException as exc:  # a dropped connection is a failure too
+                results.append((t0, time.time(), None, {}, repr(exc).encode()))
+            i += 1
+
+    threads = [threading.Thread(target=load, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(before_s)
+        t_kill = time.time()
+        kill()
+        time.sleep(after_s)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    return results, t_kill

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
-from serving_models import register_smoke
+from serving_models import kill_under_load, register_smoke
 
 from detailflow.platform.serving import testing as st
 
@@ -139,7 +139,6 @@ def test_kill_9_behind_haproxy_fails_only_the_killed_replicas_in_flight_requests
     not send and drops the dead server)."""
     import collections
     import signal
-    import threading
     import time
 
     import psutil
@@ -173,32 +172,9 @@ def test_kill_9_behind_haproxy_fails_only_the_killed_replicas_in_flight_requests
                 break
             time.sleep(1)
         assert len(replicas) == 2, replicas
-        stop, results, clients = threading.Event(), [], 6
-
-        def load(k):
-            s, i = requests.Session(), 0
-            while not stop.is_set():
-                t0 = time.time()
-                try:
-                    r = s.post(f"{url}/v1/generate", json={"class_ids": [i % 10], "seed": 1000 * k + i},
-                               headers={"Authorization": f"Bearer {key}"}, timeout=60)
-                    results.append((t0, time.time(), r.status_code, r.headers, r.content))
-                except requests.RequestException as exc:  # a dropped connection is a failure too
-                    results.append((t0, time.time(), None, {}, repr(exc).encode()))
-                i += 1
-
-        threads = [threading.Thread(target=load, args=(k,)) for k in range(clients)]
-        for t in threads:
-            t.start()
-        try:
-            time.sleep(4.0)
-            t_kill = time.time()
-            replicas[0].send_signal(signal.SIGKILL)
-            time.sleep(6.0)
-        finally:
-            stop.set()
-            for t in threads:
-                t.join(60)
+        clients = 6
+        results, t_kill = kill_under_load(url, {"Authorization": f"Bearer {key}"},
+                                          lambda: replicas[0].send_signal(signal.SIGKILL), clients, 4.0, 6.0)
         failed = [x for x in results if x[2] != 200]
         before = collections.Counter(h["x-replica"] for t0, _, c, h, _ in results if c == 200 and t0 < t_kill)
         print(f"kill -9 behind HAProxy: {len(results)} requests, {len(failed)} failed "

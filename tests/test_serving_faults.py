@@ -11,12 +11,11 @@ from __future__ import annotations
 import collections
 import os
 import signal
-import threading
 import time
 
 import pytest
 import requests
-from serving_models import register_smoke
+from serving_models import kill_under_load, register_smoke
 
 from detailflow.platform.serving import testing as st
 
@@ -115,32 +114,9 @@ def test_kill_9_of_one_replica_under_load_fails_only_its_in_flight_requests(faul
 
     pids = _replica_pids(fault.handle)
     victim, victim_pid = sorted(pids.items())[0]
-    stop, results, clients = threading.Event(), [], 6
-
-    def load(k):
-        i = 0
-        while not stop.is_set():
-            t0 = time.time()
-            body = {"class_ids": [i % 10], "seed": 1000 * k + i}
-            try:
-                r = requests.post(f"{fault.url}/v1/generate", json=body, headers=fault.headers, timeout=60)
-                results.append((t0, time.time(), r.status_code, r.headers, r.content))
-            except requests.RequestException as exc:  # a dropped connection counts as a failure too
-                results.append((t0, time.time(), None, {}, repr(exc).encode()))
-            i += 1
-
-    threads = [threading.Thread(target=load, args=(k,)) for k in range(clients)]
-    for t in threads:
-        t.start()
-    try:
-        time.sleep(2.0)
-        t_kill = time.time()
-        os.kill(victim_pid, signal.SIGKILL)
-        time.sleep(5.0)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(60)
+    clients = 6
+    results, t_kill = kill_under_load(fault.url, fault.headers, lambda: os.kill(victim_pid, signal.SIGKILL),
+                                      clients, 2.0, 5.0)
     failed = [x for x in results if x[2] != 200]
     served = collections.Counter(h["x-replica"] for _, _, c, h, _ in results if c == 200)  # PNG answers
     print(f"kill -9 of {victim}: {len(results)} requests, {len(failed)} failed "
