@@ -112,6 +112,36 @@ def test_unsent_records_are_backfilled_by_the_next_tracker_on_the_run(services, 
     assert list(spool_dir.rglob("*.jsonl")) == []  # all sent: the spool is empty
 
 
+def test_every_spooled_record_replays_safely_after_a_crash_between_send_and_ack(services, spool_dir):
+    """A process killed after MLflow took a record but before the spool's ack (a node lost mid-step)
+    leaves it to be sent again by the next attempt; sending each record twice must leave the run as
+    sending it once. (The checkpoint's model output link was not: MLflow refused the duplicate with
+    a UNIQUE constraint, the buffer retried it for ever and the run never ended FINISHED.)"""
+    from mlflow.tracking import MlflowClient
+
+    from detailflow.platform.tracking_records import apply_records
+
+    client = MlflowClient(services.mlflow_tracking_uri)
+    first = Tracker.start(services.mlflow_tracking_uri, experiment="outage", run_name="outage-replay")
+    run_id = first.run_id
+    assert first.finish()
+    lost = Tracker.start(dead_uri(), experiment="outage", run_name="outage-replay", run_id=run_id)
+    lost.flush_deadline_s = 0.5
+    fake_training(lost, range(8), every=4, work_s=0.0)
+    lost.set_tags({"phase": "replayed"})
+    assert lost.finish("FINISHED") is False
+    records = spooled_records(spool_dir)
+    assert {r["op"] for r in records} >= {"metrics", "checkpoint", "tags", "status"}
+    for _ in range(2):  # sent, not acknowledged, sent again
+        for rec in records:
+            apply_records(client, run_id, rec["op"], [rec])
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["phase"] == "replayed"
+    assert sorted(o.step for o in run.outputs.model_outputs) == [4, 8]  # one link per checkpoint
+    assert [c["step"] for c in list_checkpoints(client, run_id)] == [4, 8]  # one model per checkpoint
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == list(range(8))
+
+
 @pytest.mark.integration
 def test_mlflow_outage_during_training_stalls_nothing_and_loses_nothing(services, spool_dir):
     from mlflow.tracking import MlflowClient

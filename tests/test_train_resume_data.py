@@ -35,7 +35,7 @@ def _read_log(path: str) -> list[tuple[int, Position]]:
     out = []
     with open(path) as f:
         for line in f:
-            step, e, u, b = (int(x) for x in line.split())
+            step, e, u, b = (int(x) for x in line.split()[:4])
             out.append((step, Position(e, u, b)))
     return out
 

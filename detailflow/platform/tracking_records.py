@@ -16,7 +16,8 @@ CHECKPOINT_METRIC_PREFIX = "checkpoint/"  # a checkpoint's metrics, on its logge
 def apply_records(client, run_id: str, op: str, records: list[dict]) -> None:
     """Send spooled records of one kind to MLflow (the flusher thread; an attached tracker at once).
     Idempotent: metric rows carry their timestamp (MLflow drops exact duplicates), params and tags
-    repeat the same values, a checkpoint model is looked up by URI before one is created."""
+    repeat the same values, a checkpoint model is looked up by URI before one is created and linked to
+    the run only when it is not yet (tests/test_tracking_outage.py replays every kind twice)."""
     from mlflow.entities import Metric, Param, RunTag
 
     from detailflow.platform.tracking_buffer import GROUPABLE
@@ -64,14 +65,18 @@ def _apply_checkpoint(client, run_id: str, rec: dict) -> None:
     uri, step = rec["uri"], rec["step"]
     known = [m for m in _logged_models(client, run_id, "checkpoint")
              if m.tags.get("detailflow.checkpoint_uri") == uri]
-    if known:
+    linked = set()
+    if known:  # a replay: the model, and maybe its link to the run, exist already
         model = known[0]
+        outputs = client.get_run(run_id).outputs
+        linked = {(o.model_id, o.step) for o in (outputs.model_outputs if outputs else [])}
     else:
         tags = {KIND_TAG: "checkpoint", "detailflow.checkpoint_uri": uri, "detailflow.step": str(step)}
         model = client.create_logged_model(client.get_run(run_id).info.experiment_id,
                                            name=f"checkpoint-step-{step}", source_run_id=run_id, tags=tags,
                                            model_type=CHECKPOINT_MODEL_TYPE)
-    client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=step)])
+    if (model.model_id, step) not in linked:  # MLflow refuses a second identical link (UNIQUE)
+        client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=step)])
     # A model's metrics are run metrics too: the prefix keeps them out of the loop's own series
     # ("loss" at step 3 from the loop, "checkpoint/loss" at step 4 from the checkpoint after it).
     rows = [Metric(f"{CHECKPOINT_METRIC_PREFIX}{k}", v, ts, s, model_id=model.model_id)

@@ -23,6 +23,7 @@ s3://<bucket>/runs/<run>/export (a pointer, platform/export_store.py).
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -65,7 +66,7 @@ class TokenizerStageConfig(DistributedStageConfig):
     experiment: str = "detailflow-tokenizer"  # MLflow experiment
     window_groups: int = 16  # reader: row groups mixed into each micro-batch (one Ray task each)
     reader_tasks: int = 2  # reader: window tasks per rank at once (decode processes; reserve no Ray CPU)
-    consumed_log: str = ""  # test hook: each rank appends "step epoch unit batch" per step to <path>.rank<r>
+    consumed_log: str = ""  # test hook: each rank appends "step epoch unit batch pid" lines to <path>.rank<r>
     progress_every_s: float = 10.0  # seconds between rank 0's console progress lines
 
     def validate(self) -> None:
@@ -234,7 +235,8 @@ def train_loop(config: dict) -> None:
             mb = next(stream)
             if cfg.consumed_log:
                 with open(f"{cfg.consumed_log}.rank{ctx.rank}", "a") as f:
-                    f.write(f"{step} {mb.position.epoch} {mb.position.unit} {mb.position.batch}\n")
+                    pos = mb.position
+                    f.write(f"{step} {pos.epoch} {pos.unit} {pos.batch} {os.getpid()}\n")
             img = to_float(mb.images, ctx.device, dtype)
             if eval_img is None:
                 eval_img = img[: cfg.eval_images].clone()
