@@ -142,6 +142,29 @@ def test_every_spooled_record_replays_safely_after_a_crash_between_send_and_ack(
     assert [m.step for m in client.get_metric_history(run_id, "loss")] == list(range(8))
 
 
+def test_a_record_the_server_refuses_is_set_aside_and_never_holds_back_the_rest(services, spool_dir):
+    """MLflow refuses a changed param value (400) on every retry: the record is kept in
+    rejected.jsonl with the answer, the metrics after it arrive and the run ends FINISHED (before,
+    the buffer retried it until finish's deadline and the run stayed RUNNING)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(services.mlflow_tracking_uri)
+    tracker = Tracker.start(services.mlflow_tracking_uri, experiment="outage", run_name="outage-refused")
+    tracker.flush_deadline_s = 10.0
+    tracker.log_params({"lr": 1e-3})
+    assert tracker.flush()
+    tracker.log_params({"lr": 2e-3})  # MLflow: "Changing param values is not allowed"
+    fake_training(tracker, range(4), every=100, work_s=0.0)
+    assert tracker.finish()
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED" and run.data.params["lr"] == "0.001"
+    assert [m.step for m in client.get_metric_history(tracker.run_id, "loss")] == [0, 1, 2, 3]
+    rejected = spool_dir / tracker.run_id / "rejected.jsonl"
+    (kept,) = [json.loads(line) for line in rejected.read_text().splitlines()]
+    assert kept["record"] == {"op": "params", "params": {"lr": "0.002"}}
+    assert "INVALID_PARAMETER_VALUE" in kept["error"]
+
+
 @pytest.mark.integration
 def test_mlflow_outage_during_training_stalls_nothing_and_loses_nothing(services, spool_dir):
     from mlflow.tracking import MlflowClient

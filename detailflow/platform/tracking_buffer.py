@@ -15,6 +15,10 @@ on the same run (a resumed attempt on that node) finds the unlocked file and sen
 (backfill), then deletes it. Records must be idempotent to replay (metrics carry their own
 timestamp; a checkpoint looks its model up before creating one).
 
+A record the server refuses (a 4xx other than 429: it would be refused again on every retry) is
+moved to ``<run_id>/rejected.jsonl`` with the server's answer, one warning line is printed, and the
+records after it are sent: one bad record never holds back the run's metrics or its end status.
+
 Spool root: ``$DETAILFLOW_TRACKING_SPOOL_DIR``, else ``<tmp>/detailflow-tracking-spool-<uid>``
 (node-local, per user; every process has its own file, so ranks and restarts never share one).
 """
@@ -114,6 +118,7 @@ class TrackingBuffer:
         self._idle.set()
         self._hurry = False  # a flush() waits: retry at once, no backoff
         self.failures = 0  # consecutive failed attempts (0 while the server answers)
+        self.rejected = 0  # records the server refused (kept in rejected.jsonl)
         self.last_error: str | None = None
         self._client = None
         self._thread = threading.Thread(target=self._loop, name=f"tracking-flush-{run_id[:8]}", daemon=True)
@@ -231,9 +236,24 @@ class TrackingBuffer:
                     raise ValueError(f"{spool.path}: an 'open' record but this buffer has no opener")
                 self.run_id = self.opener(self._mlflow(), group[-1])
             else:
-                self.apply(self._mlflow(), self.run_id, op, group)
+                try:
+                    self.apply(self._mlflow(), self.run_id, op, group)
+                except Exception as exc:
+                    if not refused(exc):
+                        raise  # the server is away or failed: back off and send it again
+                    self._reject(group, exc)
             spool.ack(pending[j - 1][0])
             i = j
+
+    def _reject(self, records: list[dict], exc: Exception) -> None:
+        """Keep what the server refused, with its answer, beside the spool (never sent again)."""
+        why = f"{type(exc).__name__}: {exc}"[:500]
+        with open(self.dir / "rejected.jsonl", "a") as f:
+            for rec in records:
+                f.write(json.dumps({"record": rec, "error": why}) + "\n")
+        self.rejected += len(records)
+        print(f"[tracking] MLflow refused {len(records)} {records[0]['op']} record(s) of run {self.run_id} "
+              f"({why}); kept in {self.dir / 'rejected.jsonl'}, the rest is sent", flush=True)
 
     def _mlflow(self):
         if self._client is None:
@@ -254,6 +274,16 @@ class TrackingBuffer:
         except Exception as exc:
             self.last_error = f"{type(exc).__name__}: {exc}"[:500]
             return False
+
+
+def refused(exc: Exception) -> bool:
+    """Did the server answer this request with a client error it will repeat (a 4xx but 429)?"""
+    from mlflow.exceptions import MlflowException
+
+    if not isinstance(exc, MlflowException):
+        return False
+    status = exc.get_http_status_code()
+    return 400 <= status < 500 and status != 429
 
 
 def server_healthy(tracking_uri: str, timeout_s: float = 2.0) -> bool:
