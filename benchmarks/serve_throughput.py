@@ -10,7 +10,7 @@ random-init model of the named config (default tiny: N = 32, 11 passes) register
 pipelines.registry.register and served by the real app: one Generator replica (HTTP front + scheduler +
 engine in one deployment, one hop), torch_threads 1, max_batch_size 16 (engine: 32 KV rows), backend
 --backend (engine; batch = the static @serve.batch sampler). Every request is one image, CFG 1.5, its
-own seed, format json (base64 PNG), Cache-Control: no-cache (no result cache).
+own seed, the default format (PNG bytes back), Cache-Control: no-cache (no result cache).
   1. in-process: sampling.BatchJob over 16 such requests back to back (what one static batch runs), on
      one torch thread: images/s; and one request alone (BatchJob of 1 + its PNG): p50 latency;
   2. HTTP at concurrency 16 (16 client threads on 127.0.0.1, each on a keep-alive http.client

@@ -37,19 +37,31 @@ def cli_env(services, state) -> dict:
     return env
 
 
+def local_serve_file(tmp_path, autoscaling: dict, **user_config) -> Path:
+    """configs/serve-local.yaml, smaller than shipped (a shared 2-core box): the Generator at 0.1 CPU,
+    with these autoscaling bounds and user_config fields; written to tmp_path/serve.yaml."""
+    cfg = yaml.safe_load((ROOT / "configs" / "serve-local.yaml").read_text())
+    (gen,) = [d for d in cfg["applications"][0]["deployments"] if d["name"] == "Generator"]
+    gen["ray_actor_options"] = {"num_cpus": 0.1}
+    gen["autoscaling_config"].update(autoscaling)
+    gen["user_config"].update(user_config)
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    return config
+
+
+def served_key(state) -> str:
+    """The API key `serve up` wrote into its key file."""
+    return next(line for line in (state / "serve" / "api-keys").read_text().splitlines()
+                if line.startswith("dfk_"))
+
+
 def test_serve_up_status_generate_down(services, storage, tmp_path):
     import psutil
 
     name = st.unique_name("cli")
     version = register_smoke(services, storage, name, seed=5, champion=True)
-    cfg = yaml.safe_load((ROOT / "configs" / "serve-local.yaml").read_text())
-    for dep in cfg["applications"][0]["deployments"]:  # smaller than shipped: a shared 2-core box
-        if dep["name"] != "ChampionWatcher":
-            dep["ray_actor_options"] = {"num_cpus": 0.1}
-        if dep["name"] == "Generator":
-            dep["autoscaling_config"]["max_replicas"] = 1
-    config = tmp_path / "serve.yaml"
-    config.write_text(yaml.safe_dump(cfg))
+    config = local_serve_file(tmp_path, {"max_replicas": 1})
     state = tmp_path / "state"
     env = cli_env(services, state)
     port = st.free_port()
@@ -75,9 +87,8 @@ def test_serve_up_status_generate_down(services, storage, tmp_path):
         assert "front       haproxy" in up.stdout and head["front"] == "haproxy"
         procs = psutil.Process(head["pid"]).children(recursive=True)
         assert any(p.name() == "haproxy" for p in procs), sorted({p.name() for p in procs})
-        key_file = state / "serve" / "api-keys"
-        assert key_file.stat().st_mode & 0o077 == 0, "the key file must be private"
-        key = next(line for line in key_file.read_text().splitlines() if line.startswith("dfk_"))
+        assert (state / "serve" / "api-keys").stat().st_mode & 0o077 == 0, "the key file must be private"
+        key = served_key(state)
         assert key not in up.stdout + up.stderr, "serve up printed the key"
         assert requests.get(f"{url}/healthz", timeout=30).json() == {"status": "ok"}
         assert requests.get(f"{url}/readyz", timeout=30).json()["model_version"] == version
@@ -145,14 +156,8 @@ def test_kill_9_behind_haproxy_fails_only_the_killed_replicas_in_flight_requests
 
     name = st.unique_name("k9")
     register_smoke(services, storage, name, seed=7, champion=True)
-    cfg = yaml.safe_load((ROOT / "configs" / "serve-local.yaml").read_text())
-    for dep in cfg["applications"][0]["deployments"]:
-        dep["ray_actor_options"] = {"num_cpus": 0.1}
-        if dep["name"] == "Generator":
-            dep["autoscaling_config"].update(min_replicas=2, max_replicas=2)
-            dep["user_config"]["simulated_pass_s"] = 0.03  # requests stay in flight long enough to be hit
-    config = tmp_path / "serve.yaml"
-    config.write_text(yaml.safe_dump(cfg))
+    # requests stay in flight long enough to be hit
+    config = local_serve_file(tmp_path, {"min_replicas": 2, "max_replicas": 2}, simulated_pass_s=0.03)
     state = tmp_path / "state"
     env = cli_env(services, state)
     port = st.free_port()
@@ -161,8 +166,7 @@ def test_kill_9_behind_haproxy_fails_only_the_killed_replicas_in_flight_requests
                   "--num-cpus", "2"], env)
         assert up.returncode == 0 and "front       haproxy" in up.stdout, up.stdout + up.stderr
         url = f"http://127.0.0.1:{port}"
-        key = next(line for line in (state / "serve" / "api-keys").read_text().splitlines()
-                   if line.startswith("dfk_"))
+        key = served_key(state)
         head = json.loads((state / "serve" / "ray-head.json").read_text())
         deadline = time.time() + 120
         while True:

@@ -120,12 +120,13 @@ def test_an_abandoned_stream_kills_its_tasks_workers_so_none_is_reused_half_impo
     worker = int((tmp_path / "pid-1").read_text())
     stream.close()  # the consumer stops early: task 1 is cancelled mid-import
     (tmp_path / "slow").unlink()
+    def gone() -> bool:
+        return not psutil.pid_exists(worker) or psutil.Process(worker).status() == psutil.STATUS_ZOMBIE
+
     deadline = time.time() + 30
-    while psutil.pid_exists(worker) and psutil.Process(worker).status() != psutil.STATUS_ZOMBIE \
-            and time.time() < deadline:
+    while not gone() and time.time() < deadline:
         time.sleep(0.2)
-    assert not psutil.pid_exists(worker) or psutil.Process(worker).status() == psutil.STATUS_ZOMBIE, \
-        "the interrupted worker lives on, to be reused with a half-done import"
+    assert gone(), "the interrupted worker lives on, to be reused with a half-done import"
     imports = ray.remote(lambda folder: list(_imports_halfreg(2, folder))[0]).options(num_cpus=0.25)
     pids = ray.get([imports.remote(str(tmp_path)) for _ in range(4)], timeout=120)
     assert worker not in pids

@@ -49,7 +49,7 @@ from detailflow.platform.serving.auth import MISSING, OK, REVOKED, KeyStore
 from detailflow.platform.serving.autoscale import IMAGE_POLICY
 from detailflow.platform.serving.config import GENERATOR, WATCHER, AppArgs, GeneratorOptions
 from detailflow.platform.serving.formats import MULTIPART, NotAcceptable, negotiate, render
-from detailflow.platform.serving.front import Front
+from detailflow.platform.serving.front import ERROR_KINDS, Front
 from detailflow.platform.serving.generator import GeneratorCore, Overloaded, Rejected
 from detailflow.platform.serving.limits import Limiter, retry_after
 from detailflow.platform.serving.metrics import ServeMetrics
@@ -74,9 +74,6 @@ ERRORS = {401: {"model": ErrorResponse, "description": "No or unknown API key"},
           503: {"model": ErrorResponse, "description": "Overloaded: retry after Retry-After seconds"},
           504: {"model": ErrorResponse, "description": "No answer within the deadline"}}
 GAUGE_INTERVAL_S = 0.5  # queue depth / slot occupancy gauges: at most one sample per interval
-KINDS = {401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
-         406: "not_acceptable", 413: "payload_too_large", 429: "rate_limited", 503: "overloaded",
-         504: "timeout"}
 
 app = FastAPI(title="DetailFlow generation API", version="1",
               description="Class-conditional image generation with DetailFlow (1D coarse-to-fine "
@@ -94,7 +91,7 @@ app.add_middleware(Front, max_body_bytes=lambda: _State.max_body_bytes)
 
 
 def _error(status: int, message: str, retry_s: str | None = None) -> JSONResponse:
-    return JSONResponse(error_body(KINDS.get(status, "error"), message), status_code=status,
+    return JSONResponse(error_body(ERROR_KINDS.get(status, "error"), message), status_code=status,
                         headers={"Retry-After": retry_s} if retry_s else None)
 
 
@@ -119,7 +116,7 @@ async def _on_validation(request: Request, exc: RequestValidationError):
 
 @app.exception_handler(HTTPException)
 async def _on_http(request: Request, exc: HTTPException):
-    return JSONResponse(error_body(KINDS.get(exc.status_code, "error"), str(exc.detail)),
+    return JSONResponse(error_body(ERROR_KINDS.get(exc.status_code, "error"), str(exc.detail)),
                         status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
 

@@ -24,6 +24,10 @@ from starlette.exceptions import HTTPException
 
 logger = logging.getLogger("ray.serve")
 SANE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+# the error body's "type" by status: the app's answers, and Serve's own that proxy_errors.py rewrites
+ERROR_KINDS = {401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
+               406: "not_acceptable", 408: "timeout", 413: "payload_too_large", 429: "rate_limited",
+               500: "internal", 503: "overloaded", 504: "timeout"}
 
 
 class BodyTooLarge(HTTPException):

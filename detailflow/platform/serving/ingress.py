@@ -9,11 +9,13 @@
              package, a dependency of ray[serve] on Linux, bundles) on the proxy's port; it forwards
              HTTP straight to the replicas' own HTTP servers (direct ingress), one hop of plain HTTP.
 
-Measured (benchmarks/serve_throughput.py, tiny model, 2 vCPUs shared by clients and server):
-haproxy 0.61 x the in-process sampler at concurrency 16 against 0.32 through Serve's proxy; the
-replica spends 8.7 ms of CPU per image behind HAProxy against 15.6 ms behind the proxy.
-Errors: a replica that dies mid-request is answered by the front: Serve's proxy gives a JSON 502
-with the request id (proxy_errors.py); HAProxy gives its own 502/503 page.
+Measured (benchmarks/serve_throughput.py, tiny model, 2 vCPUs shared by clients and server): haproxy
+0.64 x the in-process sampler at concurrency 16 against 0.31 through Serve's proxy; the replica spends
+7.9 ms of CPU per image behind HAProxy against 15.7 ms behind the proxy.
+Errors when a replica is killed mid-request: Serve's proxy answers a JSON 502 with the request id
+(proxy_errors.py); HAProxy closes those clients' connections without an answer, or sends its static
+500 page (Ray's template: no request id), and sends later requests to the other replicas
+(tests/test_serving_cli.py measures it).
 """
 
 from __future__ import annotations

@@ -23,14 +23,11 @@ import logging
 import os
 import uuid
 
-from detailflow.platform.serving.front import SANE_ID, json_response_parts
+from detailflow.platform.serving.front import ERROR_KINDS, SANE_ID, json_response_parts
 
 logger = logging.getLogger("ray.serve")
 ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 IMPORT_PATH = "detailflow.platform.serving.proxy_errors:proxy_middlewares"
-# Serve's proxy answers some requests itself, in plain text: 503 when its queue is full (backpressure)
-# or no replica is up, 408 / 429 / 500 from its own handling; rewritten to the app's JSON shape
-SERVE_ERROR_KINDS = {408: "timeout", 429: "rate_limited", 500: "internal", 503: "overloaded"}
 
 
 class ProxyErrors:
@@ -66,7 +63,7 @@ class ProxyErrors:
             await send(message)
 
         async def send_rewritten(status: int, serve_text: str) -> None:
-            kind = SERVE_ERROR_KINDS.get(status, "error")
+            kind = ERROR_KINDS.get(status, "error")
             message = f"{serve_text.strip() or 'error'} (request id {rid})"
             extra = [(b"x-request-id", rid.encode())]
             if status in (429, 503):
