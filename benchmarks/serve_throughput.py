@@ -233,6 +233,8 @@ def main() -> None:
                     help="haproxy: what serve up and the RayService run (serving/ingress.py)")
     ap.add_argument("--ar-size", default="model", choices=sorted(AR_SIZES),
                     help="model: the config's AR; gpt-b: GPT-B width/depth (sampler-dominated)")
+    ap.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                    help="a setting for Ray and Serve, applied after the front's (A/B of a knob)")
     args = ap.parse_args()
     if args.front == "throughput":
         os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"  # read by Serve's processes at import
@@ -242,6 +244,11 @@ def main() -> None:
         from detailflow.platform.serving.ingress import front_env
 
         os.environ.update(front_env("haproxy", shared_host=True))
+    for setting in args.env:
+        name, sep, value = setting.partition("=")
+        if not sep or not name:
+            ap.error(f"--env wants NAME=VALUE, got {setting!r}")
+        os.environ[name] = value
 
     from detailflow.platform.runtime import apply_runtime_env
 
@@ -297,7 +304,8 @@ def main() -> None:
            "p50_ms_c1": ms(statistics.median(lat1)), "p95_ms_c1": ms(percentile(lat1, .95)),
            "p50_ms_inprocess_c1": ms(inproc_c1), "backend": args.backend, "front": args.front,
            "p50_ms_c16": ms(statistics.median(lat16)), "p95_ms_c16": ms(percentile(lat16, .95)),
-           "model": args.model, "ar_size": args.ar_size, "model_version": version, "requests_c16": len(lat16),
+           "model": args.model, "ar_size": args.ar_size, "env": args.env, "model_version": version,
+           "requests_c16": len(lat16),
            "requests_c1": len(lat1), "mean_images_per_pass_c16": round(mean_batch, 2),
            "mean_images_per_pass_saturated": round(mean_batch_sat, 2),
            "images_per_pass_saturated_vs_batch": round(mean_batch_sat / args.batch, 3),

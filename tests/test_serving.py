@@ -545,6 +545,35 @@ def test_front_413_429_request_ids_and_json_errors(stack):
     assert post(stack, {"class_ids": [1], "tokens": 4}, headers=stack.headers).status_code == 200
 
 
+def test_each_request_has_one_access_line_in_the_replica_log_naming_the_key_id_never_the_key(stack):
+    """front.py's access line goes through a queue to a thread that writes it with Serve's handlers:
+    it must still land, once per request, in the replica's log file."""
+    import pathlib
+    import uuid
+
+    import ray
+
+    from detailflow.platform.serving.auth import key_id
+
+    rid = f"access-{uuid.uuid4().hex[:12]}"
+    r = post(stack, {"class_ids": [3], "seed": 3}, headers={**stack.headers, "X-Request-Id": rid})
+    assert r.status_code == 200 and r.headers["x-request-id"] == rid
+    r = post(stack, {"class_ids": []}, headers={**stack.headers, "X-Request-Id": f"{rid}-bad"})
+    assert r.status_code == 422
+    logs = pathlib.Path(ray._private.worker._global_node.get_session_dir_path()) / "logs" / "serve"
+    deadline, lines = time.time() + 20, []
+    while time.time() < deadline:
+        text = "\n".join(f.read_text(errors="replace") for f in logs.glob("replica_*.log"))
+        lines = [line for line in text.splitlines() if f"request_id={rid}" in line]
+        if len(lines) >= 2:
+            break
+        time.sleep(0.5)
+    ok = [line for line in lines if f"request_id={rid} POST /v1/generate -> 200" in line]
+    bad = [line for line in lines if f"request_id={rid}-bad POST /v1/generate -> 422" in line]
+    assert len(ok) == 1 and len(bad) == 1, lines
+    assert f"key={key_id(stack.good)}" in ok[0] and stack.good not in "".join(lines)
+
+
 def _prometheus(timeout_s: float, *wanted: str) -> str:
     """The node's Prometheus text (Ray's metrics agent) once every `wanted` substring is in it."""
     import ray

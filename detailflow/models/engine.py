@@ -51,6 +51,7 @@ that is only valid during the call (clone to keep). A hook that raises fails its
 
 from __future__ import annotations
 
+import bisect
 import threading
 import time
 from collections import deque
@@ -98,6 +99,8 @@ class GenerationEngine:
         plan = decode_plan(self.cfg.num_tokens, self.cfg.group_size, self.cfg.causal_num)
         self.plan_start_P = np.array([s for s, _ in plan], np.int64)
         self.plan_len_P = np.array([e - s for s, e in plan], np.int64)
+        self.plan_ends = tuple(e for _, e in plan)  # submit's lookup in plain Python: it runs on the
+        # server's event loop, where a numpy call drops the GIL and waits to get it back from the driver
         self.rows = RowState.empty(slots)
         self._free_R = np.ones(slots, bool)  # rows not owned by a request
         self._cursor = 0  # eager: next row of the ring allocation
@@ -126,7 +129,7 @@ class GenerationEngine:
         if self._rows_needed(request) > self.slots:
             raise ValueError(f"a guided request needs 2 slots; this engine has {self.slots}")
         tokens = request.tokens or c.num_tokens
-        needed = int(np.searchsorted(self.plan_start_P + self.plan_len_P, tokens)) + 1
+        needed = bisect.bisect_left(self.plan_ends, tokens) + 1  # passes until `tokens` are drawn
         with self._cv:
             handle = RequestHandle(self._next_id, request, tokens, needed, on_pass, self,
                                    submitted_at=self.clock())

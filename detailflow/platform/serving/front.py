@@ -14,8 +14,11 @@ traceback goes to the log), never a plain-text page.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
+import logging.handlers
+import queue
 import re
 import time
 import uuid
@@ -23,6 +26,24 @@ import uuid
 from starlette.exceptions import HTTPException
 
 logger = logging.getLogger("ray.serve")
+ACCESS_LOGGER = "detailflow.access"  # one line per request, written by a thread with Serve's handlers
+
+
+def access_log() -> logging.Logger:
+    """The access logger: a queue in front of the "ray.serve" logger's handlers (the replica's log
+    file, stderr). Writing a line there on the event loop costs two syscalls, each of which drops the
+    GIL and waits to get it back from the engine's thread: a fifth of the loop's time under load
+    (py-spy). Through the queue the loop only formats the line; a listener thread writes it."""
+    access = logging.getLogger(ACCESS_LOGGER)
+    if not access.handlers:  # once per process, after Serve configured its logger (the first request)
+        q: queue.SimpleQueue = queue.SimpleQueue()
+        listener = logging.handlers.QueueListener(q, *logger.handlers, respect_handler_level=True)
+        listener.start()
+        atexit.register(listener.stop)  # what is queued is written before the process ends
+        access.addHandler(logging.handlers.QueueHandler(q))
+        access.setLevel(logging.INFO)
+        access.propagate = not logger.handlers  # outside Serve (no handlers): the root logger's
+    return access
 SANE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 # the error body's "type" by status: the app's answers, and Serve's own that proxy_errors.py rewrites
 ERROR_KINDS = {401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
@@ -108,6 +129,6 @@ class Front:
                 await refuse(500, "internal", f"internal error (request id {rid})")
         finally:
             state = scope.get("state", {})
-            logger.info("request_id=%s %s %s -> %s %.1f ms key=%s", rid, scope.get("method"),
+            access_log().info("request_id=%s %s %s -> %s %.1f ms key=%s", rid, scope.get("method"),
                         scope.get("path"), status[0], 1000 * (time.perf_counter() - t0),
                         state.get("key_id", "-"))

@@ -16,6 +16,9 @@ Errors when a replica is killed mid-request: Serve's proxy answers a JSON 502 wi
 (proxy_errors.py); HAProxy closes those clients' connections without an answer, or sends its static
 500 page (Ray's template: no request id), and sends later requests to the other replicas
 (tests/test_serving_cli.py measures it).
+Tried and left off: RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0 (the routes on the HTTP server's own
+loop). Three interleaved pairs of benchmark runs: c16 123/126/119 images/s against 125/139/134 with the
+separate loop, saturation 128-140 against 143-158; `--env` of the benchmark repeats the A/B.
 """
 
 from __future__ import annotations
