@@ -63,16 +63,16 @@ def _apply_checkpoint(client, run_id: str, rec: dict) -> None:
     from mlflow.entities import LoggedModelOutput, Metric, RunTag
 
     uri, step = rec["uri"], rec["step"]
-    known = [m for m in _logged_models(client, run_id, "checkpoint")
+    run = client.get_run(run_id)
+    known = [m for m in _logged_models(client, run_id, "checkpoint", run.info.experiment_id)
              if m.tags.get("detailflow.checkpoint_uri") == uri]
     linked = set()
     if known:  # a replay: the model, and maybe its link to the run, exist already
         model = known[0]
-        outputs = client.get_run(run_id).outputs
-        linked = {(o.model_id, o.step) for o in (outputs.model_outputs if outputs else [])}
+        linked = {(o.model_id, o.step) for o in (run.outputs.model_outputs if run.outputs else [])}
     else:
         tags = {KIND_TAG: "checkpoint", "detailflow.checkpoint_uri": uri, "detailflow.step": str(step)}
-        model = client.create_logged_model(client.get_run(run_id).info.experiment_id,
+        model = client.create_logged_model(run.info.experiment_id,
                                            name=f"checkpoint-step-{step}", source_run_id=run_id, tags=tags,
                                            model_type=CHECKPOINT_MODEL_TYPE)
     if (model.model_id, step) not in linked:  # MLflow refuses a second identical link (UNIQUE)
@@ -88,8 +88,8 @@ def _apply_checkpoint(client, run_id: str, rec: dict) -> None:
                                    RunTag("detailflow.checkpoint.latest_step", str(step))])
 
 
-def _logged_models(client, run_id: str, kind: str) -> list:
-    exp_id = client.get_run(run_id).info.experiment_id
+def _logged_models(client, run_id: str, kind: str, experiment_id: str | None = None) -> list:
+    exp_id = experiment_id or client.get_run(run_id).info.experiment_id
     models, token = [], None
     while True:
         page = client.search_logged_models(

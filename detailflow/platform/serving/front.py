@@ -15,6 +15,7 @@ traceback goes to the log), never a plain-text page.
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import logging
 import logging.handlers
@@ -27,28 +28,28 @@ from starlette.exceptions import HTTPException
 
 logger = logging.getLogger("ray.serve")
 ACCESS_LOGGER = "detailflow.access"  # one line per request, written by a thread with Serve's handlers
+SANE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+# the error body's "type" by status: the app's answers, and Serve's own that proxy_errors.py rewrites
+ERROR_KINDS = {401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
+               406: "not_acceptable", 408: "timeout", 413: "payload_too_large", 429: "rate_limited",
+               500: "internal", 503: "overloaded", 504: "timeout"}
 
 
+@functools.cache  # once per process, after Serve configured its logger (the first request)
 def access_log() -> logging.Logger:
     """The access logger: a queue in front of the "ray.serve" logger's handlers (the replica's log
     file, stderr). Writing a line there on the event loop costs two syscalls, each of which drops the
     GIL and waits to get it back from the engine's thread: a fifth of the loop's time under load
     (py-spy). Through the queue the loop only formats the line; a listener thread writes it."""
     access = logging.getLogger(ACCESS_LOGGER)
-    if not access.handlers:  # once per process, after Serve configured its logger (the first request)
-        q: queue.SimpleQueue = queue.SimpleQueue()
-        listener = logging.handlers.QueueListener(q, *logger.handlers, respect_handler_level=True)
-        listener.start()
-        atexit.register(listener.stop)  # what is queued is written before the process ends
-        access.addHandler(logging.handlers.QueueHandler(q))
-        access.setLevel(logging.INFO)
-        access.propagate = not logger.handlers  # outside Serve (no handlers): the root logger's
+    q: queue.SimpleQueue = queue.SimpleQueue()
+    listener = logging.handlers.QueueListener(q, *logger.handlers, respect_handler_level=True)
+    listener.start()
+    atexit.register(listener.stop)  # what is queued is written before the process ends
+    access.addHandler(logging.handlers.QueueHandler(q))
+    access.setLevel(logging.INFO)
+    access.propagate = not logger.handlers  # outside Serve (no handlers): the root logger's
     return access
-SANE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
-# the error body's "type" by status: the app's answers, and Serve's own that proxy_errors.py rewrites
-ERROR_KINDS = {401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
-               406: "not_acceptable", 408: "timeout", 413: "payload_too_large", 429: "rate_limited",
-               500: "internal", 503: "overloaded", 504: "timeout"}
 
 
 class BodyTooLarge(HTTPException):

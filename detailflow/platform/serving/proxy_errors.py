@@ -58,16 +58,15 @@ class ProxyErrors:
             elif held[0] is not None and message["type"] == "http.response.body":
                 text.append(message.get("body", b""))
                 if not message.get("more_body"):
-                    await send_rewritten(held[0]["status"], b"".join(text).decode("utf-8", "replace"))
+                    status, serve_text = held[0]["status"], b"".join(text).decode("utf-8", "replace")
+                    await answer(status, ERROR_KINDS.get(status, "error"),
+                                 f"{serve_text.strip() or 'error'} (request id {rid})", status in (429, 503))
                 return
             await send(message)
 
-        async def send_rewritten(status: int, serve_text: str) -> None:
-            kind = ERROR_KINDS.get(status, "error")
-            message = f"{serve_text.strip() or 'error'} (request id {rid})"
-            extra = [(b"x-request-id", rid.encode())]
-            if status in (429, 503):
-                extra.append((b"retry-after", b"1"))
+        async def answer(status: int, kind: str, message: str, retry: bool) -> None:
+            """The JSON error with the request id, and Retry-After: 1 when a retry may succeed."""
+            extra = [(b"x-request-id", rid.encode())] + ([(b"retry-after", b"1")] if retry else [])
             for part in json_response_parts(status, kind, message, rid, extra):
                 await send(part)
 
@@ -78,11 +77,8 @@ class ProxyErrors:
         if not started[0]:
             logger.warning("request %s %s %s: no replica answered", rid, scope.get("method"),
                            scope.get("path"))
-            message = f"the replica serving this request failed before answering (request id {rid}); retry"
-            parts = json_response_parts(502, "replica_failed", message, rid,
-                                        [(b"x-request-id", rid.encode()), (b"retry-after", b"1")])
-            for part in parts:
-                await send(part)
+            why = f"the replica serving this request failed before answering (request id {rid}); retry"
+            await answer(502, "replica_failed", why, True)
 
 
 def proxy_middlewares() -> list:
