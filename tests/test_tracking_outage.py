@@ -24,6 +24,7 @@ import pytest
 
 from detailflow.platform.services import port_free
 from detailflow.platform.tracking import LINK_BYTES, LINK_TAG_PREFIX, Tracker, list_checkpoints
+from detailflow.platform.tracking_buffer import REJECTED
 
 CALL_LIMIT_S = 0.05  # a log call while the server is away
 STEP_STALL_LIMIT_S = 2.0  # a whole fake step (work + logging) while the server is away
@@ -92,8 +93,8 @@ def test_unsent_records_are_backfilled_by_the_next_tracker_on_the_run(services, 
     client = MlflowClient(services.mlflow_tracking_uri)
     first = Tracker.start(services.mlflow_tracking_uri, experiment="outage", run_name="outage-backfill")
     first.flush_deadline_s = 1.0
-    run_id = first.run_id
     assert first.finish()  # the fresh run's params reached the server
+    run_id = first.run_id  # after finish: a start that found /health slow spools the run's creation
     # An attempt whose server was unreachable until it ended (same spool, a dead URI):
     lost = Tracker.start(dead_uri(), experiment="outage", run_name="outage-backfill", run_id=run_id)
     lost.flush_deadline_s = 1.0
@@ -123,8 +124,8 @@ def test_every_spooled_record_replays_safely_after_a_crash_between_send_and_ack(
 
     client = MlflowClient(services.mlflow_tracking_uri)
     first = Tracker.start(services.mlflow_tracking_uri, experiment="outage", run_name="outage-replay")
-    run_id = first.run_id
     assert first.finish()
+    run_id = first.run_id  # after finish: a start that found /health slow spools the run's creation
     lost = Tracker.start(dead_uri(), experiment="outage", run_name="outage-replay", run_id=run_id)
     lost.flush_deadline_s = 0.5
     fake_training(lost, range(8), every=4, work_s=0.0)
@@ -144,7 +145,7 @@ def test_every_spooled_record_replays_safely_after_a_crash_between_send_and_ack(
 
 def test_a_record_the_server_refuses_is_set_aside_and_never_holds_back_the_rest(services, spool_dir):
     """MLflow refuses a changed param value (400) on every retry: the record is kept in
-    rejected.jsonl with the answer, the metrics after it arrive and the run ends FINISHED (before,
+    rejected/records.jsonl with the answer, the metrics after it arrive and the run ends FINISHED (before,
     the buffer retried it until finish's deadline and the run stayed RUNNING)."""
     from mlflow.tracking import MlflowClient
 
@@ -154,12 +155,13 @@ def test_a_record_the_server_refuses_is_set_aside_and_never_holds_back_the_rest(
     tracker.log_params({"lr": 1e-3})
     assert tracker.flush()
     tracker.log_params({"lr": 2e-3})  # MLflow: "Changing param values is not allowed"
+    assert tracker.flush()  # refused and set aside: that pass is done
     fake_training(tracker, range(4), every=100, work_s=0.0)
-    assert tracker.finish()
+    assert tracker.finish()  # later passes send what follows (and never take the kept file for a spool)
     run = client.get_run(tracker.run_id)
     assert run.info.status == "FINISHED" and run.data.params["lr"] == "0.001"
     assert [m.step for m in client.get_metric_history(tracker.run_id, "loss")] == [0, 1, 2, 3]
-    rejected = spool_dir / tracker.run_id / "rejected.jsonl"
+    rejected = tracker.buffer.dir / REJECTED  # keyed by the run, or by its spooled creation
     (kept,) = [json.loads(line) for line in rejected.read_text().splitlines()]
     assert kept["record"] == {"op": "params", "params": {"lr": "0.002"}}
     assert "INVALID_PARAMETER_VALUE" in kept["error"]

@@ -16,8 +16,9 @@ on the same run (a resumed attempt on that node) finds the unlocked file and sen
 timestamp; a checkpoint looks its model up before creating one).
 
 A record the server refuses (a 4xx other than 429: it would be refused again on every retry) is
-moved to ``<run_id>/rejected.jsonl`` with the server's answer, one warning line is printed, and the
-records after it are sent: one bad record never holds back the run's metrics or its end status.
+moved to ``<run_id>/rejected/records.jsonl`` with the server's answer (a subfolder: the run folder's
+own ``*.jsonl`` are spool files to send), one warning line is printed, and the records after it are
+sent: one bad record never holds back the run's metrics or its end status.
 
 Spool root: ``$DETAILFLOW_TRACKING_SPOOL_DIR``, else ``<tmp>/detailflow-tracking-spool-<uid>``
 (node-local, per user; every process has its own file, so ranks and restarts never share one).
@@ -41,6 +42,7 @@ from pathlib import Path
 
 SPOOL_ENV = "DETAILFLOW_TRACKING_SPOOL_DIR"
 GROUPABLE = {"metrics": 1000, "params": 100, "tags": 100}  # op -> MLflow's log_batch limit per call
+REJECTED = "rejected/records.jsonl"  # under a run's spool folder: what the server refused (never sent)
 EXIT_DEADLINE_S = 10.0  # at interpreter exit, how long an open buffer may still try to send
 _OPEN: weakref.WeakSet = weakref.WeakSet()  # open buffers, flushed (bounded) at exit
 
@@ -118,7 +120,6 @@ class TrackingBuffer:
         self._idle.set()
         self._hurry = False  # a flush() waits: retry at once, no backoff
         self.failures = 0  # consecutive failed attempts (0 while the server answers)
-        self.rejected = 0  # records the server refused (kept in rejected.jsonl)
         self.last_error: str | None = None
         self._client = None
         self._thread = threading.Thread(target=self._loop, name=f"tracking-flush-{run_id[:8]}", daemon=True)
@@ -246,14 +247,15 @@ class TrackingBuffer:
             i = j
 
     def _reject(self, records: list[dict], exc: Exception) -> None:
-        """Keep what the server refused, with its answer, beside the spool (never sent again)."""
+        """Keep what the server refused, with its answer, under the spool folder (never sent again)."""
         why = f"{type(exc).__name__}: {exc}"[:500]
-        with open(self.dir / "rejected.jsonl", "a") as f:
+        kept = self.dir / REJECTED
+        kept.parent.mkdir(exist_ok=True)
+        with open(kept, "a") as f:
             for rec in records:
                 f.write(json.dumps({"record": rec, "error": why}) + "\n")
-        self.rejected += len(records)
         print(f"[tracking] MLflow refused {len(records)} {records[0]['op']} record(s) of run {self.run_id} "
-              f"({why}); kept in {self.dir / 'rejected.jsonl'}, the rest is sent", flush=True)
+              f"({why}); kept in {kept}, the rest is sent", flush=True)
 
     def _mlflow(self):
         if self._client is None:
