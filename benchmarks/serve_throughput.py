@@ -12,7 +12,8 @@ engine in one deployment, one hop), torch_threads 1, max_batch_size 16 (engine: 
 --backend (engine; batch = the static @serve.batch sampler). Every request is one image, CFG 1.5, its
 own seed, the default format (PNG bytes back), Cache-Control: no-cache (no result cache).
   1. in-process: sampling.BatchJob over 16 such requests back to back (what one static batch runs), on
-     one torch thread: images/s; and one request alone (BatchJob of 1 + its PNG): p50 latency;
+     one torch thread: images/s; and one request alone (BatchJob of 1 + its PNG): p50 latency; the
+     images/s are measured again after the HTTP phases, and the ratios use the mean of the two;
   2. HTTP at concurrency 16 (16 client threads on 127.0.0.1, each on a keep-alive http.client
      connection, closed loop, PNG bytes back): images/s, p50/p95 latency, the mean images per forward
      pass (engine: its row_passes / passes; batch: requests per call), and the CPU ms per image of
@@ -150,22 +151,21 @@ class CpuMeter:
     """CPU seconds used over a window by named processes, this process (the clients) and the whole box
     (/proc): where each image's CPU goes when server and clients share the cores."""
 
-    def __init__(self, pids: dict[str, int]):
+    def __init__(self, pids: dict[str, list[int]]):
         import psutil
 
-        self.procs = {n: psutil.Process(p) for n, p in pids.items()}
+        self.procs = {n: [psutil.Process(p) for p in ps] for n, ps in pids.items()}
         self.me = psutil.Process()
         self.start = self._read()
 
     def _read(self) -> dict:
         import psutil
 
-        def cpu(p):
-            t = p.cpu_times()
-            return t.user + t.system
+        def cpu(ps):
+            return sum(t.user + t.system for t in (p.cpu_times() for p in ps))
 
-        out = {n: cpu(p) for n, p in self.procs.items()}
-        out["clients"] = cpu(self.me)
+        out = {n: cpu(ps) for n, ps in self.procs.items()}
+        out["clients"] = cpu([self.me])
         box = psutil.cpu_times()
         out["box"] = box.user + box.system + getattr(box, "nice", 0.0) + getattr(box, "softirq", 0.0) \
             + getattr(box, "irq", 0.0)
@@ -192,14 +192,18 @@ def images_per_pass(s0: dict, s1: dict, backend: str) -> float:
     return sum(k * v for k, v in calls.items()) / max(1, sum(calls.values()))
 
 
-def server_pids() -> dict[str, int]:
-    """Serve's HTTP proxy process (in the path unless the front is direct ingress)."""
+def server_pids() -> dict[str, list[int]]:
+    """Serve's HTTP proxy process (in the path unless the front is direct ingress) and HAProxy's
+    processes (the front with --front haproxy)."""
     import psutil
 
-    for p in psutil.process_iter(["cmdline"]):
+    out: dict[str, list[int]] = {}
+    for p in psutil.process_iter(["cmdline", "name"]):
         if any("ProxyActor" in part for part in (p.info["cmdline"] or [])):
-            return {"proxy": p.pid}
-    return {}
+            out.setdefault("proxy", []).append(p.pid)
+        elif p.info["name"] == "haproxy":
+            out.setdefault("haproxy", []).append(p.pid)
+    return out
 
 
 def front_url(front: str, app: str) -> str:
@@ -254,6 +258,7 @@ def main() -> None:
 
     apply_runtime_env()
     import ray
+    from ray import serve
 
     from detailflow.platform.serving.config import parse_serve_config
     from detailflow.platform.serving.deploy import deploy_app
@@ -282,11 +287,9 @@ def main() -> None:
             deploy_app(parse_serve_config(cfg))
             url = front_url(args.front, "bench")
             http_load(url, key, args.batch, 3.0, 10_000)  # warm-up
-            from ray import serve
-
             handle = serve.get_deployment_handle("Generator", "bench")
             s0 = handle.stats.remote().result(timeout_s=60)
-            meter = CpuMeter({"replica": s0["pid"], **server_pids()})
+            meter = CpuMeter({"replica": [s0["pid"]], **server_pids()})
             rate16, lat16 = http_load(url, key, args.batch, args.seconds, 100_000)
             cpu = meter.per_image_ms(len(lat16))
             s1 = handle.stats.remote().result(timeout_s=60)
@@ -296,11 +299,19 @@ def main() -> None:
             rate_sat, _ = http_load(url, key, 2 * args.batch, args.seconds / 2, 100_000)
             mean_batch_sat = images_per_pass(s2, handle.stats.remote().result(timeout_s=60), args.backend)
             _, lat1 = http_load(url, key, 1, args.seconds / 2, 200)
-        finally:
+        finally:  # Serve first: a live handle's metrics thread would start a new Ray after shutdown
+            serve.shutdown()
             ray.shutdown()
+    # the in-process rate again, after the HTTP phases: this box's speed drifts by 10-15% over minutes,
+    # so the ratio's denominator is the mean of the runs before and after (both reported)
+    inproc_after, _ = in_process(args.model, args.batch, args.seconds / 2, args.ar_size)
+    inproc_before, inproc = inproc, (inproc + inproc_after) / 2
     ms = lambda x: round(1000 * x, 1)
     out = {"http_vs_inprocess": round(rate16 / inproc, 3), "images_per_s_http_c16": round(rate16, 2),
            "images_per_s_inprocess": round(inproc, 2),
+           "images_per_s_inprocess_before": round(inproc_before, 2),
+           "images_per_s_inprocess_after": round(inproc_after, 2),
+           "http_saturated_vs_inprocess": round(rate_sat / inproc, 3),
            "p50_ms_c1": ms(statistics.median(lat1)), "p95_ms_c1": ms(percentile(lat1, .95)),
            "p50_ms_inprocess_c1": ms(inproc_c1), "backend": args.backend, "front": args.front,
            "p50_ms_c16": ms(statistics.median(lat16)), "p95_ms_c16": ms(percentile(lat16, .95)),

@@ -541,3 +541,57 @@ def test_image_queue_policy_refuses_a_non_positive_target():
         ImageQueuePolicy(0)
     with pytest.raises(ValueError, match="target_images_per_replica"):
         desired_replicas(1, 0, -1)
+
+
+class _Recorder:
+    """Stand-in for ray.serve.metrics: every metric records its calls (name, method, value, tags)."""
+
+    def __init__(self):
+        self.calls: list[tuple] = []
+        rec = self
+
+        class Metric:
+            def __init__(self, name, *_, **__):
+                self.name = name
+
+            def inc(self, value=1, tags=None):
+                rec.calls.append((self.name, "inc", value, tags))
+
+            def observe(self, value, tags=None):
+                rec.calls.append((self.name, "observe", value, tags))
+
+            def set(self, value, tags=None):
+                rec.calls.append((self.name, "set", value, tags))
+
+        self.Counter = self.Histogram = self.Gauge = Metric
+
+
+@pytest.mark.parametrize("n", [1, 7, 40])
+def test_request_counters_are_summed_and_handed_to_ray_once_per_tag_set_at_the_gauge_sample(n):
+    from detailflow.platform.serving.metrics import ServeMetrics
+
+    rec = _Recorder()
+    m = ServeMetrics(rec)
+    keys = ["k1", "k2"]
+    for i in range(n):
+        m.request("/v1/generate", 200 if i % 3 else 429, keys[i % 2], images=2 if i % 3 else 0, seconds=0.01)
+    assert not [c for c in rec.calls if c[1] == "inc"]  # nothing handed to Ray per request
+    assert len([c for c in rec.calls if c[1] == "observe"]) == n  # latency: one observation per request
+    m.gauges(pending_images=3, queue_images=1, slots_used=4, slots=8)
+    incs = [c for c in rec.calls if c[1] == "inc"]
+    want_requests: dict = {}
+    want_images: dict = {}
+    for i in range(n):  # the expected totals, counted here independently
+        tags = ("/v1/generate", "200" if i % 3 else "429", keys[i % 2])
+        want_requests[tags] = want_requests.get(tags, 0) + 1
+        if i % 3:
+            want_images[keys[i % 2]] = want_images.get(keys[i % 2], 0) + 2
+    got_requests = {(t["route"], t["status"], t["key"]): v for name, _, v, t in incs
+                    if name == "detailflow_requests_total"}
+    got_images = {t["key"]: v for name, _, v, t in incs if name == "detailflow_images_total"}
+    assert got_requests == want_requests and got_images == want_images
+    assert len(incs) == len(want_requests) + len(want_images)  # one call per tag set
+    assert ("detailflow_slot_occupancy", "set", 0.5, None) in rec.calls
+    before = len(rec.calls)
+    m.gauges(pending_images=0, queue_images=0, slots_used=0, slots=8)  # nothing new: no counter call
+    assert not [c for c in rec.calls[before:] if c[1] == "inc"]
