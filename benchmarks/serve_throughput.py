@@ -239,6 +239,9 @@ def main() -> None:
                     help="model: the config's AR; gpt-b: GPT-B width/depth (sampler-dominated)")
     ap.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                     help="a setting for Ray and Serve, applied after the front's (A/B of a knob)")
+    ap.add_argument("--user-config", action="append", default=[], metavar="NAME=VALUE",
+                    help="a Generator user_config field (GeneratorOptions; VALUE as JSON), e.g. "
+                         "gil_switch_interval_ms=1")
     args = ap.parse_args()
     if args.front == "throughput":
         os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"  # read by Serve's processes at import
@@ -284,6 +287,9 @@ def main() -> None:
                                     batch_wait_timeout_s=0.005, request_timeout_s=120, backend=args.backend,
                                     max_pending_images=2 * args.batch)
             cfg["applications"][0]["deployments"][0]["ray_actor_options"] = {"num_cpus": 1}
+            for setting in args.user_config:
+                field, _, value = setting.partition("=")
+                cfg["applications"][0]["deployments"][0]["user_config"][field] = json.loads(value)
             deploy_app(parse_serve_config(cfg))
             url = front_url(args.front, "bench")
             http_load(url, key, args.batch, 3.0, 10_000)  # warm-up
@@ -315,8 +321,8 @@ def main() -> None:
            "p50_ms_c1": ms(statistics.median(lat1)), "p95_ms_c1": ms(percentile(lat1, .95)),
            "p50_ms_inprocess_c1": ms(inproc_c1), "backend": args.backend, "front": args.front,
            "p50_ms_c16": ms(statistics.median(lat16)), "p95_ms_c16": ms(percentile(lat16, .95)),
-           "model": args.model, "ar_size": args.ar_size, "env": args.env, "model_version": version,
-           "requests_c16": len(lat16),
+           "model": args.model, "ar_size": args.ar_size, "env": args.env, "user_config": args.user_config,
+           "model_version": version, "requests_c16": len(lat16),
            "requests_c1": len(lat1), "mean_images_per_pass_c16": round(mean_batch, 2),
            "mean_images_per_pass_saturated": round(mean_batch_sat, 2),
            "images_per_pass_saturated_vs_batch": round(mean_batch_sat / args.batch, 3),

@@ -141,7 +141,8 @@ def test_generator_options_and_app_args_name_the_field():
     assert opts.max_batch_size == 8
     for bad, field in [({"colour": 1}, "colour"), ({"max_images_per_request": 32}, "max_images_per_request"),
                        ({"backend": "magic"}, "backend"), ({"max_batch_size": "x"}, "max_batch_size"),
-                       ({"ar_dtype": "float16"}, "ar_dtype")]:
+                       ({"ar_dtype": "float16"}, "ar_dtype"),
+                       ({"gil_switch_interval_ms": -1}, "gil_switch_interval_ms")]:
         with pytest.raises(ServeConfigError, match=field):
             GeneratorOptions.from_dict(bad)
     with pytest.raises(ServeConfigError, match="retry_after_s"):

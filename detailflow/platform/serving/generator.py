@@ -31,6 +31,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -117,6 +118,8 @@ class GeneratorCore:
                 import torch
 
                 torch.set_num_threads(opts.torch_threads)
+            if opts.gil_switch_interval_ms:
+                sys.setswitchinterval(opts.gil_switch_interval_ms / 1000)
             if not same:
                 logger.info("Generator %s: loading %s v%s (was %s)", self.replica, opts.registered_model,
                             version, cur.version if cur else None)
