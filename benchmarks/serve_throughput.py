@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import contextlib
 import dataclasses
 import http.client
 import json
@@ -206,6 +207,14 @@ def server_pids() -> dict[str, list[int]]:
     return out
 
 
+def name_value(ap: argparse.ArgumentParser, flag: str, setting: str) -> tuple[str, str]:
+    """NAME=VALUE of a repeatable flag, or the parser's usage error."""
+    name, sep, value = setting.partition("=")
+    if not sep or not name:
+        ap.error(f"{flag} wants NAME=VALUE, got {setting!r}")
+    return name, value
+
+
 def front_url(front: str, app: str) -> str:
     """Where clients send requests: Serve's proxy (proxy), HAProxy (haproxy, on the proxy's port), or,
     for throughput (direct ingress, no proxy in the path), the replica's own HTTP port, the target a
@@ -240,7 +249,7 @@ def main() -> None:
     ap.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                     help="a setting for Ray and Serve, applied after the front's (A/B of a knob)")
     ap.add_argument("--user-config", action="append", default=[], metavar="NAME=VALUE",
-                    help="a Generator user_config field (GeneratorOptions; VALUE as JSON), e.g. "
+                    help="a Generator user_config field (GeneratorOptions; VALUE as JSON, else text), e.g. "
                          "gil_switch_interval_ms=1")
     args = ap.parse_args()
     if args.front == "throughput":
@@ -252,10 +261,9 @@ def main() -> None:
 
         os.environ.update(front_env("haproxy", shared_host=True))
     for setting in args.env:
-        name, sep, value = setting.partition("=")
-        if not sep or not name:
-            ap.error(f"--env wants NAME=VALUE, got {setting!r}")
+        name, value = name_value(ap, "--env", setting)
         os.environ[name] = value
+    user_config = dict(name_value(ap, "--user-config", setting) for setting in args.user_config)
 
     from detailflow.platform.runtime import apply_runtime_env
 
@@ -287,9 +295,10 @@ def main() -> None:
                                     batch_wait_timeout_s=0.005, request_timeout_s=120, backend=args.backend,
                                     max_pending_images=2 * args.batch)
             cfg["applications"][0]["deployments"][0]["ray_actor_options"] = {"num_cpus": 1}
-            for setting in args.user_config:
-                field, _, value = setting.partition("=")
-                cfg["applications"][0]["deployments"][0]["user_config"][field] = json.loads(value)
+            for field, value in user_config.items():  # JSON values (numbers, true), else the text
+                with contextlib.suppress(json.JSONDecodeError):
+                    value = json.loads(value)
+                cfg["applications"][0]["deployments"][0]["user_config"][field] = value
             deploy_app(parse_serve_config(cfg))
             url = front_url(args.front, "bench")
             http_load(url, key, args.batch, 3.0, 10_000)  # warm-up

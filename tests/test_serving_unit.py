@@ -596,3 +596,20 @@ def test_request_counters_are_summed_and_handed_to_ray_once_per_tag_set_at_the_g
     before = len(rec.calls)
     m.gauges(pending_images=0, queue_images=0, slots_used=0, slots=8)  # nothing new: no counter call
     assert not [c for c in rec.calls[before:] if c[1] == "inc"]
+
+
+@pytest.mark.parametrize("ms", [0.5, 2.0])
+def test_gil_switch_interval_is_set_and_zero_restores_the_interpreters_own(ms):
+    import sys
+
+    from detailflow.platform.serving.config import GeneratorOptions
+    from detailflow.platform.serving.generator import apply_process_settings
+
+    own = sys.getswitchinterval()  # this interpreter's, untouched so far
+    try:
+        apply_process_settings(GeneratorOptions(gil_switch_interval_ms=ms))
+        assert sys.getswitchinterval() == pytest.approx(ms / 1000)
+        apply_process_settings(GeneratorOptions())  # a reconfigure back to the default
+        assert sys.getswitchinterval() == pytest.approx(own)
+    finally:
+        sys.setswitchinterval(own)

@@ -75,6 +75,19 @@ def count_images(tickets: list[Ticket]) -> int:
     return sum(t.num_images for t in tickets)
 
 
+PYTHON_SWITCH_INTERVAL_S = sys.getswitchinterval()  # at import: the interpreter's own (5 ms)
+
+
+def apply_process_settings(opts: GeneratorOptions) -> None:
+    """The replica process's knobs from its user_config: torch's intra-op threads (0 leaves them) and
+    the GIL switch interval (0 restores the interpreter's, so a reconfigure can undo an A/B value)."""
+    if opts.torch_threads:
+        import torch
+
+        torch.set_num_threads(opts.torch_threads)
+    sys.setswitchinterval(opts.gil_switch_interval_ms / 1000 or PYTHON_SWITCH_INTERVAL_S)
+
+
 class GeneratorCore:
     """The model, the backend and the request path of one replica (app.Generator adds the HTTP routes)."""
 
@@ -114,12 +127,7 @@ class GeneratorCore:
             same = (cur is not None and cur.registered_model == opts.registered_model
                     and cur.version == version and self.opts is not None
                     and (self.opts.device, self.opts.ar_dtype) == (opts.device, opts.ar_dtype))
-            if opts.torch_threads:
-                import torch
-
-                torch.set_num_threads(opts.torch_threads)
-            if opts.gil_switch_interval_ms:
-                sys.setswitchinterval(opts.gil_switch_interval_ms / 1000)
+            apply_process_settings(opts)
             if not same:
                 logger.info("Generator %s: loading %s v%s (was %s)", self.replica, opts.registered_model,
                             version, cur.version if cur else None)
