@@ -199,6 +199,42 @@ def test_png_grid_layout():
     assert (from_png(grid_png(imgs[:1])) == imgs[0]).all()  # one image: no border
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (2, 3), (32, 32), (7, 130), (256, 200)])
+@pytest.mark.parametrize("content", ["random", "smooth", "extremes"])
+def test_png_encoder_round_trips_through_an_independent_decoder(shape, content):
+    """images.encode_png is written by hand: PIL (which checks chunk CRCs and zlib) must read back the
+    exact pixels, wrap-around of the Up filter included (extremes: 255 above 0 and 0 above 255)."""
+    import io
+
+    from PIL import Image
+
+    from detailflow.platform.serving.images import encode_png
+
+    h, w = shape
+    rng = np.random.default_rng(h * 1000 + w)
+    if content == "random":
+        img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    elif content == "smooth":
+        img = (np.add.outer(np.arange(h), np.arange(w))[..., None] * [1, 2, 3] % 256).astype(np.uint8)
+    else:
+        rows = np.where(np.arange(h) % 2 == 0, 255, 0).astype(np.uint8)  # 255 over 0 over 255 ...
+        img = np.broadcast_to(rows[:, None, None], (h, w, 3)).copy()
+    png = encode_png(img)
+    decoded = Image.open(io.BytesIO(png))
+    decoded.load()  # decompresses every IDAT and checks the CRCs on the way
+    assert decoded.mode == "RGB" and decoded.size == (w, h)
+    assert (np.asarray(decoded) == img).all()
+
+
+@pytest.mark.parametrize("bad", [np.zeros((4, 4, 3), np.float32), np.zeros((4, 4), np.uint8),
+                                 np.zeros((4, 4, 4), np.uint8), np.zeros((0, 4, 3), np.uint8)])
+def test_png_encoder_refuses_what_it_cannot_write(bad):
+    from detailflow.platform.serving.images import encode_png
+
+    with pytest.raises(ValueError, match="H x W x 3 uint8"):
+        encode_png(bad)
+
+
 def _served(ar, tok):
     from detailflow.platform.serving.model_store import ServedModel
 
