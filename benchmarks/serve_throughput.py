@@ -304,7 +304,9 @@ def main() -> None:
             http_load(url, key, args.batch, 3.0, 10_000)  # warm-up
             handle = serve.get_deployment_handle("Generator", "bench")
             s0 = handle.stats.remote().result(timeout_s=60)
-            meter = CpuMeter({"replica": [s0["pid"]], **server_pids()})
+            engine_pid = (s0.get("engine") or {}).get("engine_pid")  # the engine's own process, if any
+            meter = CpuMeter({"replica": [s0["pid"]], **({"engine": [engine_pid]} if engine_pid else {}),
+                              **server_pids()})
             rate16, lat16 = http_load(url, key, args.batch, args.seconds, 100_000)
             cpu = meter.per_image_ms(len(lat16))
             s1 = handle.stats.remote().result(timeout_s=60)

@@ -70,6 +70,8 @@ class GeneratorOptions:
     cache_entries: int = 256  # results of seeded requests kept (LRU, per replica); 0 = no cache
     engine_slots: int = 0  # backend "engine": KV-cache rows (a guided image takes 2); 0 = 2 * max_batch_size
     engine_mode: str = "eager"  # backend "engine": eager | static | graph (CUDA graphs, GPU only)
+    engine_process: bool = True  # backend "engine": run the engine in a child process of the replica
+    # (engine_process.py: the HTTP work never holds its GIL); false = a thread of the replica (A/B, debugging)
     device: str = "auto"  # auto (cuda when present) | cpu | cuda | cuda:N
     ar_dtype: str = "float32"  # float32 | bfloat16: AR weights and KV cache (the tokenizer stays fp32)
     torch_threads: int = 0  # intra-op threads per replica; 0 = torch's default

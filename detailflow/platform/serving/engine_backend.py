@@ -4,7 +4,9 @@
     async for ev in backend.events(ticket): ...       # Preview after every pass (if asked), then Final
     backend.retire()                                  # after a model swap: finish what it holds, then stop
 
-The engine admits a request into the very next forward pass that has free KV-cache rows and frees its
+The engine runs in a child process of the replica (engine_process.py, user_config engine_process: the
+HTTP work never holds the GIL the engine's passes need; false = a thread here). It admits a request into
+the very next forward pass that has free KV-cache rows and frees its
 rows the pass it finishes, so a short request never waits for a long one. An image is one engine
 request: a request for K images submits K with seeds seed, seed + 1, ..., seed + K - 1 (the engine draws
 1 x L x V uniforms per request per pass, on the model's device when it is a GPU), so image i of (seed s)
@@ -73,23 +75,29 @@ class EngineBackend:
     def __init__(self, served, opts):
         """Builds the engine and warms it (static / graph: every bucket captured): call it in a thread."""
         from detailflow.models.engine import GenerationEngine
+        from detailflow.platform.serving.engine_process import EngineProcess
 
         self.model = served  # model_store.ServedModel: the one every request of this backend runs on
         slots = opts.engine_slots or 2 * opts.max_batch_size
-        on_gpu = served.device.startswith("cuda")
-        self.engine = GenerationEngine(served.ar, slots=slots, device=served.device, mode=opts.engine_mode,
-                                       generator_device="cuda" if on_gpu else "cpu")
-        self.engine.warmup()
-        if opts.simulated_pass_s:  # tests / load experiments: a big model's pass time on a CPU box
-            run, pause = self.engine.runner.run, opts.simulated_pass_s
+        gen_device = "cuda" if served.device.startswith("cuda") else "cpu"
+        if opts.engine_process:  # its own process: warmed there, driven there (engine_process.py)
+            self.engine = EngineProcess(served.ar, slots, mode=opts.engine_mode, device=served.device,
+                                        generator_device=gen_device, torch_threads=opts.torch_threads,
+                                        simulated_pass_s=opts.simulated_pass_s)
+        else:
+            self.engine = GenerationEngine(served.ar, slots=slots, device=served.device,
+                                           mode=opts.engine_mode, generator_device=gen_device)
+            self.engine.warmup()
+            if opts.simulated_pass_s:  # tests / load experiments: a big model's pass time on a CPU box
+                run, pause = self.engine.runner.run, opts.simulated_pass_s
 
-            def slow_run(*args, **kwargs):
-                out = run(*args, **kwargs)
-                time.sleep(pause)
-                return out
+                def slow_run(*args, **kwargs):
+                    out = run(*args, **kwargs)
+                    time.sleep(pause)
+                    return out
 
-            self.engine.runner.run = slow_run
-        self.engine.start()
+                self.engine.runner.run = slow_run
+            self.engine.start()
         plan = decode_plan(served.ar.cfg.num_tokens, served.ar.cfg.group_size, served.ar.cfg.causal_num)
         self.stops = [stop for _, stop in plan]
         self.decoder = BatchDecoder(self._decode)
@@ -99,6 +107,15 @@ class EngineBackend:
     @property
     def slots(self) -> int:
         return self.engine.slots
+
+    @property
+    def alive(self) -> bool:
+        """False once an engine process has died (its requests failed; the replica is unhealthy)."""
+        return getattr(self.engine, "alive", True)
+
+    @property
+    def dead_reason(self) -> str | None:
+        return getattr(self.engine, "dead_reason", None)
 
     def retire(self) -> None:
         """Take nothing new; stop the driver once the requests it holds are done (in the background)."""
@@ -113,7 +130,8 @@ class EngineBackend:
         e = self.engine
         return {"passes": e.passes, "active": e.active, "waiting": e.waiting, "slots": e.slots,
                 "free_slots": e.free_slots, "row_passes": self.row_passes, "decode_calls": self.decoder.calls,
-                "decoded_images": self.decoder.rows}
+                "decoded_images": self.decoder.rows,
+                "engine_pid": getattr(self.engine, "pid", None)}
 
     @torch.no_grad()
     def _decode(self, codes_Kt: torch.Tensor, t: int):

@@ -143,10 +143,9 @@ class GeneratorCore:
                                  self.load_error)
                     return
             engine, old_engine = self.engine, None
-            rebuild = self.opts is None or (opts.engine_slots, opts.engine_mode, opts.max_batch_size,
-                                            opts.simulated_pass_s) != (
-                self.opts.engine_slots, self.opts.engine_mode, self.opts.max_batch_size,
-                self.opts.simulated_pass_s)
+            shape = lambda o: (o.engine_slots, o.engine_mode, o.max_batch_size, o.simulated_pass_s,
+                               o.engine_process, o.torch_threads)  # what an engine is built with
+            rebuild = self.opts is None or shape(opts) != shape(self.opts)
             if opts.backend == "engine" and (engine is None or engine.model is not new or rebuild):
                 from detailflow.platform.serving.engine_backend import EngineBackend
 
@@ -170,6 +169,8 @@ class GeneratorCore:
     def check_health(self) -> None:
         if self.model is None:
             raise RuntimeError("no model loaded")
+        if self.engine is not None and not self.engine.alive:  # Serve replaces this replica
+            raise RuntimeError(f"the engine is gone: {self.engine.dead_reason}")
 
     @property
     def capacity_images(self) -> int:
