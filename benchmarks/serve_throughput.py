@@ -8,16 +8,19 @@ Usage:
 Setup: its own SeaweedFS + MLflow (platform.testing.isolated_services) and Ray (4 logical CPUs); a
 random-init model of the named config (default tiny: N = 32, 11 passes) registered through
 pipelines.registry.register and served by the real app: one Generator replica (HTTP front + scheduler +
-engine in one deployment, one hop), torch_threads 1, max_batch_size 16 (engine: 32 KV rows), backend
---backend (engine; batch = the static @serve.batch sampler). Every request is one image, CFG 1.5, its
-own seed, the default format (PNG bytes back), Cache-Control: no-cache (no result cache).
+engine in one deployment, one hop; the engine in the replica's child process, engine_process.py, or
+with --user-config engine_process=false a thread of the replica), torch_threads 1, max_batch_size 16
+(engine: 32 KV rows), backend --backend (engine; batch = the static @serve.batch sampler). Every
+request is one image, CFG 1.5, its own seed, the default format (PNG bytes back), Cache-Control:
+no-cache (no result cache).
   1. in-process: sampling.BatchJob over 16 such requests back to back (what one static batch runs), on
      one torch thread: images/s; and one request alone (BatchJob of 1 + its PNG): p50 latency; the
      images/s are measured again after the HTTP phases, and the ratios use the mean of the two;
   2. HTTP at concurrency 16 (16 client threads on 127.0.0.1, each on a keep-alive http.client
      connection, closed loop, PNG bytes back): images/s, p50/p95 latency, the mean images per forward
      pass (engine: its row_passes / passes; batch: requests per call), and the CPU ms per image of
-     the replica, Serve's proxy, the clients and the box's busy cores (CpuMeter);
+     the replica, its engine process, Serve's proxy, HAProxy, the clients and the box's busy cores
+     (CpuMeter);
   3. HTTP at concurrency 2 x batch for half as long (saturation: the engine's slots never wait for a
      client): images/s and the mean images per forward pass, against the in-process batch;
   4. HTTP at concurrency 1: p50/p95 latency.

@@ -65,8 +65,9 @@ def test_one_request_takes_the_plans_passes_and_streams_growing_prefixes(model, 
 
 
 def test_cancel_releases_the_waiter_and_the_childs_rows(model):
-    eng = EngineProcess(model, slots=2, simulated_pass_s=0.05)  # a slow pass: cancel lands mid-request
-    try:
+    deaths = []
+    eng = EngineProcess(model, slots=2, simulated_pass_s=0.05, on_death=deaths.append)  # slow passes:
+    try:  # cancel lands mid-request
         long = eng.submit(Request(1, cfg_scale=1.5, seed=1))  # both rows
         queued = eng.submit(Request(2, seed=2))
         wait_until(lambda: eng.active == 1)
@@ -75,10 +76,12 @@ def test_cancel_releases_the_waiter_and_the_childs_rows(model):
         wait_until(lambda: eng.free_slots == 2 and eng.active == 0)
     finally:
         eng.stop()
+    assert deaths == []  # a stop asked for is no death
 
 
 def test_a_killed_engine_process_fails_what_it_held_and_refuses_more(model):
-    eng = EngineProcess(model, slots=2, simulated_pass_s=0.05)
+    deaths = []
+    eng = EngineProcess(model, slots=2, simulated_pass_s=0.05, on_death=deaths.append)
     held = [eng.submit(Request(i, seed=i)) for i in range(3)]
     wait_until(lambda: eng.passes > 0)
     os.kill(eng.pid, signal.SIGKILL)
@@ -87,6 +90,7 @@ def test_a_killed_engine_process_fails_what_it_held_and_refuses_more(model):
             h.result(timeout=30)
         assert h.status == FAILED
     assert not eng.alive and "code -9" in eng.dead_reason
+    wait_until(lambda: deaths == [eng.dead_reason])  # told once, after the handles failed
     with pytest.raises(EngineProcessDied):
         eng.submit(Request(0))
     eng.stop()  # idempotent on a dead child
@@ -130,3 +134,22 @@ def test_the_child_exits_when_the_replica_is_killed(tmp_path):
 def test_a_child_that_cannot_start_says_why(model, monkeypatch):
     with pytest.raises(EngineProcessDied, match="failed to start: ValueError: mode must be"):
         EngineProcess(model, slots=2, mode="warp")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_engine_process_on_cuda_with_graphs_matches_sampling_alone_up_to_near_ties(dtype):
+    """The GPU path: the child captures CUDA graphs, draws on the device, and its bf16 weights cross as
+    bf16 (safetensors); codes match sampling alone except at counted near-ties (as test_engine_gpu)."""
+    from test_engine_gpu import divergences
+
+    model = make_model(32, 8, 8, dim=64, heads=4).cuda().to(dtype)
+    reqs = mixed_requests(10, 32, seed0=11)
+    eng = EngineProcess(model, slots=24, mode="graph", device="cuda", generator_device="cuda")
+    try:
+        codes = [h.result(timeout=120) for h in [eng.submit(r) for r in reqs]]
+    finally:
+        eng.stop()
+    found = divergences(model, reqs, codes)
+    assert len(found) <= len(reqs) // 3, f"{len(found)} of {len(reqs)} sequences diverged"
+    assert all(gap <= 2 * noise + 1e-4 for gap, noise in found), f"not near-ties: (gap, noise) {found}"

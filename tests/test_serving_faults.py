@@ -3,6 +3,8 @@
 One application "dffault" at /f: a smoke model, two Generator replicas (fixed), 30 ms per simulated pass.
 - kill -9 of one replica under load: the other keeps serving; the failures are the killed replica's
   in-flight requests only, each a 5xx JSON error with a request id;
+- kill -9 of one replica's engine process under load: likewise, and that replica ends itself and is
+  replaced;
 - schemathesis: >= 500 cases generated from the endpoint's OpenAPI (positive and negative), no 5xx.
 """
 
@@ -130,3 +132,37 @@ def test_kill_9_of_one_replica_under_load_fails_only_its_in_flight_requests(faul
         assert t0 <= t_kill + 1.0 and t1 >= t_kill, "a failure away from the kill"
     after = [x for x in results if x[0] > t_kill + 1.0]
     assert after and all(c == 200 for _, _, c, _, _ in after), "requests after the kill failed"
+
+
+def test_kill_9_of_one_replicas_engine_process_ends_that_replica_and_serve_replaces_it(fault):
+    """The engine runs in a child process of each replica (engine_process.py). SIGKILL one replica's
+    engine under load: that replica fails only the requests it held (5xx JSON with a request id), ends
+    itself (_engine_died), the other replica serves on, and Serve starts a replacement."""
+    import json
+
+    engines, deadline = {}, time.time() + 60
+    while len(engines) < 2:  # {replica id: (replica pid, engine pid)}, from either replica's stats
+        assert time.time() < deadline, f"saw only {engines}"
+        s = fault.handle.stats.remote().result(timeout_s=30)
+        engines[s["replica"]] = (s["pid"], s["engine"]["engine_pid"])
+    victim, (victim_pid, engine_pid) = sorted(engines.items())[0]
+    assert engine_pid and engine_pid != victim_pid
+    clients = 6
+    results, t_kill = kill_under_load(fault.url, fault.headers, lambda: os.kill(engine_pid, signal.SIGKILL),
+                                      clients, 2.0, 5.0)
+    failed = [x for x in results if x[2] != 200]
+    print(f"kill -9 of {victim}'s engine: {len(results)} requests, {len(failed)} failed "
+          f"{collections.Counter(c for _, _, c, _, _ in failed)}")
+    assert len(failed) <= clients, f"{len(failed)} failures for {clients} requests in flight"
+    for t0, t1, code, headers, body in failed:
+        assert code is not None and 500 <= code < 600, (code, body[:200])
+        err = json.loads(body)["error"]
+        assert headers["x-request-id"] and err["request_id"] == headers["x-request-id"], (headers, err)
+        assert t0 <= t_kill + 1.0 and t1 >= t_kill, "a failure away from the kill"
+    after = [x for x in results if x[0] > t_kill + 1.0]
+    assert after and all(c == 200 for _, _, c, _, _ in after), "requests after the kill failed"
+    import psutil
+
+    assert not psutil.pid_exists(victim_pid) or psutil.Process(victim_pid).status() == psutil.STATUS_ZOMBIE
+    replicas = _replica_pids(fault.handle, want=2, timeout_s=120)  # two answer again: one is new
+    assert victim not in replicas, replicas

@@ -72,8 +72,9 @@ class BatchDecoder:
 
 
 class EngineBackend:
-    def __init__(self, served, opts):
-        """Builds the engine and warms it (static / graph: every bucket captured): call it in a thread."""
+    def __init__(self, served, opts, on_death=None):
+        """Builds the engine and warms it (static / graph: every bucket captured): call it in a thread.
+        on_death(reason): the engine process died unasked (its requests have failed)."""
         from detailflow.models.engine import GenerationEngine
         from detailflow.platform.serving.engine_process import EngineProcess
 
@@ -83,7 +84,7 @@ class EngineBackend:
         if opts.engine_process:  # its own process: warmed there, driven there (engine_process.py)
             self.engine = EngineProcess(served.ar, slots, mode=opts.engine_mode, device=served.device,
                                         generator_device=gen_device, torch_threads=opts.torch_threads,
-                                        simulated_pass_s=opts.simulated_pass_s)
+                                        simulated_pass_s=opts.simulated_pass_s, on_death=on_death)
         else:
             self.engine = GenerationEngine(served.ar, slots=slots, device=served.device,
                                            mode=opts.engine_mode, generator_device=gen_device)

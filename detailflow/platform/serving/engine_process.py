@@ -23,7 +23,9 @@ The child writes its counters (passes, active, waiting, free slots, tokens run) 
 every pass, so reading them costs the replica no message. Weights go through a private folder
 (safetensors, removed once the child has loaded them). The child exits when its socket closes (the replica
 stopped or was killed); the replica fails what the child held when the child's socket closes
-(EngineProcessDied), and the replica's health check reports it, so Serve replaces the replica.
+(EngineProcessDied) and calls on_death: the Generator then ends its replica, so Serve replaces it at
+once (as vLLM's API server shuts down when its engine core dies) rather than a replica with no engine
+answering 503s until its next health check.
 """
 
 from __future__ import annotations
@@ -65,7 +67,10 @@ class EngineProcess:
     """A GenerationEngine in a child process, behind GenerationEngine's submit / cancel / counters API."""
 
     def __init__(self, model, slots: int, *, mode: str = "eager", device: str = "cpu",
-                 generator_device: str = "cpu", torch_threads: int = 0, simulated_pass_s: float = 0.0):
+                 generator_device: str = "cpu", torch_threads: int = 0, simulated_pass_s: float = 0.0,
+                 on_death=None):
+        """on_death(reason): called (reader thread) when the child dies unasked, after what it held
+        failed; not after stop()."""
         from detailflow.models.export import save_pretrained
 
         self.cfg, self.slots, self.device = model.cfg, slots, device
@@ -76,6 +81,7 @@ class EngineProcess:
         self._handles: dict[int, RequestHandle] = {}  # submitted, not settled
         self._next_id = 0
         self.dead_reason: str | None = None  # why the child is gone (then submit refuses)
+        self.on_death, self._stopping = on_death, False
         folder = _scratch_dir()
         try:
             save_pretrained(model, {"kind": "ar", "ar": dataclasses.asdict(model.cfg)}, f"{folder}/ar")
@@ -172,7 +178,8 @@ class EngineProcess:
         """The child's driver runs from the start."""
 
     def stop(self, cancel: bool = True) -> None:
-        """Stop the child (it cancels what it holds) and wait for it; cancel settles the handles here."""
+        """Stop the child (it cancels what it holds) and wait for it; what it held fails here."""
+        self._stopping = True
         self._send(("stop",))
         try:
             self.proc.wait(timeout=30)
@@ -221,6 +228,8 @@ class EngineProcess:
                 self._settle_one(handle, CANCELLED)
         code = self.proc.wait()
         self._fail_all(self.dead_reason or f"the engine process exited with code {code}")
+        if not self._stopping and self.on_death is not None:
+            self.on_death(self.dead_reason)
 
     def _settle_one(self, handle: RequestHandle, status: str, codes=None, error=None) -> None:
         with self._lock:

@@ -149,7 +149,8 @@ class GeneratorCore:
             if opts.backend == "engine" and (engine is None or engine.model is not new or rebuild):
                 from detailflow.platform.serving.engine_backend import EngineBackend
 
-                engine, old_engine = await asyncio.to_thread(EngineBackend, new, opts), engine
+                built = await asyncio.to_thread(EngineBackend, new, opts, self._engine_died)
+                engine, old_engine = built, engine
             elif opts.backend != "engine":
                 engine, old_engine = None, engine
             # the swap: one step on the loop, no await in between
@@ -165,6 +166,15 @@ class GeneratorCore:
                 self.counters["swaps"] += 1 if cur is not None else 0
                 logger.info("Generator %s: serving %s v%s (loaded in %.2f s)", self.replica,
                             new.registered_model, new.version, new.load_s)
+
+    def _engine_died(self, reason: str) -> None:
+        """The current engine's process died unasked (its requests failed with a 500 naming their request
+        id). A replica without its engine cannot serve: in Serve it ends its own process, so Serve
+        replaces it and routes around it now, not after a health-check period of fast 503s."""
+        logger.error("Generator %s: %s; this replica exits so Serve replaces it", self.replica, reason)
+        if not self.replica.startswith("pid-"):  # outside Serve (unit tests): report only, via health
+            logging.shutdown()
+            os._exit(1)
 
     def check_health(self) -> None:
         if self.model is None:
@@ -219,6 +229,8 @@ class GeneratorCore:
         model, engine = self.model, self.engine  # read together: reconfigure swaps both in one step
         if model is None:
             raise Overloaded("no model loaded yet")
+        if engine is not None and not engine.alive:  # the moment before this replica ends (_engine_died)
+            raise Overloaded("this replica's engine is gone; it is being replaced, retry")
         if (rejected := self._check(spec, model)) is not None:
             return rejected
         if self.pending_images and self.pending_images + spec.num_images > self.capacity_images:
