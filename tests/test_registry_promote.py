@@ -164,6 +164,33 @@ def test_setting_one_new_alias_from_many_threads_at_once(services, models):
 
 
 @integration
+def test_lock_tries_again_when_the_holder_released_between_the_servers_insert_and_read_back(services):
+    """MLflow's SQL store answers a duplicate insert by reading the existing model back to word its
+    error (sqlalchemy_store.create_registered_model); if the holder deleted it in between, the create
+    fails RESOURCE_DOES_NOT_EXIST (seen once in the full suite in the test below). The lock is free
+    then: the caller must try again, not fail. The race is replayed here as the server answers it."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
+
+    from detailflow.platform.registry import LOCK_SUFFIX, Registry
+
+    reg, model = Registry(services.mlflow_tracking_uri), f"lock-{uuid.uuid4().hex[:8]}"
+    real, calls = reg.client.create_registered_model, []
+
+    def racing(name, **kwargs):
+        calls.append(name)
+        if len(calls) == 1:
+            raise MlflowException(f"Registered Model with name={name} not found",
+                                  error_code=RESOURCE_DOES_NOT_EXIST)
+        return real(name, **kwargs)
+
+    reg.client.create_registered_model = racing
+    with reg.lock(model, wait_s=10) as token:
+        assert reg.client.get_registered_model(model + LOCK_SUFFIX).tags["detailflow.lock.owner"] == token
+    assert calls == [model + LOCK_SUFFIX] * 2
+
+
+@integration
 def test_lock_is_mutually_exclusive_and_breaks_stale_locks(services):
     from detailflow.platform.registry import LOCK_SUFFIX, Registry, RegistryError
 

@@ -261,7 +261,10 @@ class Registry:
                     description=f"promotion lock of {model}; deleted when the decision is written")
                 break
             except MlflowException as exc:
-                if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                # RESOURCE_DOES_NOT_EXIST: the insert met the holder's row, and the server, reading that
+                # row back to word its "already exists", found it deleted by the holder's release in
+                # between (seen in the full suite: 3 threads x 3 acquisitions). Free now: try again.
+                if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
                     raise
             self._break_if_stale(name)
             if time.monotonic() > deadline:
