@@ -100,7 +100,11 @@ class EngineProcess:
                                          pass_fds=(theirs.fileno(),))
             theirs.close()
             self._conn = Connection(ours.detach())
-            self._await_ready()
+            try:
+                self._await_ready()
+            except BaseException:
+                self._conn.close()
+                raise
         finally:
             shutil.rmtree(folder, ignore_errors=True)  # the child has mapped the counters and loaded
         self.pid = self.proc.pid
