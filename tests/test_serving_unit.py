@@ -319,6 +319,52 @@ def test_engine_backend_attaches_no_per_pass_hook_without_previews(smoke):
         backend.retire()
 
 
+def test_a_dead_engine_process_makes_its_replica_unhealthy_and_a_retired_ones_does_not(smoke):
+    """SIGKILL of a retired engine's process leaves the replica serving; of the current one, the replica
+    is ended (end_replica: os._exit in Serve, recorded here), its health check fails and admission
+    answers Overloaded (503), naming the exit."""
+    import os
+    import signal
+    import time
+
+    from detailflow.platform.serving.config import GeneratorOptions
+    from detailflow.platform.serving.engine_backend import EngineBackend
+    from detailflow.platform.serving.generator import GeneratorCore, Overloaded, Ticket
+
+    ar, tok = smoke
+    core, opts = GeneratorCore(), GeneratorOptions(max_batch_size=2, max_images_per_request=2)
+    core.model, core.opts = _served(ar, tok), opts
+    ended = []
+    core.end_replica = lambda: ended.append(core.engine.dead_reason)  # in Serve: os._exit(1)
+    old = EngineBackend(core.model, opts, core._engine_died)
+    core.engine = EngineBackend(core.model, opts, core._engine_died)
+    try:
+        for backend in (old, core.engine):
+            os.kill(backend.stats()["engine_pid"], signal.SIGKILL)
+            deadline = time.time() + 30
+            while backend.alive:
+                assert time.time() < deadline, "the engine's death went unnoticed"
+                time.sleep(0.02)
+            if backend is old:
+                time.sleep(0.2)  # on_death runs right after the handles fail: give it its moment
+                assert ended == []  # a retired engine: the current one serves on
+                core.check_health()
+                assert isinstance(core.admit(SampleSpec([1], 1.0, seed=1)), Ticket)
+                core.pending_images = 0
+        deadline = time.time() + 10
+        while not ended:
+            assert time.time() < deadline, "the replica was not ended"
+            time.sleep(0.02)
+        assert len(ended) == 1 and "exited with code -9" in ended[0]
+        with pytest.raises(RuntimeError, match="the engine is gone: .*exited with code -9"):
+            core.check_health()
+        with pytest.raises(Overloaded, match="engine is gone"):
+            core.admit(SampleSpec([1], 1.0, seed=1))
+    finally:
+        old.engine.stop()
+        core.engine.engine.stop()
+
+
 def test_batch_decoder_merges_calls_that_arrive_while_one_runs(smoke):
     """Three decodes queued while the first runs: 2 tokenizer calls in all, each caller gets exactly the
     images of decoding its own codes alone."""

@@ -171,8 +171,16 @@ class GeneratorCore:
         """The current engine's process died unasked (its requests failed with a 500 naming their request
         id). A replica without its engine cannot serve: in Serve it ends its own process, so Serve
         replaces it and routes around it now, not after a health-check period of fast 503s."""
+        if self.engine is None or self.engine.alive:  # a retired engine's (the current one serves on)
+            logger.error("Generator %s: a retired engine died: %s", self.replica, reason)
+            return
         logger.error("Generator %s: %s; this replica exits so Serve replaces it", self.replica, reason)
-        if not self.replica.startswith("pid-"):  # outside Serve (unit tests): report only, via health
+        self.end_replica()
+
+    def end_replica(self) -> None:
+        """End this replica's process (Serve replaces it); outside Serve (unit tests) do nothing: the
+        health check and admission report the dead engine."""
+        if not self.replica.startswith("pid-"):
             logging.shutdown()
             os._exit(1)
 
