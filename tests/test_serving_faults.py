@@ -60,6 +60,22 @@ def _replica_pids(handle, want: int = 2, timeout_s: float = 60) -> dict:
     return found
 
 
+def failures_only_around_the_kill(results: list, t_kill: float, clients: int) -> None:
+    """At most one failure per client (its request in flight), each a 5xx JSON error naming the request
+    id it was answered with, none away from the kill; every request sent a moment after succeeded."""
+    import json
+
+    failed = [x for x in results if x[2] != 200]
+    assert len(failed) <= clients, f"{len(failed)} failures for {clients} requests in flight"
+    for t0, t1, code, headers, body in failed:
+        assert code is not None and 500 <= code < 600, (code, body[:200])
+        err = json.loads(body)["error"]
+        assert headers["x-request-id"] and err["request_id"] == headers["x-request-id"], (headers, err)
+        assert t0 <= t_kill + 1.0 and t1 >= t_kill, "a failure away from the kill"
+    after = [x for x in results if x[0] > t_kill + 1.0]
+    assert after and all(c == 200 for _, _, c, _, _ in after), "requests after the kill failed"
+
+
 # cases per (operation, mode): the generate routes get most; >= 500 in all
 SCHEMA_CASES = {"/v1/generate": 160, "/v1/generate/stream": 60, "/v1/models": 10, "/healthz": 5, "/readyz": 5}
 
@@ -112,8 +128,6 @@ def test_kill_9_of_one_replica_under_load_fails_only_its_in_flight_requests(faul
     client (the request each had in flight), all from around the kill, each a 5xx JSON error with a
     request id (Serve's proxy answers 502 through proxy_errors.py); the other replica serves on, and
     requests sent a moment after the kill all succeed."""
-    import json
-
     pids = _replica_pids(fault.handle)
     victim, victim_pid = sorted(pids.items())[0]
     clients = 6
@@ -124,22 +138,13 @@ def test_kill_9_of_one_replica_under_load_fails_only_its_in_flight_requests(faul
     print(f"kill -9 of {victim}: {len(results)} requests, {len(failed)} failed "
           f"{collections.Counter(c for _, _, c, _, _ in failed)}; served by {dict(served)}")
     assert served[victim] > 0 and len(served) >= 2, served  # both served before the kill
-    assert len(failed) <= clients, f"{len(failed)} failures for {clients} requests in flight"
-    for t0, t1, code, headers, body in failed:
-        assert code is not None and 500 <= code < 600, (code, body[:200])
-        err = json.loads(body)["error"]
-        assert headers["x-request-id"] and err["request_id"] == headers["x-request-id"], (headers, err)
-        assert t0 <= t_kill + 1.0 and t1 >= t_kill, "a failure away from the kill"
-    after = [x for x in results if x[0] > t_kill + 1.0]
-    assert after and all(c == 200 for _, _, c, _, _ in after), "requests after the kill failed"
+    failures_only_around_the_kill(results, t_kill, clients)
 
 
 def test_kill_9_of_one_replicas_engine_process_ends_that_replica_and_serve_replaces_it(fault):
     """The engine runs in a child process of each replica (engine_process.py). SIGKILL one replica's
     engine under load: that replica fails only the requests it held (5xx JSON with a request id), ends
     itself (_engine_died), the other replica serves on, and Serve starts a replacement."""
-    import json
-
     engines, deadline = {}, time.time() + 60
     while len(engines) < 2:  # {replica id: (replica pid, engine pid)}, from either replica's stats
         assert time.time() < deadline, f"saw only {engines}"
@@ -153,14 +158,7 @@ def test_kill_9_of_one_replicas_engine_process_ends_that_replica_and_serve_repla
     failed = [x for x in results if x[2] != 200]
     print(f"kill -9 of {victim}'s engine: {len(results)} requests, {len(failed)} failed "
           f"{collections.Counter(c for _, _, c, _, _ in failed)}")
-    assert len(failed) <= clients, f"{len(failed)} failures for {clients} requests in flight"
-    for t0, t1, code, headers, body in failed:
-        assert code is not None and 500 <= code < 600, (code, body[:200])
-        err = json.loads(body)["error"]
-        assert headers["x-request-id"] and err["request_id"] == headers["x-request-id"], (headers, err)
-        assert t0 <= t_kill + 1.0 and t1 >= t_kill, "a failure away from the kill"
-    after = [x for x in results if x[0] > t_kill + 1.0]
-    assert after and all(c == 200 for _, _, c, _, _ in after), "requests after the kill failed"
+    failures_only_around_the_kill(results, t_kill, clients)
     import psutil
 
     assert not psutil.pid_exists(victim_pid) or psutil.Process(victim_pid).status() == psutil.STATUS_ZOMBIE

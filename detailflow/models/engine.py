@@ -73,6 +73,8 @@ from detailflow.models.engine_requests import (  # noqa: F401 - re-exported: the
     Request,
     RequestCancelled,
     RequestHandle,
+    fire,
+    settle,
 )
 from detailflow.models.sampler import decode_plan, draw_uniforms
 
@@ -370,13 +372,4 @@ class GenerationEngine:
         if h in self._running:
             self._running.remove(h)
 
-    @staticmethod
-    def _settle(h: RequestHandle) -> list:
-        h._event.set()
-        callbacks, h._callbacks = h._callbacks, []
-        return callbacks
-
-    @staticmethod
-    def _fire(h: RequestHandle, callbacks: list) -> None:
-        for fn in callbacks:
-            fn(h)
+    _settle, _fire = staticmethod(settle), staticmethod(fire)

@@ -96,3 +96,16 @@ class RequestHandle:
     def cancel(self) -> bool:
         """See GenerationEngine.cancel."""
         return self.engine.cancel(self)
+
+
+def settle(h: RequestHandle) -> list:
+    """Mark h settled (its waiters wake) and hand back its callbacks, to run via fire() once the
+    caller has let go of the engine's lock."""
+    h._event.set()
+    callbacks, h._callbacks = h._callbacks, []
+    return callbacks
+
+
+def fire(h: RequestHandle, callbacks: list) -> None:
+    for fn in callbacks:
+        fn(h)

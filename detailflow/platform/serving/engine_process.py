@@ -47,7 +47,7 @@ from multiprocessing.connection import Connection
 import numpy as np
 import torch
 
-from detailflow.models.engine import CANCELLED, DONE, FAILED, Request, RequestHandle
+from detailflow.models.engine import CANCELLED, DONE, FAILED, Request, RequestHandle, fire, settle
 from detailflow.models.sampler import decode_plan
 
 COUNTERS = ("passes", "active", "waiting", "free_slots", "tokens_run")  # int64 each, in the shared page
@@ -251,16 +251,7 @@ class EngineProcess:
         for h in left:
             self._settle_one(h, FAILED, error=EngineProcessDied(why))
 
-    @staticmethod
-    def _settle(h: RequestHandle) -> list:
-        h._event.set()
-        callbacks, h._callbacks = h._callbacks, []
-        return callbacks
-
-    @staticmethod
-    def _fire(h: RequestHandle, callbacks: list) -> None:
-        for fn in callbacks:
-            fn(h)
+    _settle, _fire = staticmethod(settle), staticmethod(fire)  # as GenerationEngine settles its own
 
 
 # ---- the child --------------------------------------------------------------------------------------
