@@ -131,7 +131,7 @@ def test_the_child_exits_when_the_replica_is_killed(tmp_path):
         replica.kill()
 
 
-def test_a_child_that_cannot_start_says_why(model, monkeypatch):
+def test_a_child_that_cannot_start_says_why(model):
     with pytest.raises(EngineProcessDied, match="failed to start: ValueError: mode must be"):
         EngineProcess(model, slots=2, mode="warp")
 

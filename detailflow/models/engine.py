@@ -79,6 +79,22 @@ from detailflow.models.engine_requests import (  # noqa: F401 - re-exported: the
 from detailflow.models.sampler import decode_plan, draw_uniforms
 
 
+def check_request(cfg, plan_ends: tuple[int, ...], slots: int, request: Request) -> tuple[int, int]:
+    """(tokens it will produce, forward passes until they are drawn), or ValueError naming the rule it
+    breaks; plan_ends: the decode plan's group ends. Any engine front (this one, a process's) checks
+    with it before taking the request."""
+    if not 0 <= request.class_id <= cfg.num_classes:
+        raise ValueError(f"class_id must be in [0, {cfg.num_classes}] ({cfg.num_classes} = null class)")
+    if request.cfg_scale < 1.0 or request.temperature < 0 or not 0 <= request.top_k < 2**63:
+        raise ValueError(f"need cfg_scale >= 1, temperature >= 0, 0 <= top_k < 2**63: {request}")
+    if not 0.0 < request.top_p <= 1.0 or not 0 <= request.tokens <= cfg.num_tokens:
+        raise ValueError(f"need 0 < top_p <= 1 and 0 <= tokens <= {cfg.num_tokens}: {request}")
+    if GenerationEngine._rows_needed(request) > slots:
+        raise ValueError(f"a guided request needs 2 slots; this engine has {slots}")
+    tokens = request.tokens or cfg.num_tokens
+    return tokens, bisect.bisect_left(plan_ends, tokens) + 1  # passes until `tokens` are drawn
+
+
 class GenerationEngine:
     """Continuous-batching sampler over a fixed pool of KV-cache rows; see the module docstring."""
 
@@ -121,17 +137,7 @@ class GenerationEngine:
     # ---- submitting and cancelling (any thread) ------------------------------------------------------
     def submit(self, request: Request, on_pass: PassHook | None = None) -> RequestHandle:
         """Queue a request; it joins the next pass that has room. Returns its handle at once."""
-        c = self.cfg
-        if not 0 <= request.class_id <= c.num_classes:
-            raise ValueError(f"class_id must be in [0, {c.num_classes}] ({c.num_classes} = null class)")
-        if request.cfg_scale < 1.0 or request.temperature < 0 or not 0 <= request.top_k < 2**63:
-            raise ValueError(f"need cfg_scale >= 1, temperature >= 0, 0 <= top_k < 2**63: {request}")
-        if not 0.0 < request.top_p <= 1.0 or not 0 <= request.tokens <= c.num_tokens:
-            raise ValueError(f"need 0 < top_p <= 1 and 0 <= tokens <= {c.num_tokens}: {request}")
-        if self._rows_needed(request) > self.slots:
-            raise ValueError(f"a guided request needs 2 slots; this engine has {self.slots}")
-        tokens = request.tokens or c.num_tokens
-        needed = bisect.bisect_left(self.plan_ends, tokens) + 1  # passes until `tokens` are drawn
+        tokens, needed = check_request(self.cfg, self.plan_ends, self.slots, request)
         with self._cv:
             handle = RequestHandle(self._next_id, request, tokens, needed, on_pass, self,
                                    submitted_at=self.clock())

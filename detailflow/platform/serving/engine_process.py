@@ -4,7 +4,7 @@
     handle = engine.submit(Request(class_id=3, cfg_scale=1.5, seed=7), on_pass=hook)  # GenerationEngine's API
     codes = await handle.wait(); handle.cancel()
     engine.passes, engine.active, engine.waiting, engine.free_slots, engine.idle, engine.pid
-    engine.stop()                                   # the child exits; what it still held is cancelled
+    engine.stop()                                   # the child exits; what it held fails (EngineProcessDied)
 
 Why a process: a thread that drives a small model's forward passes lets go of the GIL in every torch op
 and must win it back for the Python in between. Any other Python in the same process (the HTTP front:
@@ -19,7 +19,7 @@ Protocol: a socket pair speaking multiprocessing.connection (pickled tuples).
     parent -> child   ("submit", id, Request, previews) | ("cancel", id) | ("stop",)
     child -> parent   ("ready", pid) | ("pass", id, t, codes) | ("done", id, codes) |
                       ("failed", id, text) | ("cancelled", id) | ("fatal", text)
-The child writes its counters (passes, active, waiting, free slots, tokens run) into a shared page after
+The child writes its counters (passes, active, waiting, free slots) into a shared page after
 every pass, so reading them costs the replica no message. Weights go through a private folder
 (safetensors, removed once the child has loaded them). The child exits when its socket closes (the replica
 stopped or was killed); the replica fails what the child held when the child's socket closes
@@ -47,10 +47,19 @@ from multiprocessing.connection import Connection
 import numpy as np
 import torch
 
-from detailflow.models.engine import CANCELLED, DONE, FAILED, Request, RequestHandle, fire, settle
+from detailflow.models.engine import (
+    CANCELLED,
+    DONE,
+    FAILED,
+    Request,
+    RequestHandle,
+    check_request,
+    fire,
+    settle,
+)
 from detailflow.models.sampler import decode_plan
 
-COUNTERS = ("passes", "active", "waiting", "free_slots", "tokens_run")  # int64 each, in the shared page
+COUNTERS = ("passes", "active", "waiting", "free_slots")  # int64 each, in the shared page
 READY_TIMEOUT_S = 600.0  # spawn + import + load + warm-up (CUDA graph capture of every bucket)
 
 
@@ -130,13 +139,7 @@ class EngineProcess:
 
     # ---- GenerationEngine's API ---------------------------------------------------------------------
     def submit(self, request: Request, on_pass=None) -> RequestHandle:
-        c = self.cfg
-        if not 0 <= request.class_id <= c.num_classes:
-            raise ValueError(f"class_id must be in [0, {c.num_classes}] ({c.num_classes} = null class)")
-        if not 0 <= request.tokens <= c.num_tokens:
-            raise ValueError(f"need 0 <= tokens <= {c.num_tokens}: {request}")
-        tokens = request.tokens or c.num_tokens
-        needed = next(i for i, end in enumerate(self.plan_ends) if end >= tokens) + 1
+        tokens, needed = check_request(self.cfg, self.plan_ends, self.slots, request)
         with self._lock:
             if self.dead_reason is not None:
                 raise EngineProcessDied(self.dead_reason)
@@ -149,12 +152,8 @@ class EngineProcess:
 
     def cancel(self, handle: RequestHandle) -> bool:
         """Cancelled at once here (the waiter is released); the child frees its rows at its next chance."""
-        with self._lock:
-            if self._handles.pop(handle.id, None) is None:
-                return False
-            handle.status = CANCELLED
-            callbacks = self._settle(handle)
-        self._fire(handle, callbacks)
+        if not self._settle_one(handle, CANCELLED):
+            return False
         self._send(("cancel", handle.id))
         return True
 
@@ -165,7 +164,6 @@ class EngineProcess:
     active = property(lambda self: self.counter("active"))
     waiting = property(lambda self: self.counter("waiting"))
     free_slots = property(lambda self: self.counter("free_slots"))
-    tokens_run = property(lambda self: self.counter("tokens_run"))
 
     @property
     def idle(self) -> bool:
@@ -175,13 +173,7 @@ class EngineProcess:
     def alive(self) -> bool:
         return self.dead_reason is None
 
-    def warmup(self) -> None:
-        """Done in the child before it reported ready."""
-
-    def start(self) -> None:
-        """The child's driver runs from the start."""
-
-    def stop(self, cancel: bool = True) -> None:
+    def stop(self) -> None:
         """Stop the child (it cancels what it holds) and wait for it; what it held fails here."""
         self._stopping = True
         self._send(("stop",))
@@ -235,14 +227,16 @@ class EngineProcess:
         if not self._stopping and self.on_death is not None:
             self.on_death(self.dead_reason)
 
-    def _settle_one(self, handle: RequestHandle, status: str, codes=None, error=None) -> None:
+    def _settle_one(self, handle: RequestHandle, status: str, codes=None, error=None) -> bool:
+        """Settle a handle still outstanding here (False if it had settled already)."""
         with self._lock:
             if self._handles.pop(handle.id, None) is None:
-                return
+                return False
             handle.status, handle.codes, handle.error = status, codes, error
             handle.finished_at = time.perf_counter()
-            callbacks = self._settle(handle)
-        self._fire(handle, callbacks)
+            callbacks = settle(handle)
+        fire(handle, callbacks)
+        return True
 
     def _fail_all(self, why: str) -> None:
         with self._lock:
@@ -250,8 +244,6 @@ class EngineProcess:
             left = list(self._handles.values())
         for h in left:
             self._settle_one(h, FAILED, error=EngineProcessDied(why))
-
-    _settle, _fire = staticmethod(settle), staticmethod(fire)  # as GenerationEngine settles its own
 
 
 # ---- the child --------------------------------------------------------------------------------------
@@ -286,7 +278,7 @@ def _child(fd: int, folder: str) -> None:
         raise
 
     def publish() -> None:
-        counters[:] = (engine.passes, engine.active, engine.waiting, engine.free_slots, engine.tokens_run)
+        counters[:] = (engine.passes, engine.active, engine.waiting, engine.free_slots)
 
     handles: dict[int, RequestHandle] = {}
     work, stopping = threading.Event(), threading.Event()
